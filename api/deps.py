@@ -1,0 +1,58 @@
+"""Request dependencies: settings, database sessions and the authenticated caller."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Annotated
+
+from fastapi import Depends, HTTPException, Request, status
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from sqlalchemy.orm import Session, sessionmaker
+
+from orchestrator.auth import LOCAL_PRINCIPAL, Principal, authenticate
+from orchestrator.db import transaction
+from orchestrator.settings import Settings
+
+bearer = HTTPBearer(auto_error=False, description="API key from `quantfleet keys create`")
+
+
+def get_settings(request: Request) -> Settings:
+    settings: Settings = request.app.state.settings
+    return settings
+
+
+def get_sessions(request: Request) -> sessionmaker[Session]:
+    sessions: sessionmaker[Session] = request.app.state.sessions
+    return sessions
+
+
+def _unauthorized(detail: str) -> HTTPException:
+    return HTTPException(status.HTTP_401_UNAUTHORIZED, detail, headers={"WWW-Authenticate": "Bearer"})
+
+
+def current_principal(
+    request: Request,
+    credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)],
+) -> Principal:
+    if get_settings(request).no_auth:
+        return LOCAL_PRINCIPAL
+    if credentials is None:
+        raise _unauthorized(
+            "missing API key: send 'Authorization: Bearer <token>' (create one with `quantfleet keys create`)"
+        )
+    with transaction(get_sessions(request)) as session:
+        principal = authenticate(session, credentials.credentials)
+    if principal is None:
+        raise _unauthorized("API key is invalid or revoked")
+    return principal
+
+
+def require(scope: str) -> Callable[[Principal], Principal]:
+    """Dependency: the caller, who must hold `scope` (admin holds every scope)."""
+
+    def check(principal: Annotated[Principal, Depends(current_principal)]) -> Principal:
+        if not principal.allows(scope):
+            raise HTTPException(status.HTTP_403_FORBIDDEN, f"this API key lacks the '{scope}' scope")
+        return principal
+
+    return check

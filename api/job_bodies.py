@@ -1,0 +1,60 @@
+"""Turn a job template plus matrix into validated job request bodies, with the same checks as
+POST /v1/jobs (schema, engine rules, inputs inside the allow-list), each error naming the matrix cell."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+from fastapi import HTTPException, status
+from pydantic import ValidationError
+
+from api.schemas import JobCreate
+from orchestrator.schedules import ScheduleError, expand_matrix
+from orchestrator.settings import Settings
+from orchestrator.submission import validate_submission
+from workers.errors import InputError, InvalidSpecError
+
+
+def _unprocessable(detail: str) -> HTTPException:
+    return HTTPException(status.HTTP_422_UNPROCESSABLE_CONTENT, detail)
+
+
+def _where(cell: Mapping[str, Any]) -> str:
+    return "job " + " ".join(f"{k}={v}" for k, v in cell.items()) if cell else "job"
+
+
+def validated_specs(
+    template: Mapping[str, Any],
+    matrix: Mapping[str, Any] | None,
+    settings: Settings,
+    *,
+    reserved_labels: Mapping[str, str] | None = None,
+) -> list[dict[str, Any]]:
+    """Normalised request bodies (defaults filled in, as stored in jobs.spec), one per matrix cell.
+
+    `reserved_labels` are counted against the label limit but not stored (a schedule adds its id and fire
+    time only when it fires)."""
+    try:
+        cells = expand_matrix(
+            template, matrix, extra_labels=reserved_labels, max_jobs=settings.max_matrix_jobs
+        )
+    except ScheduleError as e:
+        raise _unprocessable(str(e)) from e
+    specs = []
+    for cell in cells:
+        body = dict(cell.body)
+        body["labels"] = {k: v for k, v in body["labels"].items() if k not in (reserved_labels or {})}
+        try:
+            spec = JobCreate.model_validate(body).model_dump(mode="json")
+        except ValidationError as e:
+            problems = "; ".join(
+                f"{'.'.join(str(p) for p in err['loc']) or 'body'}: {err['msg']}" for err in e.errors()
+            )
+            raise _unprocessable(f"{_where(cell.cell)}: {problems}") from e
+        try:
+            validate_submission(spec, settings)
+        except (InvalidSpecError, InputError) as e:
+            raise _unprocessable(f"{_where(cell.cell)}: {e}") from e
+        specs.append(spec)
+    return specs

@@ -1,0 +1,72 @@
+"""The FastAPI application factory."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI, Request, status
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+
+from api.routes import artifacts, batches, health, jobs, metrics, schedules, webhooks
+from orchestrator.db import make_engine, session_factory
+from orchestrator.metrics import ServiceMetrics
+from orchestrator.settings import Settings
+
+DESCRIPTION = """Batch LLM weight quantization (GPTQ, AWQ, RTN) as a service.
+
+Submit a job with `POST /v1/jobs`, follow it with `GET /v1/jobs/{id}` (state, stage, layer i/N) or its
+events, and find the checkpoint, `eval.json`, model card and `manifest.json` under its artifacts.
+Authenticate with `Authorization: Bearer <API key>` (scopes: submit, read, admin).
+"""
+
+
+def _location(loc: tuple[int | str, ...]) -> str:
+    parts = [str(p) for p in loc if p not in ("body",)]
+    return ".".join(parts) or "body"
+
+
+async def validation_error(request: Request, exc: Exception) -> JSONResponse:
+    """400 for a body that is not JSON at all; 422 naming each bad field otherwise."""
+    errors = exc.errors() if isinstance(exc, RequestValidationError) else []
+    if any(e.get("type") == "json_invalid" for e in errors):
+        bad = next(e for e in errors if e.get("type") == "json_invalid")
+        reason = (bad.get("ctx") or {}).get("error", "malformed JSON")
+        return JSONResponse(
+            {"detail": f"request body is not valid JSON ({reason}); send a JSON object"},
+            status_code=status.HTTP_400_BAD_REQUEST,
+        )
+    messages = [f"{_location(tuple(e.get('loc', ())))}: {e.get('msg')}" for e in errors]
+    return JSONResponse(
+        {
+            "detail": "; ".join(messages) or "invalid request",
+            "errors": [{k: e.get(k) for k in ("loc", "msg", "type")} for e in errors],
+        },
+        status_code=status.HTTP_422_UNPROCESSABLE_CONTENT,
+    )
+
+
+@asynccontextmanager
+async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+    yield
+    app.state.engine.dispose()  # close pooled database connections when the server stops
+
+
+def create_app(settings: Settings | None = None, *, service_metrics: ServiceMetrics | None = None) -> FastAPI:
+    """`service_metrics`: share one metrics registry with a dispatcher running in this process."""
+    settings = settings or Settings()
+    app = FastAPI(title="QuantFleet", version="0.1.0", description=DESCRIPTION, lifespan=lifespan)
+    app.state.settings = settings
+    app.state.engine = make_engine(settings.database_url)
+    app.state.sessions = session_factory(app.state.engine)
+    app.add_exception_handler(RequestValidationError, validation_error)
+    app.state.metrics = metrics.watch_queue(service_metrics or ServiceMetrics(), app.state.sessions)
+    app.include_router(health.router)
+    app.include_router(jobs.router)
+    app.include_router(batches.router)
+    app.include_router(schedules.router)
+    app.include_router(webhooks.router)
+    app.include_router(artifacts.router)
+    app.include_router(metrics.router)
+    return app

@@ -1,0 +1,249 @@
+"""/v1/jobs: submit, list, read, cancel, events and artifacts. A key sees only its owner's jobs (unless
+admin); another owner's job answers 404, exactly like a job that does not exist."""
+
+from __future__ import annotations
+
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Depends, Header, HTTPException, Query, Request, Response, status
+from fastapi.responses import StreamingResponse
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session, sessionmaker
+
+from api.deps import get_sessions, get_settings, require
+from api.event_stream import HEADERS as SSE_HEADERS
+from api.event_stream import job_event_stream
+from api.schemas import ArtifactOut, EventOut, JobCreate, JobOut, JobPage, Problem, ProgressOut, ReportSummary
+from orchestrator import crud
+from orchestrator.auth import Principal
+from orchestrator.db import transaction
+from orchestrator.models import Job, JobEvent
+from orchestrator.settings import Settings
+from orchestrator.specs import request_hash
+from orchestrator.states import JobState
+from orchestrator.submission import validate_submission
+from workers.errors import InputError, InvalidSpecError
+
+router = APIRouter(prefix="/v1", tags=["jobs"])
+
+Sessions = Annotated[sessionmaker[Session], Depends(get_sessions)]
+AppSettings = Annotated[Settings, Depends(get_settings)]
+ERRORS: dict[int | str, dict[str, Any]] = {
+    401: {"model": Problem, "description": "Missing or invalid API key"},
+    403: {"model": Problem, "description": "The key lacks the needed scope"},
+    404: {"model": Problem, "description": "No such job (or it belongs to another key's owner)"},
+}
+
+
+def job_out(job: Job, request: Request) -> JobOut:
+    result = job.result or {}
+    succeeded = job.state == JobState.SUCCEEDED.value
+    return JobOut(
+        id=job.id,
+        url=str(request.url_for("get_job", job_id=job.id)),
+        state=job.state,  # type: ignore[arg-type]
+        owner=job.owner,
+        priority=job.priority,
+        labels={label.key: label.value for label in job.labels},
+        spec=job.spec,
+        attempts=job.attempts,
+        max_attempts=job.max_attempts,
+        progress=ProgressOut.from_row(job.progress),
+        error=job.error,
+        metrics=result.get("eval") if succeeded else None,
+        report=ReportSummary.model_validate(result) if succeeded and result else None,
+        output_uri=job.output_uri,
+        gate=job.gate_result,
+        batch_id=job.batch_id,
+        created_at=job.created_at,
+        updated_at=job.updated_at,
+        started_at=job.started_at,
+        finished_at=job.finished_at,
+    )
+
+
+def _visible_job(session: Session, job_id: str, principal: Principal) -> Job:
+    job = crud.get_job(session, job_id, principal.visible_owner)
+    if job is None:
+        raise HTTPException(status.HTTP_404_NOT_FOUND, f"job {job_id} not found")
+    return job
+
+
+def _same_or_conflict(job: Job, digest: str, key: str) -> Job:
+    if job.request_hash != digest:
+        raise HTTPException(
+            status.HTTP_422_UNPROCESSABLE_CONTENT,
+            f"Idempotency-Key {key!r} was already used for job {job.id} with a different request body; "
+            "use a new key for a different job",
+        )
+    return job
+
+
+@router.post(
+    "/jobs",
+    status_code=status.HTTP_202_ACCEPTED,
+    response_model=JobOut,
+    responses={**ERRORS, 422: {"model": Problem, "description": "The job cannot run as specified"}},
+)
+def submit_job(
+    body: JobCreate,
+    request: Request,
+    response: Response,
+    sessions: Sessions,
+    settings: AppSettings,
+    principal: Annotated[Principal, Depends(require("submit"))],
+    idempotency_key: Annotated[str | None, Header(alias="Idempotency-Key", max_length=255)] = None,
+) -> JobOut:
+    """Queue a quantization job. Same Idempotency-Key and body → the same job; same key, other body → 422."""
+    spec = body.model_dump(mode="json")
+    digest = request_hash(spec)
+    if idempotency_key:
+        with transaction(sessions) as session:
+            existing = crud.find_by_idempotency_key(session, principal.owner, idempotency_key)
+            if existing is not None:
+                job = _same_or_conflict(existing, digest, idempotency_key)
+                response.headers["Location"] = str(request.url_for("get_job", job_id=job.id))
+                return job_out(job, request)
+    try:
+        validate_submission(spec, settings)
+    except (InvalidSpecError, InputError) as e:
+        raise HTTPException(status.HTTP_422_UNPROCESSABLE_CONTENT, str(e)) from e
+    try:
+        with transaction(sessions) as session:
+            if crud.count_active_jobs(session, principal.owner) >= settings.max_active_jobs_per_owner:
+                raise HTTPException(
+                    status.HTTP_429_TOO_MANY_REQUESTS,
+                    f"{principal.owner} already has {settings.max_active_jobs_per_owner} queued or running jobs; "
+                    "wait for some to finish",
+                )
+            job = crud.create_job(
+                session,
+                owner=principal.owner,
+                api_key_id=principal.key_id,
+                spec=spec,
+                request_hash=digest,
+                max_attempts=settings.max_attempts,
+                priority=body.priority,
+                labels=body.labels,
+                idempotency_key=idempotency_key,
+            )
+    except IntegrityError:  # a concurrent request with the same Idempotency-Key won the insert
+        with transaction(sessions) as session:
+            existing = crud.find_by_idempotency_key(session, principal.owner, idempotency_key or "")
+            if existing is None:
+                raise
+            job = _same_or_conflict(existing, digest, idempotency_key or "")
+    response.headers["Location"] = str(request.url_for("get_job", job_id=job.id))
+    return job_out(job, request)
+
+
+@router.get("/jobs", response_model=JobPage, responses=ERRORS)
+def list_jobs(
+    request: Request,
+    sessions: Sessions,
+    principal: Annotated[Principal, Depends(require("read"))],
+    state: Annotated[list[JobState] | None, Query(description="Only jobs in these states")] = None,
+    label: Annotated[list[str] | None, Query(description="key=value; repeat to require several")] = None,
+    limit: Annotated[int, Query(ge=1, le=200)] = 50,
+    cursor: Annotated[str | None, Query(description="next_cursor of the previous page")] = None,
+) -> JobPage:
+    """Jobs visible to this key, newest first."""
+    labels: dict[str, str] = {}
+    for item in label or []:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise HTTPException(
+                status.HTTP_422_UNPROCESSABLE_CONTENT, f"label filter {item!r} must be key=value"
+            )
+        labels[key] = value
+    with transaction(sessions) as session:
+        try:
+            jobs, next_cursor = crud.list_jobs(
+                session,
+                owner=principal.visible_owner,
+                states=[s.value for s in state or []],
+                labels=labels,
+                limit=limit,
+                cursor=cursor,
+            )
+        except ValueError as e:
+            raise HTTPException(status.HTTP_422_UNPROCESSABLE_CONTENT, str(e)) from e
+        return JobPage(jobs=[job_out(j, request) for j in jobs], next_cursor=next_cursor)
+
+
+@router.get("/jobs/{job_id}", response_model=JobOut, responses=ERRORS)
+def get_job(
+    job_id: str,
+    request: Request,
+    sessions: Sessions,
+    principal: Annotated[Principal, Depends(require("read"))],
+) -> JobOut:
+    """State, progress (stage and layer i/N), attempts, error, and metrics once succeeded."""
+    with transaction(sessions) as session:
+        return job_out(_visible_job(session, job_id, principal), request)
+
+
+@router.post(
+    "/jobs/{job_id}/cancel", status_code=status.HTTP_202_ACCEPTED, response_model=JobOut, responses=ERRORS
+)
+def cancel_job(
+    job_id: str,
+    request: Request,
+    sessions: Sessions,
+    principal: Annotated[Principal, Depends(require("submit"))],
+) -> JobOut:
+    """Queued → cancelled at once; running → cancelling, and the worker stops at its next layer boundary."""
+    with transaction(sessions) as session:
+        job = crud.request_cancel(session, _visible_job(session, job_id, principal))
+        return job_out(job, request)
+
+
+def event_out(event: JobEvent) -> EventOut:
+    out = EventOut.model_validate(event, from_attributes=True)
+    if out.layer is not None:
+        out.layer += 1  # 1-based, like the job's progress
+    return out
+
+
+@router.get(
+    "/jobs/{job_id}/events",
+    response_model=list[EventOut],
+    responses={
+        **ERRORS,
+        200: {"content": {"text/event-stream": {}}, "description": "JSON list, or SSE with follow"},
+    },
+)
+def job_events(
+    job_id: str,
+    sessions: Sessions,
+    principal: Annotated[Principal, Depends(require("read"))],
+    after: Annotated[int, Query(ge=0, description="Only events with a larger id (for polling)")] = 0,
+    limit: Annotated[int, Query(ge=1, le=1000)] = 500,
+    follow: Annotated[
+        bool, Query(description="Stream as Server-Sent Events until the job ends (last event: `end`)")
+    ] = False,
+    last_event_id: Annotated[int | None, Header(alias="Last-Event-ID", ge=0)] = None,
+) -> list[EventOut] | Response:
+    """State changes, attempt starts and progress, oldest first."""
+    with transaction(sessions) as session:
+        _visible_job(session, job_id, principal)
+        if not follow:
+            return [event_out(e) for e in crud.list_events(session, job_id, after=after, limit=limit)]
+    start = max(after, last_event_id or 0)
+    return StreamingResponse(
+        job_event_stream(sessions, job_id, start, event_out),
+        media_type="text/event-stream",
+        headers=SSE_HEADERS,
+    )
+
+
+@router.get("/jobs/{job_id}/artifacts", response_model=list[ArtifactOut], responses=ERRORS)
+def job_artifacts(
+    job_id: str, sessions: Sessions, principal: Annotated[Principal, Depends(require("read"))]
+) -> list[ArtifactOut]:
+    """Every file the job published, with sha256 and size (empty until it succeeds)."""
+    with transaction(sessions) as session:
+        _visible_job(session, job_id, principal)
+        return [
+            ArtifactOut.model_validate(a, from_attributes=True) for a in crud.list_artifacts(session, job_id)
+        ]

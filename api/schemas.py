@@ -1,0 +1,240 @@
+"""Request and response bodies of the /v1 API. Request models forbid unknown fields, so a typo is a 422
+that names the field instead of a silently ignored setting. Engine rules (supported bits, group sizes,
+calibration sizes, model compatibility) are checked after parsing, with the engine's own messages."""
+
+from __future__ import annotations
+
+import re
+from datetime import datetime
+from typing import Any, Literal, cast
+
+from pydantic import BaseModel, ConfigDict, Field, JsonValue, field_validator, model_validator
+
+LABEL_KEY = re.compile(r"^[a-z0-9]([a-z0-9._-]{0,61}[a-z0-9])?$")
+
+EXAMPLE_JOB: dict[str, Any] = {
+    "model": "/srv/models/SmolLM2-135M-Instruct",
+    "method": "gptq",
+    "bits": 4,
+    "group_size": 64,
+    "symmetric": True,
+    "calibration": {"uri": "/srv/data/shakespeare-calibration.txt", "num_samples": 128, "seq_len": 512},
+    "eval": {"uri": "/srv/data/shakespeare-eval.txt", "seq_len": 512},
+    "output": {"formats": ["compressed-tensors"]},
+    "priority": 0,
+    "labels": {"team": "nlp"},
+}
+
+
+FormatName = Literal["compressed-tensors", "gptq"]
+
+
+def default_formats() -> list[FormatName]:
+    return ["compressed-tensors"]
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class CalibrationIn(Strict):
+    uri: str = Field(description="Calibration text: .txt or .jsonl of {'text': ...}; local path or s3:// URI")
+    num_samples: int = Field(default=128, description="Number of calibration sequences (1..4096)")
+    seq_len: int = Field(default=512, description="Tokens per calibration sequence (16..32768)")
+    seed: int = Field(default=0, description="Seed for picking the calibration windows")
+
+
+class EvalIn(Strict):
+    uri: str = Field(description="Held-out text scored for perplexity, KL divergence and top-1 agreement")
+    seq_len: int = Field(default=512, description="Tokens per evaluation window (16..32768)")
+    max_windows: int | None = Field(
+        default=None, description="Evaluate at most this many windows (default: all)"
+    )
+
+
+class OutputIn(Strict):
+    uri: str | None = Field(
+        default=None,
+        description="Where to write the result (s3://bucket/prefix in an allowed bucket, or a local path "
+        "under an allowed output root). Default: jobs/{id}/ in the service's object store.",
+    )
+    formats: list[FormatName] = Field(
+        default_factory=default_formats, description="Checkpoint formats to write"
+    )
+
+
+class GateIn(Strict):
+    """Quality gate: the artifact is promoted (registry, `candidate` alias) only if every given limit holds."""
+
+    max_delta_ppl_pct: float | None = Field(
+        default=None,
+        allow_inf_nan=False,
+        description="Most perplexity increase allowed, in percent of the original's",
+    )
+    max_kl: float | None = Field(
+        default=None,
+        ge=0,
+        allow_inf_nan=False,
+        description="Most mean KL divergence (original → quantized) allowed",
+    )
+
+    @model_validator(mode="after")
+    def _some_limit(self) -> GateIn:
+        if self.max_delta_ppl_pct is None and self.max_kl is None:
+            raise ValueError("a gate needs at least one of max_delta_ppl_pct, max_kl")
+        return self
+
+
+class JobCreate(Strict):
+    """A quantization job."""
+
+    model_config = ConfigDict(extra="forbid", json_schema_extra={"examples": [cast(JsonValue, EXAMPLE_JOB)]})
+
+    model: str = Field(description="Model directory (safetensors + config.json): local path or s3:// URI")
+    base_model: str | None = Field(
+        default=None,
+        max_length=200,
+        description="Name recorded as base_model in the model card (default: the model's name)",
+    )
+    method: Literal["gptq", "awq", "rtn"] = Field(description="Quantization algorithm")
+    bits: int = Field(default=4, description="Weight bits: 2, 3, 4 or 8")
+    group_size: int = Field(
+        default=128, description="Columns per scale: 32, 64, 128, or -1 for one scale per row"
+    )
+    symmetric: bool = Field(default=True, description="Symmetric grid (no zero point)")
+    calibration: CalibrationIn | None = Field(
+        default=None, description="Calibration data; required for gptq and awq"
+    )
+    eval: EvalIn | None = Field(default=None, description="Evaluation data; omit to skip evaluation")
+    output: OutputIn = Field(default_factory=lambda: OutputIn(), description="Where and in which formats")
+    dampening: float = Field(
+        default=0.01, description="GPTQ Hessian dampening, as a fraction of mean(diag H)"
+    )
+    act_order: bool = Field(
+        default=False, description="GPTQ: quantize columns in order of decreasing activation"
+    )
+    priority: int = Field(default=0, ge=-100, le=100, description="Higher runs first; ties run oldest first")
+    labels: dict[str, str] = Field(
+        default_factory=dict, description="Free-form key/value labels to filter by"
+    )
+    gate: GateIn | None = Field(
+        default=None,
+        description="Quality gate checked on the evaluation (needs eval); only passing artifacts "
+        "are promoted to the model registry",
+    )
+
+    @model_validator(mode="after")
+    def _gate_needs_eval(self) -> JobCreate:
+        if self.gate is not None and self.eval is None:
+            raise ValueError(
+                'a quality gate is checked on the evaluation: add eval {"uri": ...} or drop the gate'
+            )
+        return self
+
+    @field_validator("labels")
+    @classmethod
+    def _check_labels(cls, labels: dict[str, str]) -> dict[str, str]:
+        if len(labels) > 32:
+            raise ValueError("at most 32 labels")
+        for key, value in labels.items():
+            if not LABEL_KEY.match(key):
+                raise ValueError(f"label key {key!r} must be 1-63 chars of a-z, 0-9, '.', '_', '-'")
+            if len(value) > 255:
+                raise ValueError(f"label {key!r}: value longer than 255 characters")
+        return labels
+
+
+class ProgressOut(BaseModel):
+    stage: str | None = Field(
+        default=None, description="load, calibrate, quantize, write, evaluate, upload, done"
+    )
+    layer: int | None = Field(default=None, description="Current decoder layer, 1-based")
+    num_layers: int | None = None
+    module: str | None = None
+    message: str | None = None
+    summary: str = Field(default="", description="Human-readable, e.g. 'quantize layer 4/30'")
+
+    @classmethod
+    def from_row(cls, progress: dict[str, Any] | None) -> ProgressOut | None:
+        if not progress:
+            return None
+        layer = progress.get("layer")
+        shown = None if layer is None else layer + 1
+        total = progress.get("num_layers")
+        summary = str(progress.get("stage") or "")
+        if shown is not None and total:
+            summary += f" {'file' if summary == 'upload' else 'layer'} {shown}/{total}"
+        return cls(
+            stage=progress.get("stage"),
+            layer=shown,
+            num_layers=total,
+            module=progress.get("module"),
+            message=progress.get("message"),
+            summary=summary.strip(),
+        )
+
+
+class ReportSummary(BaseModel):
+    timings_s: dict[str, float] = Field(default_factory=dict)
+    bytes_original: int = 0
+    bytes_quantized: int = 0
+    peak_memory_bytes: dict[str, int] = Field(default_factory=dict)
+    fallback_modules: list[str] = Field(default_factory=list)
+    versions: dict[str, str] = Field(default_factory=dict)
+
+
+class JobOut(BaseModel):
+    id: str
+    url: str = Field(description="This job's URL")
+    state: Literal["queued", "running", "cancelling", "succeeded", "failed", "cancelled"]
+    owner: str
+    priority: int
+    labels: dict[str, str]
+    spec: dict[str, Any] = Field(description="The request as accepted, defaults filled in")
+    attempts: int = Field(description="Attempts started so far")
+    max_attempts: int
+    progress: ProgressOut | None = None
+    error: str | None = Field(default=None, description="Why the last attempt failed (kept while retrying)")
+    metrics: dict[str, Any] | None = Field(default=None, description="Evaluation metrics, once succeeded")
+    report: ReportSummary | None = Field(default=None, description="Timings and sizes, once succeeded")
+    output_uri: str | None = Field(default=None, description="Where the artifacts are, once succeeded")
+    gate: dict[str, Any] | None = Field(
+        default=None, description="Quality gate verdict (passed, reasons, checks)"
+    )
+    batch_id: str | None = Field(default=None, description="The batch this job belongs to, if any")
+    created_at: datetime
+    updated_at: datetime
+    started_at: datetime | None = None
+    finished_at: datetime | None = None
+
+
+class JobPage(BaseModel):
+    jobs: list[JobOut]
+    next_cursor: str | None = Field(
+        default=None, description="Pass as ?cursor= to get the next page; null on the last"
+    )
+
+
+class EventOut(BaseModel):
+    id: int
+    at: datetime
+    kind: Literal["state", "attempt", "progress"]
+    attempt: int
+    state: str | None = None
+    stage: str | None = None
+    layer: int | None = None
+    num_layers: int | None = None
+    message: str | None = None
+    data: dict[str, Any] | None = None
+
+
+class ArtifactOut(BaseModel):
+    path: str = Field(description="Path relative to the job's output location")
+    uri: str
+    kind: str
+    sha256: str
+    bytes: int
+
+
+class Problem(BaseModel):
+    detail: str = Field(description="What went wrong and what to change")

@@ -1,0 +1,148 @@
+"""Job records as the API sees them: create, find, list, cancel, read events and artifacts.
+
+Every function takes an open Session inside a transaction (see orchestrator.db.transaction); state
+changes are conditional UPDATEs, so a cancel racing a claim can never be lost or applied twice.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import uuid
+from collections.abc import Sequence
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy import and_, exists, func, or_, select, update
+from sqlalchemy.orm import Session
+
+from orchestrator.models import Artifact, Job, JobEvent, JobLabel, utcnow
+from orchestrator.states import ACTIVE, JobState
+
+
+def add_event(session: Session, job_id: str, kind: str, attempt: int, **fields: Any) -> None:
+    session.add(JobEvent(job_id=job_id, kind=kind, attempt=attempt, at=utcnow(), **fields))
+
+
+def create_job(
+    session: Session,
+    *,
+    owner: str,
+    spec: dict[str, Any],
+    request_hash: str,
+    max_attempts: int,
+    priority: int = 0,
+    labels: dict[str, str] | None = None,
+    idempotency_key: str | None = None,
+    api_key_id: str | None = None,
+) -> Job:
+    job = Job(
+        id=uuid.uuid4().hex,
+        owner=owner,
+        api_key_id=api_key_id,
+        idempotency_key=idempotency_key,
+        request_hash=request_hash,
+        spec=spec,
+        state=JobState.QUEUED.value,
+        priority=priority,
+        attempts=0,
+        max_attempts=max_attempts,
+        labels=[JobLabel(key=k, value=v) for k, v in sorted((labels or {}).items())],
+    )
+    session.add(job)
+    session.flush()
+    add_event(session, job.id, "state", 0, state=JobState.QUEUED.value, message="submitted")
+    return job
+
+
+def find_by_idempotency_key(session: Session, owner: str, key: str) -> Job | None:
+    return session.scalars(select(Job).where(Job.owner == owner, Job.idempotency_key == key)).one_or_none()
+
+
+def get_job(session: Session, job_id: str, owner: str | None) -> Job | None:
+    """The job, if it exists and `owner` may see it (owner None = admin, sees every job)."""
+    query = select(Job).where(Job.id == job_id)
+    if owner is not None:
+        query = query.where(Job.owner == owner)
+    return session.scalars(query).one_or_none()
+
+
+def count_active_jobs(session: Session, owner: str) -> int:
+    states = [JobState.QUEUED.value, *(s.value for s in ACTIVE)]
+    return session.scalar(select(func.count()).where(Job.owner == owner, Job.state.in_(states))) or 0
+
+
+def encode_cursor(job: Job) -> str:
+    raw = json.dumps([job.created_at.isoformat(), job.id]).encode()
+    return base64.urlsafe_b64encode(raw).decode().rstrip("=")
+
+
+def decode_cursor(cursor: str) -> tuple[datetime, str]:
+    """Raises ValueError when the cursor was not produced by encode_cursor."""
+    try:
+        created, job_id = json.loads(base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)))
+        return datetime.fromisoformat(created), str(job_id)
+    except Exception as e:
+        raise ValueError("cursor is not valid; pass the next_cursor value of a previous page") from e
+
+
+def list_jobs(
+    session: Session,
+    *,
+    owner: str | None,
+    states: Sequence[str] = (),
+    labels: dict[str, str] | None = None,
+    limit: int = 50,
+    cursor: str | None = None,
+) -> tuple[list[Job], str | None]:
+    """Newest first; keyset pagination on (created_at, id), so pages stay stable while jobs are added."""
+    query = select(Job)
+    if owner is not None:
+        query = query.where(Job.owner == owner)
+    if states:
+        query = query.where(Job.state.in_(list(states)))
+    for key, value in (labels or {}).items():
+        query = query.where(
+            exists().where(JobLabel.job_id == Job.id, JobLabel.key == key, JobLabel.value == value)
+        )
+    if cursor:
+        created, job_id = decode_cursor(cursor)
+        query = query.where(or_(Job.created_at < created, and_(Job.created_at == created, Job.id < job_id)))
+    jobs = list(session.scalars(query.order_by(Job.created_at.desc(), Job.id.desc()).limit(limit + 1)))
+    next_cursor = encode_cursor(jobs[limit - 1]) if len(jobs) > limit else None
+    return jobs[:limit], next_cursor
+
+
+def request_cancel(session: Session, job: Job) -> Job:
+    """queued → cancelled at once; running → cancelling (the worker stops at its next layer boundary).
+    Cancelling a job that is already cancelling or finished changes nothing."""
+    for _ in range(5):  # the job may move between our read and our conditional write; re-read and retry
+        session.refresh(job)
+        state = JobState(job.state)
+        if state is JobState.QUEUED:
+            target, extra = JobState.CANCELLED, {"finished_at": utcnow(), "run_after": None}
+        elif state is JobState.RUNNING:
+            target, extra = JobState.CANCELLING, {}
+        else:
+            return job
+        done = session.execute(
+            update(Job)
+            .where(Job.id == job.id, Job.state == state.value)
+            .values(state=target.value, **extra)
+            .execution_options(synchronize_session=False)
+        )
+        if done.rowcount == 1:  # type: ignore[attr-defined]
+            add_event(session, job.id, "state", job.attempts, state=target.value, message="cancel requested")
+            session.flush()
+            session.refresh(job)
+            return job
+    raise RuntimeError(f"job {job.id} kept changing state while being cancelled; try again")
+
+
+def list_events(session: Session, job_id: str, *, after: int = 0, limit: int = 500) -> list[JobEvent]:
+    query = select(JobEvent).where(JobEvent.job_id == job_id, JobEvent.id > after)
+    return list(session.scalars(query.order_by(JobEvent.id).limit(limit)))
+
+
+def list_artifacts(session: Session, job_id: str) -> list[Artifact]:
+    return list(session.scalars(select(Artifact).where(Artifact.job_id == job_id).order_by(Artifact.path)))

@@ -1,0 +1,59 @@
+"""The stored job spec (the validated API request, with URIs) and its conversion to the engine's JobSpec.
+
+The API calls `engine_spec` at submit time (to reject bad jobs with the engine's own messages) and the
+worker calls it again before running, with a resolver that downloads S3 inputs into a local cache.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Callable
+from typing import Any
+
+from workers.errors import InvalidSpecError
+from workers.spec import CalibrationSpec, EvalSpec, JobSpec, Method, OutputFormat, QuantScheme
+
+# (uri, kind "dir" | "file", what) -> local path
+Resolver = Callable[[str, str, str], str]
+
+
+def request_hash(spec: dict[str, Any]) -> str:
+    """Hash of the canonical JSON of a normalised request: equal bodies hash equal, whatever the key order."""
+    return hashlib.sha256(json.dumps(spec, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+
+
+def engine_spec(spec: dict[str, Any], resolve: Resolver) -> JobSpec:
+    """JobSpec for a stored spec, with every URI turned into a local path by `resolve`; validated."""
+    try:
+        method = Method(spec["method"])
+        formats = tuple(
+            OutputFormat(f) for f in (spec.get("output") or {}).get("formats") or ["compressed-tensors"]
+        )
+    except ValueError as e:
+        raise InvalidSpecError(str(e)) from e
+    cal = spec.get("calibration") or {}
+    ev = spec.get("eval")
+    job = JobSpec(
+        model_dir=resolve(spec["model"], "dir", "model"),
+        method=method,
+        scheme=QuantScheme(bits=spec["bits"], group_size=spec["group_size"], symmetric=spec["symmetric"]),
+        calibration=CalibrationSpec(
+            path=resolve(cal["uri"], "file", "calibration") if cal.get("uri") else None,
+            num_samples=cal.get("num_samples", 128),
+            seq_len=cal.get("seq_len", 512),
+            seed=cal.get("seed", 0),
+        ),
+        eval=EvalSpec(
+            path=resolve(ev["uri"], "file", "eval"),
+            seq_len=ev.get("seq_len", 512),
+            max_windows=ev.get("max_windows"),
+        )
+        if ev
+        else None,
+        formats=formats,
+        dampening=spec.get("dampening", 0.01),
+        act_order=spec.get("act_order", False),
+    )
+    job.validate()
+    return job

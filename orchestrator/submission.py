@@ -1,0 +1,49 @@
+"""Checks a submitted job before a row is written: URIs inside the allow-list and present, the engine's
+own spec rules, and the model-dependent rules of workers.validation (for local models).
+
+Raises InvalidSpecError / InputError with the engine's message; the API turns them into 422s.
+S3 models are only probed for config.json here (downloading a model to validate a request would make
+submission slow and expensive); the worker runs the full model check before quantizing.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from orchestrator.settings import Settings
+from orchestrator.specs import engine_spec
+from workers.errors import InputError
+from workers.uris import LocalInput, check_input_exists, parse_input_uri
+
+
+def validate_submission(spec: dict[str, Any], settings: Settings) -> None:
+    policy = settings.input_policy()
+    model_is_local = True
+
+    def resolve(uri: str, kind: str, what: str) -> str:
+        nonlocal model_is_local
+        found = check_input_exists(uri, policy, kind=kind, what=what)
+        if isinstance(found, LocalInput):
+            return str(found.path)
+        if what == "model":
+            model_is_local = False
+        return uri  # not read here: the worker downloads it
+
+    output_uri = (spec.get("output") or {}).get("uri")
+    if output_uri:
+        parse_input_uri(output_uri, settings.output_policy(), what="output")
+    job = engine_spec(spec, resolve)
+    if model_is_local:
+        _check_model_size(Path(job.model_dir), settings.max_model_bytes)
+        from workers.validation import check_against_model
+
+        check_against_model(job)
+
+
+def _check_model_size(model_dir: Path, limit: int) -> None:
+    size = sum(p.stat().st_size for p in model_dir.glob("*.safetensors"))
+    if size > limit:
+        raise InputError(
+            f"model weights are {size / 2**30:.1f} GiB, above this service's limit of {limit / 2**30:.1f} GiB"
+        )

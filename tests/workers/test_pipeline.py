@@ -1,0 +1,242 @@
+from __future__ import annotations
+
+from collections import defaultdict
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+import workers.quant.gptq as gptq_module
+from workers.calibration import calibration_windows
+from workers.errors import JobCancelled
+from workers.loading import CheckpointWeights, LayerwiseModel, load_tokenizer, run_decoder_layer
+from workers.pipeline import PipelineOptions, PipelineResult, _fold_scales, quantize_model
+from workers.progress import Progress
+from workers.quant.grid import QuantizedTensor
+from workers.quant.rtn import rtn_quantize
+from workers.spec import JobSpec
+from workers.tensor_source import TensorSource
+
+CPU = torch.device("cpu")
+
+
+class RecordingSink:
+    """Keeps everything the pipeline would write."""
+
+    def __init__(self) -> None:
+        self.dense: dict[str, Tensor] = {}
+        self.quantized: dict[str, QuantizedTensor] = {}
+
+    def add_dense(self, name: str, tensor: Tensor) -> None:
+        self.dense[name] = tensor
+
+    def add_quantized(self, module_name: str, qt: QuantizedTensor) -> None:
+        self.quantized[module_name] = qt
+
+
+class InputRecordingModel(LayerwiseModel):
+    """Records every hidden-state batch fed to decoder layer `watch`."""
+
+    def __init__(self, model_dir: Path, watch: int) -> None:
+        super().__init__(model_dir, CPU)
+        self.watch = watch
+        self.seen: list[Tensor] = []
+
+    def decoder_layer(self, index: int, weights: object) -> nn.Module:  # type: ignore[override]
+        layer = super().decoder_layer(index, weights)  # type: ignore[arg-type]
+        if index == self.watch:
+            layer.register_forward_pre_hook(lambda _m, args: self.seen.append(args[0].clone()))
+        return layer
+
+
+def run(
+    spec: JobSpec, model: LayerwiseModel | None = None, *, options: PipelineOptions | None = None, **kwargs: object
+) -> tuple[PipelineResult, RecordingSink, LayerwiseModel]:
+    model = model or LayerwiseModel(spec.model_dir, CPU)
+    sink = RecordingSink()
+    calibration = None
+    if spec.calibration.path:
+        calibration = calibration_windows(spec.calibration, load_tokenizer(spec.model_dir))
+    weights = CheckpointWeights(TensorSource(spec.model_dir))
+    result = quantize_model(model, weights, spec, [sink], calibration, options=options, **kwargs)  # type: ignore[arg-type]
+    return result, sink, model
+
+
+def layer_with(model: LayerwiseModel, index: int, sink: RecordingSink) -> nn.Module:
+    """Decoder layer `index` rebuilt from what the pipeline wrote (dense tensors + dequantized Linears)."""
+    prefix = model.arch.layer_prefix(index)
+    state = {n[len(prefix) :]: t for n, t in sink.dense.items() if n.startswith(prefix)}
+    for name, qt in sink.quantized.items():
+        if name.startswith(prefix):
+            state[name[len(prefix) :] + ".weight"] = qt.dequantize(model.model_dtype)
+
+    class Written:
+        def tensors(self, p: str, device: torch.device) -> dict[str, Tensor]:
+            assert p == prefix
+            return state
+
+    return model.decoder_layer(index, Written())
+
+
+def embeddings(spec: JobSpec, model: LayerwiseModel) -> Tensor:
+    ids = calibration_windows(spec.calibration, load_tokenizer(spec.model_dir))
+    return F.embedding(ids, model.embed_weight(CheckpointWeights(TensorSource(spec.model_dir))))
+
+
+def errors_by_layer(result: PipelineResult) -> dict[int, float]:
+    total: dict[int, float] = defaultdict(float)
+    for e in result.module_errors:
+        total[e.layer] += e.error
+    return dict(total)
+
+
+def test_later_layers_see_the_quantized_outputs_of_earlier_ones(make_spec: Callable[..., JobSpec], tiny_model_dir: Path) -> None:
+    spec = make_spec("gptq")
+    model = InputRecordingModel(tiny_model_dir, watch=1)
+    _, sink, _ = run(spec, model, options=PipelineOptions(batch_tokens=256))  # 4 windows per chunk
+    seen = torch.cat(model.seen[:4])  # first pass over layer 1: the calibration forward, in 4 chunks
+    assert len(model.seen) == 8  # calibration forward + forward of the quantized layer
+
+    hidden = embeddings(spec, model)
+    pos = model.position_embeddings(hidden.shape[1])
+    weights = CheckpointWeights(TensorSource(tiny_model_dir))
+    with torch.no_grad():
+        through_quantized = run_decoder_layer(layer_with(model, 0, sink), hidden, pos)
+        through_original = run_decoder_layer(model.decoder_layer(0, weights), hidden, pos)
+    torch.testing.assert_close(seen, through_quantized, rtol=1e-5, atol=1e-5)
+    assert (seen - through_original).abs().max() > 100 * (seen - through_quantized).abs().max()
+
+
+@pytest.mark.parametrize("method", ["gptq", "awq"])
+@pytest.mark.parametrize("bits", [3, 4])
+def test_gptq_and_awq_have_lower_output_error_than_rtn_in_every_layer(
+    make_spec: Callable[..., JobSpec], method: str, bits: int
+) -> None:
+    rtn = errors_by_layer(run(make_spec("rtn", bits=bits))[0])
+    better = errors_by_layer(run(make_spec(method, bits=bits))[0])
+    assert sorted(rtn) == sorted(better) == [0, 1]
+    for layer in rtn:
+        assert better[layer] < 0.9 * rtn[layer], (layer, better[layer], rtn[layer])
+
+
+def test_gptq_act_order_beats_rtn(make_spec: Callable[..., JobSpec]) -> None:
+    rtn = errors_by_layer(run(make_spec("rtn", bits=3))[0])
+    ordered = errors_by_layer(run(make_spec("gptq", bits=3, act_order=True))[0])
+    assert all(ordered[layer] < rtn[layer] for layer in rtn)
+
+
+@pytest.mark.parametrize("method", ["rtn", "gptq", "awq"])
+def test_module_error_is_the_output_mse_on_calibration_inputs(make_spec: Callable[..., JobSpec], method: str) -> None:
+    """The recorded q_proj error of layer 0 equals mean((x·Ŵᵀ − x·Wᵀ)²) computed directly."""
+    spec = make_spec(method)
+    result, sink, model = run(spec)
+    original: Any = model.decoder_layer(0, CheckpointWeights(TensorSource(spec.model_dir)))
+    with torch.no_grad():
+        x = original.input_layernorm(embeddings(spec, model)).reshape(-1, 64)
+        w = original.self_attn.q_proj.weight
+        w_hat = sink.quantized["model.layers.0.self_attn.q_proj"].dequantize()
+        if method == "awq":  # AWQ scaled the input by 1/s (folded into the norm) and W's columns by s
+            s = original.input_layernorm.weight / sink.dense["model.layers.0.input_layernorm.weight"].float()
+            w_hat = w_hat / s
+        expected = float(((x @ w_hat.T) - (x @ w.T)).square().mean())
+        power = float((x @ w.T).square().mean())
+    recorded = next(e for e in result.module_errors if (e.layer, e.module) == (0, "self_attn.q_proj"))
+    assert recorded.error == pytest.approx(expected, rel=2e-3)
+    assert recorded.relative_error == pytest.approx(expected / power, rel=2e-3)
+
+
+def test_awq_folding_keeps_the_layer_function(tiny_mha_model_dir: Path) -> None:
+    """Dividing the previous op by s and multiplying the Linears' columns by s changes nothing before rounding."""
+    model = LayerwiseModel(tiny_mha_model_dir, CPU)
+    layer = model.decoder_layer(0, CheckpointWeights(TensorSource(tiny_mha_model_dir)))
+    hidden = torch.randn(2, 24, 64, generator=torch.Generator().manual_seed(0))
+    pos = model.position_embeddings(24)
+    with torch.no_grad():
+        before = run_decoder_layer(layer, hidden, pos)
+        for i, mapping in enumerate(model.arch.awq_mappings):
+            linears: list[Any] = [layer.get_submodule(n) for n in mapping.linears]
+            s = torch.exp(torch.randn(linears[0].in_features, generator=torch.Generator().manual_seed(i)))
+            _fold_scales(layer.get_submodule(mapping.prev), s)
+            for lin in linears:
+                lin.weight.mul_(s)
+        after = run_decoder_layer(layer, hidden, pos)
+    torch.testing.assert_close(after, before, rtol=1e-4, atol=1e-5)
+
+
+def test_awq_with_v_to_o_mapping_writes_an_equivalent_layer(make_spec: Callable[..., JobSpec], tiny_mha_model_dir: Path) -> None:
+    """On a model where v_proj → o_proj applies, the written AWQ layer is closer to the original than RTN's."""
+    spec = make_spec("awq", model_dir=tiny_mha_model_dir)
+    awq_result, awq_sink, model = run(spec)
+    _, rtn_sink, _ = run(make_spec("rtn", model_dir=tiny_mha_model_dir, calibration=False))
+    original_v = TensorSource(tiny_mha_model_dir).get("model.layers.0.self_attn.v_proj.weight").float()
+    awq_v = awq_sink.quantized["model.layers.0.self_attn.v_proj"].dequantize()
+    row_ratio = (awq_v.norm(dim=1) / original_v.norm(dim=1)).std()
+    assert row_ratio > 0.05  # v_proj's rows carry o_proj's AWQ scales (1/s), unlike plain RTN
+    assert awq_sink.dense["model.layers.0.input_layernorm.weight"].dtype == torch.bfloat16
+
+    hidden = embeddings(spec, model)  # layer 0's calibration inputs
+    pos = model.position_embeddings(hidden.shape[1])
+    with torch.no_grad():
+        reference = run_decoder_layer(model.decoder_layer(0, CheckpointWeights(TensorSource(tiny_mha_model_dir))), hidden, pos)
+        awq_out = run_decoder_layer(layer_with(model, 0, awq_sink), hidden, pos)
+        rtn_out = run_decoder_layer(layer_with(model, 0, rtn_sink), hidden, pos)
+    assert (awq_out - reference).square().mean() < (rtn_out - reference).square().mean()
+    assert len(awq_result.module_errors) == 3 * 7
+
+
+def test_rtn_without_calibration_quantizes_the_stored_weights(make_spec: Callable[..., JobSpec], tiny_model_dir: Path) -> None:
+    result, sink, _ = run(make_spec("rtn", calibration=False, group_size=64, symmetric=False))
+    assert result.module_errors == [] and result.fallback_modules == []
+    source = TensorSource(tiny_model_dir)
+    assert len(sink.quantized) == 14
+    for name, qt in sink.quantized.items():
+        expected = rtn_quantize(source.get(f"{name}.weight"), qt.scheme)  # fp16 weight → fp16-rounded scales
+        assert torch.equal(qt.q, expected.q) and torch.equal(qt.scale, expected.scale)
+        assert qt.zero_point is not None and expected.zero_point is not None
+        assert torch.equal(qt.zero_point, expected.zero_point)
+    dense = {n for n in source.names if not any(n == f"{q}.weight" for q in sink.quantized)}
+    assert set(sink.dense) == dense  # norms and embeddings written, nothing else
+    for name, tensor in sink.dense.items():
+        assert torch.equal(tensor, source.get(name))
+
+
+def test_cancellation_stops_at_a_layer_boundary(make_spec: Callable[..., JobSpec]) -> None:
+    checks = iter([False, True])
+    events: list[Progress] = []
+    sink = RecordingSink()
+    spec = make_spec("rtn", calibration=False)
+    model = LayerwiseModel(spec.model_dir, CPU)
+    with pytest.raises(JobCancelled, match="before decoder layer 1 of 2"):
+        quantize_model(
+            model, CheckpointWeights(TensorSource(spec.model_dir)), spec, [sink],
+            on_progress=events.append, should_cancel=lambda: next(checks),
+        )
+    assert {n.split(".")[2] for n in sink.quantized} == {"0"}
+    assert [e.layer for e in events if e.stage == "quantize" and e.module is None] == [0]
+
+
+def test_progress_names_layers_and_modules(make_spec: Callable[..., JobSpec]) -> None:
+    events: list[Progress] = []
+    run(make_spec("gptq"), on_progress=events.append)
+    layers = [(e.layer, e.num_layers) for e in events if e.stage == "quantize" and e.module is None]
+    assert layers == [(0, 2), (1, 2)]
+    modules = [e.module for e in events if e.stage == "quantize" and e.layer == 1 and e.module]
+    assert modules == ["self_attn.q_proj, self_attn.k_proj, self_attn.v_proj", "self_attn.o_proj",
+                       "mlp.gate_proj, mlp.up_proj", "mlp.down_proj"]
+
+
+def test_gptq_cholesky_failure_falls_back_to_rtn_and_is_reported(
+    make_spec: Callable[..., JobSpec], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(gptq_module, "_upper_cholesky_of_inverse", lambda h, damp: (None, damp * 1000))
+    result, sink, _ = run(make_spec("gptq"))
+    assert len(result.fallback_modules) == 14
+    assert result.fallback_modules[0].startswith("layers.0.self_attn.q_proj: Cholesky of the Hessian failed")
+    assert all(e.fell_back_to_rtn and e.note for e in result.module_errors)
+    source = TensorSource(make_spec("gptq").model_dir)
+    qt = sink.quantized["model.layers.0.mlp.up_proj"]
+    assert torch.equal(qt.q, rtn_quantize(source.get("model.layers.0.mlp.up_proj.weight"), qt.scheme).q)

@@ -1,0 +1,145 @@
+"""Text files → token windows, for calibration (random, seeded) and evaluation (consecutive).
+
+Files: `.jsonl` is one JSON object per line with a "text" string (records are joined by a blank line);
+any other suffix is read as plain UTF-8 text. Both become one token stream.
+
+Calibration takes `num_samples` windows at random *non-overlapping* offsets of that stream, chosen
+deterministically from the seed, so the same job always sees the same tokens. A stream too short for
+that many disjoint windows is an error (overlapping windows would silently weight some text twice).
+When the tokenizer has a BOS token every window is `[BOS] + seq_len - 1` text tokens, as the model saw
+documents in training; otherwise `seq_len` text tokens.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import torch
+from torch import Tensor
+from transformers import PreTrainedTokenizerBase
+
+from workers.errors import InputError
+from workers.spec import CalibrationSpec
+
+TOKENIZE_CHUNK_CHARS = 1 << 18
+
+
+def read_text(path: str | Path, role: str = "text") -> str:
+    """The file's text; JSONL records joined by blank lines. Errors name the file and the bad line."""
+    file = Path(path)
+    if not file.is_file():
+        raise InputError(f"{role} file {file} does not exist")
+    try:
+        raw = file.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raise InputError(f"{role} file {file} is not UTF-8 text: {exc}") from exc
+    if file.suffix.lower() == ".jsonl":
+        texts = []
+        for number, line in enumerate(raw.splitlines(), start=1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise InputError(f"{role} file {file} line {number} is not valid JSON: {exc.msg}") from exc
+            if not isinstance(record, dict) or not isinstance(record.get("text"), str):
+                raise InputError(f'{role} file {file} line {number} must be an object with a "text" string')
+            texts.append(record["text"])
+        raw = "\n\n".join(texts)
+    if not raw.strip():
+        raise InputError(f"{role} file {file} has no text")
+    return raw
+
+
+SAFE_CUT = re.compile(r"(?<=\S)\n")  # a newline that starts its whitespace run
+
+
+def _pieces(text: str, size: int) -> list[str]:
+    """`text` cut into pieces of about `size` characters, each cut where a whitespace run with a newline starts.
+
+    Byte-level BPE pre-tokenizers (GPT-2, SmolLM2) split a whitespace run depending on what follows it, but
+    never join it with the text before it; so a piece that ends on a non-space character and a next piece
+    that starts with the whole run give exactly the tokens of the whole text. Text with no such newline
+    within `size` characters is cut at the next one after (or not at all).
+    """
+    pieces, start = [], 0
+    while start < len(text):
+        limit = start + size
+        cut = len(text)
+        if limit < len(text):
+            cut = text.rfind("\n", start + 1, limit)
+            while cut > start and text[cut - 1].isspace():
+                cut = text.rfind("\n", start + 1, cut)
+            if cut <= start:
+                later = SAFE_CUT.search(text, limit)
+                cut = later.start() if later else len(text)
+        pieces.append(text[start:cut])
+        start = cut
+    return pieces
+
+
+def tokenize(text: str, tokenizer: PreTrainedTokenizerBase, *, chunk_chars: int = TOKENIZE_CHUNK_CHARS) -> Tensor:
+    """The whole text as one 1-D token stream, without special tokens.
+
+    Tokenized a piece at a time (see `_pieces`): a tokenizer call keeps strings and offsets for every
+    token, which for a corpus of megabytes costs hundreds of MB, while the ids alone take 8 bytes a token.
+    """
+    streams = [
+        torch.tensor(tokenizer(piece, add_special_tokens=False, return_attention_mask=False, verbose=False)["input_ids"],
+                     dtype=torch.long)
+        for piece in _pieces(text, chunk_chars)
+    ]
+    return torch.cat(streams) if streams else torch.zeros(0, dtype=torch.long)
+
+
+def _with_bos(windows: Tensor, tokenizer: PreTrainedTokenizerBase) -> Tensor:
+    bos = tokenizer.bos_token_id
+    if bos is None:
+        return windows
+    return torch.cat([torch.full((windows.shape[0], 1), int(bos), dtype=torch.long), windows], dim=1)
+
+
+def _body_length(seq_len: int, tokenizer: PreTrainedTokenizerBase) -> int:
+    return seq_len - 1 if tokenizer.bos_token_id is not None else seq_len
+
+
+def sample_windows(stream: Tensor, num_samples: int, length: int, seed: int) -> Tensor:
+    """`num_samples` disjoint slices of `length` tokens at seeded random offsets, in stream order.
+
+    The slack (tokens not covered by any window) is split into num_samples + 1 random gaps, so every
+    placement of disjoint windows is possible and windows are spread over the whole text.
+    """
+    needed = num_samples * length
+    if stream.numel() < needed:
+        raise InputError(
+            f"calibration text has {stream.numel()} tokens but {num_samples} windows of {length} tokens need "
+            f"{needed}; provide more text or lower num_samples / seq_len"
+        )
+    slack = stream.numel() - needed
+    generator = torch.Generator().manual_seed(seed)
+    gaps = torch.sort(torch.randint(0, slack + 1, (num_samples,), generator=generator)).values
+    starts = gaps + torch.arange(num_samples) * length
+    return torch.stack([stream[s : s + length] for s in starts.tolist()])
+
+
+def calibration_windows(spec: CalibrationSpec, tokenizer: PreTrainedTokenizerBase) -> Tensor:
+    """Token ids `[num_samples, seq_len]` for calibration, deterministic in (file, tokenizer, seed)."""
+    if spec.path is None:
+        raise InputError("no calibration file was given")
+    stream = tokenize(read_text(spec.path, "calibration"), tokenizer)
+    body = sample_windows(stream, spec.num_samples, _body_length(spec.seq_len, tokenizer), spec.seed)
+    return _with_bos(body, tokenizer)
+
+
+def eval_windows(text: str, tokenizer: PreTrainedTokenizerBase, seq_len: int, max_windows: int | None = None) -> Tensor:
+    """Consecutive non-overlapping windows `[n, seq_len]` (paper protocol), the short tail dropped."""
+    stream = tokenize(text, tokenizer)
+    body = _body_length(seq_len, tokenizer)
+    count = stream.numel() // body
+    if count == 0:
+        raise InputError(f"evaluation text has {stream.numel()} tokens, fewer than one window of {body}")
+    if max_windows is not None:
+        count = min(count, max_windows)
+    return _with_bos(stream[: count * body].reshape(count, body), tokenizer)

@@ -1,0 +1,197 @@
+"""`run_local`: one quantization job on this machine, from a model directory to a finished output directory.
+
+Order of work: validate everything that can be validated cheaply (spec, config, shapes, files) before
+any weight is read; build the whole output in a hidden sibling directory; rename it to `out_dir` only
+when every file (checkpoints, tokenizer, eval.json) is complete. A failure or cancellation removes the
+staging directory, so an `out_dir` that exists is always a finished job.
+
+Layout: the first format in `spec.formats` at the root of `out_dir`, every other format in
+`out_dir/<format>/` (e.g. `out_dir/gptq/`), each with the tokenizer files; `out_dir/eval.json` is the
+EngineReport.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import time
+import uuid
+from importlib import metadata
+from pathlib import Path
+
+import compressed_tensors
+import torch
+import transformers
+
+from workers.calibration import calibration_windows
+from workers.calibration_cache import CalibrationProvider
+from workers.errors import InputError
+from workers.evaluate import evaluate
+from workers.formats.writer import CheckpointWriter
+from workers.loading import CheckpointWeights, LayerwiseModel, load_tokenizer, resolve_device
+from workers.memory import PeakMemory
+from workers.pipeline import PipelineOptions, quantize_model
+from workers.progress import CancelCheck, Progress, ProgressCallback, never_cancel, no_progress
+from workers.report import EngineReport
+from workers.spec import JobSpec, Method
+from workers.tensor_source import TensorSource
+from workers.validation import ModelInfo, check_against_model
+
+# Files a runtime needs besides the weights; copied into every checkpoint directory when present.
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "generation_config.json",
+    "added_tokens.json",
+    "chat_template.jinja",
+    "tokenizer.model",
+    "vocab.json",
+    "merges.txt",
+)
+REPORT_FILE = "eval.json"
+
+
+def versions() -> dict[str, str]:
+    try:
+        quantfleet = metadata.version("quantfleet")
+    except metadata.PackageNotFoundError:
+        quantfleet = "unknown"
+    return {
+        "quantfleet": quantfleet,
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "compressed-tensors": compressed_tensors.__version__,
+    }
+
+
+def check_out_dir(out_dir: Path) -> None:
+    if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())):
+        raise InputError(f"output directory {out_dir} already exists and is not empty; choose a new path or remove it")
+
+
+def _checkpoint_dirs(spec: JobSpec, root: Path) -> list[Path]:
+    return [root if i == 0 else root / fmt.value for i, fmt in enumerate(spec.formats)]
+
+
+def _copy_tokenizer(model_dir: Path, dest: Path) -> None:
+    for name in TOKENIZER_FILES:
+        if (model_dir / name).is_file():
+            shutil.copy2(model_dir / name, dest / name)
+
+
+def _weights_bytes(directory: Path) -> int:
+    return sum(p.stat().st_size for p in directory.glob("*.safetensors"))
+
+
+def _publish(staging: Path, out_dir: Path) -> None:
+    """Atomically move the finished staging directory to `out_dir` (an empty `out_dir` is replaced)."""
+    if out_dir.exists():
+        out_dir.rmdir()  # check_out_dir guaranteed it is empty
+    staging.replace(out_dir)
+
+
+def run_local(
+    spec: JobSpec,
+    out_dir: str | Path,
+    on_progress: ProgressCallback = no_progress,
+    should_cancel: CancelCheck = never_cancel,
+    *,
+    options: PipelineOptions | None = None,
+    calibration_provider: CalibrationProvider | None = None,
+) -> EngineReport:
+    """Quantize `spec.model_dir` into `out_dir` and evaluate it; returns the report also saved as eval.json.
+
+    `calibration_provider` replaces `calibration_windows` (same arguments, same result), e.g. with the
+    object-store cache of workers/calibration_cache.py that lets the jobs of a batch tokenize once."""
+    started = time.perf_counter()
+    spec.validate()
+    info = check_against_model(spec)
+    out_dir = Path(out_dir).resolve()
+    check_out_dir(out_dir)
+    device = resolve_device(spec.device)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    staging = out_dir.parent / f".{out_dir.name}.partial-{uuid.uuid4().hex[:8]}"
+    staging.mkdir()
+    try:
+        report = _build(spec, info, staging, device, on_progress, should_cancel, options, calibration_provider)
+        report.timings_s["total"] = time.perf_counter() - started
+        report.files = sorted([*(str(p.relative_to(staging)) for p in staging.rglob("*") if p.is_file()), REPORT_FILE])
+        (staging / REPORT_FILE).write_text(json.dumps(report.to_dict(), indent=2) + "\n")
+        _publish(staging, out_dir)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    on_progress(Progress("done", message=str(out_dir)))
+    return report
+
+
+def _build(
+    spec: JobSpec,
+    info: ModelInfo,
+    staging: Path,
+    device: torch.device,
+    on_progress: ProgressCallback,
+    should_cancel: CancelCheck,
+    options: PipelineOptions | None,
+    calibration_provider: CalibrationProvider | None = None,
+) -> EngineReport:
+    report = EngineReport(
+        model=str(info.model_dir),
+        architecture=info.architecture.name,
+        method=spec.method.value,
+        bits=spec.scheme.bits,
+        group_size=spec.scheme.group_size,
+        symmetric=spec.scheme.symmetric,
+        formats=[f.value for f in spec.formats],
+        num_layers=info.num_layers,
+        bytes_original=info.weight_bytes,
+        versions=versions(),
+    )
+    timings = report.timings_s
+    with PeakMemory(device) as memory:
+        mark = time.perf_counter()
+        on_progress(Progress("load", num_layers=info.num_layers, message=str(info.model_dir)))
+        model = LayerwiseModel(info.model_dir, device)
+        weights = CheckpointWeights(TensorSource(info.model_dir, allow_pickle=spec.allow_pickle))
+        tokenizer = load_tokenizer(info.model_dir) if spec.calibration.path or spec.eval else None
+        timings["load"] = time.perf_counter() - mark
+
+        mark = time.perf_counter()
+        calibration = None
+        if spec.calibration.path and tokenizer is not None:
+            on_progress(Progress("calibrate", num_layers=info.num_layers, message="tokenizing calibration text"))
+            calibration = (calibration_provider or calibration_windows)(spec.calibration, tokenizer)
+        timings["calibrate"] = time.perf_counter() - mark
+
+        mark = time.perf_counter()
+        dirs = _checkpoint_dirs(spec, staging)
+        writers = [
+            CheckpointWriter(d, fmt, spec.scheme, info.dtype, act_order=spec.act_order and spec.method is Method.GPTQ)
+            for d, fmt in zip(dirs, spec.formats, strict=True)
+        ]
+        result = quantize_model(
+            model, weights, spec, writers, calibration,
+            on_progress=on_progress, should_cancel=should_cancel, options=options,
+        )
+        report.module_errors, report.fallback_modules = result.module_errors, result.fallback_modules
+        timings["quantize"] = time.perf_counter() - mark
+
+        mark = time.perf_counter()
+        on_progress(Progress("write", message=str(staging)))
+        for writer, directory in zip(writers, dirs, strict=True):
+            writer.finalize(info.config)
+            _copy_tokenizer(info.model_dir, directory)
+        report.bytes_quantized = _weights_bytes(dirs[0])
+        timings["write"] = time.perf_counter() - mark
+
+        if spec.eval is not None and tokenizer is not None:
+            mark = time.perf_counter()
+            batch = options.batch_tokens if options else PipelineOptions().batch_tokens
+            report.eval = evaluate(
+                info.model_dir, dirs[0], spec.eval, tokenizer, device, on_progress,
+                batch_tokens=batch, should_cancel=should_cancel,
+            )
+            timings["evaluate"] = time.perf_counter() - mark
+    report.peak_memory_bytes = memory.result()
+    return report

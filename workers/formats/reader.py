@@ -1,0 +1,68 @@
+"""Read a quantized checkpoint back as dense weights, one prefix (decoder layer) at a time.
+
+Evaluation streams the quantized model through this: `dense_prefix("model.layers.3.")` returns that
+layer's weights dequantized and named like the original model, without reading any other layer.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from workers.errors import InputError
+from workers.formats import compressed_tensors, gptq_v1
+from workers.spec import OutputFormat
+from workers.tensor_source import TensorSource
+
+
+class QuantizedCheckpoint:
+    """A compressed-tensors pack-quantized or GPTQ v1 checkpoint directory, read lazily."""
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+        config_path = self.path / "config.json"
+        if not config_path.is_file():
+            raise InputError(f"{self.path} has no config.json; is it a quantized checkpoint directory?")
+        self.config: dict[str, Any] = json.loads(config_path.read_text())
+        quant_config = self.config.get("quantization_config")
+        method = quant_config.get("quant_method") if isinstance(quant_config, dict) else None
+        if method == "compressed-tensors":
+            self.format = OutputFormat.COMPRESSED_TENSORS
+            self.scheme, self.act_order = compressed_tensors.scheme_from_config(quant_config)
+            self._module: ModuleType = compressed_tensors
+            self._marker = "weight_packed"
+        elif method == "gptq":
+            self.format = OutputFormat.GPTQ
+            self.scheme, self.act_order = gptq_v1.scheme_from_config(quant_config), False
+            self._module = gptq_v1
+            self._marker = "qweight"
+        else:
+            raise InputError(
+                f"{config_path} has no compressed-tensors or gptq quantization_config (quant_method={method!r})"
+            )
+        self.source = TensorSource(self.path)
+
+    def dense_prefix(
+        self, prefix: str, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32
+    ) -> dict[str, Tensor]:
+        """Tensors under `prefix`, keyed by the rest of the name, with every quantized Linear dequantized
+        to `<module>.weight`; floating tensors are cast to `dtype`, others passed through."""
+        stored = self.source.get_prefix(prefix, device)
+        suffixes = self._module.SUFFIXES
+        modules = [name[: -len(self._marker) - 1] for name in stored if name.endswith("." + self._marker)]
+        dense: dict[str, Tensor] = {}
+        for module in modules:
+            parts = {s: stored.pop(f"{module}.{s}") for s in suffixes if f"{module}.{s}" in stored}
+            try:
+                qt = self._module.from_linear_tensors(parts, self.scheme)
+            except InputError as e:
+                raise InputError(f"{prefix}{module}: {e}") from e
+            dense[f"{module}.weight"] = qt.dequantize(dtype)
+        for name, tensor in stored.items():
+            dense[name] = tensor.to(dtype) if tensor.is_floating_point() else tensor
+        return dense

@@ -1,0 +1,340 @@
+"""The sequential ("true-sequential") quantization pipeline: one decoder layer at a time.
+
+    calibration tokens → embeddings = inputs of layer 0
+    for each layer:  load weights → forward the fp layer with hooks (Hessians for GPTQ, input samples
+                     for AWQ, second moments for RTN's error report) → solve → swap in the dequantized
+                     weights → forward the *quantized* layer to make the next layer's inputs → write → free
+
+Because the next inputs come from the quantized layer, every layer is solved for the inputs it will see
+at inference time, errors of earlier layers included. Peak memory is one layer, its statistics and the
+calibration activations (kept on the accelerator when they fit, else in host memory).
+
+RTN needs no calibration: without calibration tokens the pipeline only quantizes and writes, layer by
+layer, with no forward pass and no error report.
+
+Per-module error: the mean squared error of the module's output, quantized vs original, over its
+calibration inputs x, computed from the input second moment Σ = E[x xᵀ] as trace(ΔW Σ ΔWᵀ) / out.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Protocol
+
+import torch
+from torch import Tensor, nn
+
+from workers.architectures import ArchitectureInfo
+from workers.errors import JobCancelled
+from workers.loading import LayerwiseModel, WeightSource, run_decoder_layer
+from workers.memory import release_host_memory
+from workers.progress import CancelCheck, Progress, ProgressCallback, never_cancel, no_progress
+from workers.quant.awq import apply_clip, search_clip, search_scales
+from workers.quant.gptq import HessianAccumulator, gptq_quantize_shared
+from workers.quant.grid import QuantizedTensor
+from workers.quant.rtn import rtn_quantize
+from workers.report import ModuleError
+from workers.spec import JobSpec, Method
+
+
+class CheckpointSink(Protocol):
+    """Where finished tensors go (workers.formats.writer.CheckpointWriter)."""
+
+    def add_dense(self, name: str, tensor: Tensor) -> None: ...
+    def add_quantized(self, module_name: str, qt: QuantizedTensor) -> None: ...
+
+
+@dataclass(frozen=True)
+class PipelineOptions:
+    batch_tokens: int = 8192  # tokens per forward chunk: bounds the attention/MLP intermediates
+    awq_search_tokens: int = 4096  # evenly spaced calibration tokens kept per Linear group for AWQ
+    awq_clip_tokens: int = 512  # of those, tokens used by the clip search (llm-awq uses 512)
+    awq_grid: int = 20
+    gptq_block_size: int = 128
+    device_activation_fraction: float = 0.5  # keep activations on the GPU if they fit in this share of free memory
+
+
+@dataclass
+class PipelineResult:
+    module_errors: list[ModuleError] = field(default_factory=list)
+    fallback_modules: list[str] = field(default_factory=list)
+
+
+class Activations:
+    """Hidden states `[samples, seq, hidden]` of every calibration window, processed in chunks of samples."""
+
+    def __init__(self, hidden: Tensor, device: torch.device, options: PipelineOptions) -> None:
+        self.device = device
+        self.rows_per_chunk = max(1, options.batch_tokens // hidden.shape[1])
+        self.hidden = hidden.to(self._home(hidden, device, options))
+
+    @staticmethod
+    def _home(hidden: Tensor, device: torch.device, options: PipelineOptions) -> torch.device:
+        if device.type != "cuda":
+            return device
+        free, _ = torch.cuda.mem_get_info(device)
+        fits = 2 * hidden.numel() * hidden.element_size() < options.device_activation_fraction * free
+        return device if fits else torch.device("cpu")
+
+    def chunks(self) -> list[tuple[int, int]]:
+        n = self.hidden.shape[0]
+        return [(a, min(a + self.rows_per_chunk, n)) for a in range(0, n, self.rows_per_chunk)]
+
+    def forward(self, layer: nn.Module, position_embeddings: tuple[Tensor, Tensor], *, update: bool) -> None:
+        """Run `layer` over all windows; with `update`, its outputs replace the stored hidden states."""
+        for a, b in self.chunks():
+            out = run_decoder_layer(layer, self.hidden[a:b].to(self.device), position_embeddings)
+            if update:
+                self.hidden[a:b] = out.to(self.hidden.device)
+
+
+def _first_linears(arch: ArchitectureInfo) -> dict[str, tuple[str, ...]]:
+    """Each group's first Linear (whose input is the group's input) → the group."""
+    return {group[0]: group for group in arch.linear_groups}
+
+
+class _InputsCaptured(Exception):
+    """Raised by the last capture hook: the rest of the layer's forward is not needed."""
+
+
+def capture_inputs(
+    layer: nn.Module,
+    activations: Activations,
+    position_embeddings: tuple[Tensor, Tensor],
+    arch: ArchitectureInfo,
+    collect: Callable[[tuple[str, ...], Tensor], None],
+) -> None:
+    """Forward the layer over all windows, handing each Linear group's input `[tokens, in]` to `collect`.
+
+    The forward of each chunk stops once the last group's input is seen (saving its matmul, a quarter of
+    a Llama layer's work): only inputs are wanted here, the outputs come from the quantized layer later.
+    """
+    last = arch.linear_groups[-1]
+    handles = []
+    for name, group in _first_linears(arch).items():
+
+        def hook(_module: nn.Module, args: tuple[Tensor, ...], group: tuple[str, ...] = group) -> None:
+            collect(group, args[0].detach().reshape(-1, args[0].shape[-1]))
+            if group == last:
+                raise _InputsCaptured
+
+        handles.append(layer.get_submodule(name).register_forward_pre_hook(hook))
+    try:
+        for a, b in activations.chunks():
+            with contextlib.suppress(_InputsCaptured):
+                run_decoder_layer(layer, activations.hidden[a:b].to(activations.device), position_embeddings)
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+def output_error(reference: Tensor, quantized: Tensor, second_moment: Tensor) -> tuple[float, float]:
+    """(MSE of x·Wᵀ between the two weights, that MSE / mean square of x·referenceᵀ) with E[xxᵀ] given."""
+    ref = reference.to(torch.float32)
+    delta = quantized.to(torch.float32) - ref
+    sigma = second_moment.to(ref.device, torch.float32)
+    mse = float(((delta @ sigma) * delta).sum()) / ref.shape[0]
+    power = float(((ref @ sigma) * ref).sum()) / ref.shape[0]
+    return mse, (mse / power if power > 0 else 0.0)
+
+
+def _deployed(qt: QuantizedTensor, model: LayerwiseModel, device: torch.device) -> Tensor:
+    """The weight a runtime computes with: dequantized in the model dtype, then in the compute dtype."""
+    return qt.dequantize(model.model_dtype).to(device, model.compute_dtype)
+
+
+def _linear(layer: nn.Module, name: str) -> nn.Linear:
+    module = layer.get_submodule(name)
+    assert isinstance(module, nn.Linear), f"{name} is not a Linear"
+    return module
+
+
+def _solve_rtn(layer: nn.Module, arch: ArchitectureInfo, spec: JobSpec, dtype: torch.dtype) -> dict[str, QuantizedTensor]:
+    return {name: rtn_quantize(_linear(layer, name).weight, spec.scheme, scale_dtype=dtype) for name in arch.linears}
+
+
+def _hessians(
+    layer: nn.Module, activations: Activations, pos: tuple[Tensor, Tensor], arch: ArchitectureInfo
+) -> dict[tuple[str, ...], Tensor]:
+    """H = 2/n Σ xᵀx per Linear group, from one forward of the (not yet quantized) layer."""
+    accumulators = {
+        group: HessianAccumulator(_linear(layer, group[0]).in_features, activations.device) for group in arch.linear_groups
+    }
+    capture_inputs(layer, activations, pos, arch, lambda group, x: accumulators[group].add(x))
+    return {group: acc.hessian for group, acc in accumulators.items()}
+
+
+class LayerQuantizer:
+    """Solves one decoder layer with the job's method; records errors and RTN fallbacks."""
+
+    def __init__(self, model: LayerwiseModel, spec: JobSpec, options: PipelineOptions, result: PipelineResult) -> None:
+        self.model, self.spec, self.options, self.result = model, spec, options, result
+        self.arch = model.arch
+
+    def _record(self, index: int, name: str, mse: float, relative: float, fallback: bool = False, note: str | None = None) -> None:
+        self.result.module_errors.append(ModuleError(index, name, mse, relative, fallback, note))
+        if fallback:
+            self.result.fallback_modules.append(f"layers.{index}.{name}: {note}")
+
+    def solve(
+        self,
+        index: int,
+        layer: nn.Module,
+        activations: Activations | None,
+        pos: tuple[Tensor, Tensor] | None,
+        on_progress: ProgressCallback,
+    ) -> dict[str, QuantizedTensor]:
+        method = self.spec.method
+        if activations is None or pos is None:
+            return _solve_rtn(layer, self.arch, self.spec, self.model.model_dtype)
+        if method is Method.AWQ:
+            return self._solve_awq(index, layer, activations, pos, on_progress)
+        hessians = _hessians(layer, activations, pos, self.arch)
+        solved: dict[str, QuantizedTensor] = {}
+        dtype = self.model.model_dtype
+        for group, hessian in hessians.items():
+            on_progress(Progress("quantize", index, self.model.num_layers, ", ".join(group)))
+            weights = [_linear(layer, name).weight for name in group]
+            if method is Method.GPTQ:  # one factored inverse Hessian serves the whole group
+                results = gptq_quantize_shared(
+                    weights, hessian, self.spec.scheme, dampening=self.spec.dampening,
+                    block_size=self.options.gptq_block_size, act_order=self.spec.act_order, scale_dtype=dtype,
+                )
+                outcomes = [(r.quantized, r.fell_back_to_rtn, r.note) for r in results]
+            else:
+                outcomes = [(rtn_quantize(w, self.spec.scheme, scale_dtype=dtype), False, None) for w in weights]
+            for name, weight, (qt, fallback, note) in zip(group, weights, outcomes, strict=True):
+                mse, rel = output_error(weight, _deployed(qt, self.model, weight.device), hessian / 2)
+                self._record(index, name, mse, rel, fallback, note)
+                solved[name] = qt
+        return solved
+
+    def _solve_awq(
+        self, index: int, layer: nn.Module, activations: Activations, pos: tuple[Tensor, Tensor], on_progress: ProgressCallback
+    ) -> dict[str, QuantizedTensor]:
+        """Scale search per mapping (folding 1/s into the previous op), then clip search and RTN per Linear."""
+        total_tokens = activations.hidden.shape[0] * activations.hidden.shape[1]
+        stride = -(-total_tokens // self.options.awq_search_tokens)  # ceil: at most awq_search_tokens kept
+        samples: dict[tuple[str, ...], list[Tensor]] = {group: [] for group in self.arch.linear_groups}
+        seen = dict.fromkeys(self.arch.linear_groups, 0)
+
+        def collect(group: tuple[str, ...], x: Tensor) -> None:
+            """Every stride-th token of the whole calibration stream, across chunk boundaries."""
+            samples[group].append(x[(-seen[group]) % stride :: stride].to(torch.float32))
+            seen[group] += x.shape[0]
+
+        capture_inputs(layer, activations, pos, self.arch, collect)
+        inputs = {group: torch.cat(parts) for group, parts in samples.items()}
+
+        row_scale: dict[str, Tensor] = {}  # Linears whose output rows were divided by AWQ scales
+        for mapping in self.arch.awq_mappings:
+            linears = [_linear(layer, name) for name in mapping.linears]
+            prev = layer.get_submodule(mapping.prev)
+            if isinstance(prev, nn.Linear) and prev.out_features != linears[0].in_features:
+                continue  # e.g. v_proj → o_proj under grouped-query attention: shapes do not line up
+            on_progress(Progress("quantize", index, self.model.num_layers, mapping.prev, "awq scale search"))
+            x = inputs[self.arch.group_of(mapping.linears[0])]
+            scales, _alpha, _loss = search_scales(x, [lin.weight for lin in linears], self.spec.scheme, grid=self.options.awq_grid)
+            _fold_scales(prev, scales)
+            for lin in linears:
+                lin.weight.mul_(scales.to(lin.weight.dtype))
+            x.div_(scales)
+            if isinstance(prev, nn.Linear):
+                row_scale[mapping.prev] = row_scale.get(mapping.prev, torch.ones_like(scales)) * scales
+
+        solved: dict[str, QuantizedTensor] = {}
+        for name in self.arch.linears:
+            on_progress(Progress("quantize", index, self.model.num_layers, name))
+            weight = _linear(layer, name).weight
+            x = inputs[self.arch.group_of(name)]
+            clip = search_clip(x, weight, self.spec.scheme, grid=self.options.awq_grid, max_tokens=self.options.awq_clip_tokens)
+            qt = rtn_quantize(apply_clip(weight, clip), self.spec.scheme, scale_dtype=self.model.model_dtype)
+            # Errors in the module's original output coordinates: undo any division of its output rows.
+            rows = row_scale.get(name, torch.ones(weight.shape[0], device=x.device)).unsqueeze(1)
+            reference = weight.to(torch.float32) * rows
+            quantized = _deployed(qt, self.model, x.device).to(torch.float32) * rows
+            mse, rel = output_error(reference, quantized, x.T @ x / x.shape[0])
+            self._record(index, name, mse, rel)
+            solved[name] = qt
+        return solved
+
+
+def _fold_scales(prev: nn.Module, scales: Tensor) -> None:
+    """Divide the output of `prev` (a norm's weight/bias or a Linear's output rows) by `scales`."""
+    weight = getattr(prev, "weight", None)
+    if not isinstance(weight, Tensor):
+        raise TypeError(f"cannot fold AWQ scales into {type(prev).__name__}: it has no weight")
+    s = scales.to(weight.device, weight.dtype)
+    if isinstance(prev, nn.Linear):
+        weight.div_(s.unsqueeze(1))
+    else:
+        weight.div_(s)
+    bias = getattr(prev, "bias", None)
+    if isinstance(bias, Tensor):
+        bias.div_(s)
+
+
+def _write_dense(sinks: Sequence[CheckpointSink], prefix: str, tensors: dict[str, Tensor], dtype: torch.dtype) -> None:
+    for name, tensor in tensors.items():
+        for sink in sinks:
+            sink.add_dense(prefix + name, tensor.detach().to("cpu", dtype))
+
+
+def quantize_model(
+    model: LayerwiseModel,
+    weights: WeightSource,
+    spec: JobSpec,
+    sinks: Sequence[CheckpointSink],
+    calibration: Tensor | None = None,
+    *,
+    on_progress: ProgressCallback = no_progress,
+    should_cancel: CancelCheck = never_cancel,
+    options: PipelineOptions | None = None,
+) -> PipelineResult:
+    """Quantize every decoder layer in order and hand all tensors of the new checkpoint to `sinks`.
+
+    `calibration` is token ids `[samples, seq_len]`; required for GPTQ and AWQ, optional for RTN (with it,
+    RTN also reports per-module errors). Raises JobCancelled at a layer boundary when `should_cancel()`.
+    """
+    options = options or PipelineOptions()
+    arch, num_layers, dtype = model.arch, model.num_layers, model.model_dtype
+    if spec.method is not Method.RTN and calibration is None:
+        raise ValueError(f"method {spec.method.value} needs calibration tokens")
+    result = PipelineResult()
+    cpu = torch.device("cpu")
+
+    for piece in (arch.embed_tokens, arch.final_norm, arch.lm_head):
+        _write_dense(sinks, f"{piece}.", weights.tensors(f"{piece}.", cpu), dtype)
+
+    activations: Activations | None = None
+    pos: tuple[Tensor, Tensor] | None = None
+    if calibration is not None:
+        on_progress(Progress("calibrate", 0, num_layers, message=f"embedding {calibration.shape[0]} windows"))
+        activations = Activations(model.embed(calibration, weights), model.device, options)
+        pos = model.position_embeddings(calibration.shape[1])
+
+    quantizer = LayerQuantizer(model, spec, options, result)
+    with torch.no_grad():
+        for index in range(num_layers):
+            if should_cancel():
+                raise JobCancelled(f"cancelled before decoder layer {index} of {num_layers}")
+            on_progress(Progress("quantize", index, num_layers))
+            layer = model.decoder_layer(index, weights)
+            solved = quantizer.solve(index, layer, activations, pos, on_progress)
+            for name, qt in solved.items():
+                linear = _linear(layer, name)
+                linear.weight.data = _deployed(qt, model, linear.weight.device)
+            if activations is not None and pos is not None:
+                activations.forward(layer, pos, update=True)
+            prefix = arch.layer_prefix(index)
+            quantized_names = {f"{name}.weight" for name in solved}
+            dense = {n: t for n, t in layer.state_dict().items() if n not in quantized_names}
+            _write_dense(sinks, prefix, dense, dtype)
+            for name, qt in solved.items():
+                for sink in sinks:
+                    sink.add_quantized(prefix + name, qt)
+            del layer, solved
+            release_host_memory()
+    return result

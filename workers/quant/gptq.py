@@ -1,0 +1,338 @@
+"""GPTQ (Frantar et al. 2022): quantize one Linear column by column, pushing each column's rounding error
+onto the columns not yet quantized, weighted by the inverse Hessian of the layer's inputs.
+
+The sweep follows IST-DASLab's gptq.py (blocks of columns with lazy batch updates, the upper Cholesky factor
+of H⁻¹ as the update matrix) but keeps no state: the Hessian is accumulated by `HessianAccumulator`
+and `gptq_quantize` is a pure function of (weight, Hessian, scheme).
+
+Two implementations of the column sweep give bit-identical results:
+* `reference`: the plain PyTorch loop below (about 17 tiny kernels per column; the CPU path and the
+  definition of the result);
+* `triton`: `workers.quant.gptq_triton`, one fused kernel per block of columns (CUDA only, without
+  act_order), launch-bound no more.
+`kernel="auto"` picks the fused one wherever it runs. Modules that share one input (q/k/v, gate/up) share
+one Hessian, hence one inverse: `gptq_quantize_shared` factors it once for all of them.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib.util
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+from torch import Tensor
+
+from workers.errors import InputError
+from workers.quant.grid import QuantizedTensor, compute_qparams, quantize_values
+from workers.quant.rtn import check_weight, rtn_quantize
+from workers.spec import QuantScheme
+
+DAMPENING_RETRIES = 3  # on Cholesky failure try λ·10, λ·100, λ·1000 before falling back to RTN
+
+SweepKernel = Literal["auto", "reference", "triton"]
+HessianPrecision = Literal["auto", "fp32", "half-operands"]
+HALF_DTYPES = (torch.bfloat16, torch.float16)
+
+
+class HessianAccumulator:
+    """Running H = 2/n Σ xᵀx over all rows (tokens) seen, in float32.
+
+    Two numerics (`precision`):
+    * "fp32" (IST-DASLab / llm-compressor): rows in float32, the running mean rescaled before each batch
+      (H ← H·n/(n+m) + 2/(n+m)·XᵀX) so the magnitude stays that of one sample; the scaled operands are no
+      longer bf16, so this needs full float32 GEMMs (51 TFLOP/s on an H100, TF32 off).
+    * "half-operands": bf16/fp16 rows go into the GEMM as they are, accumulating S = Σ xᵀx in float32, and
+      H = 2/n · S is formed on read. A product of two bf16 (or fp16) numbers is exact in float32, so the
+      only difference from "fp32" is the order of the float32 additions; on CUDA this is a tensor-core GEMM
+      (~15× faster). Float32 rows (the CPU path) are accumulated with float32 products, also unscaled.
+    * "auto": "half-operands" for half-precision rows on CUDA, "fp32" otherwise (chosen from the measured
+      Δppl and packed-weight mismatch rate in benchmarks/gpu.md).
+    The mode is fixed by the first non-empty batch.
+    """
+
+    def __init__(
+        self, in_features: int, device: str | torch.device = "cpu", *, precision: HessianPrecision = "auto"
+    ) -> None:
+        if precision not in ("auto", "fp32", "half-operands"):
+            raise ValueError(f"precision={precision!r}: choose 'auto', 'fp32' or 'half-operands'")
+        self.in_features = in_features
+        self.precision = precision
+        self._h = torch.zeros(in_features, in_features, dtype=torch.float32, device=device)
+        self._mode: Literal["fp32", "half-operands"] | None = None
+        self._scaled: Tensor | None = None  # 2/n · S, cached until the next batch (half-operands mode)
+        self.num_samples = 0
+
+    def _resolve(self, rows: Tensor) -> Literal["fp32", "half-operands"]:
+        if self.precision != "auto":
+            return self.precision
+        half_on_cuda = rows.dtype in HALF_DTYPES and self._h.device.type == "cuda"
+        return "half-operands" if half_on_cuda else "fp32"
+
+    def add(self, x: Tensor) -> None:
+        """Add a batch of inputs `[..., in_features]` (e.g. `[batch, seq, in]`); every row is one sample."""
+        if x.shape[-1] != self.in_features:
+            raise ValueError(f"input has {x.shape[-1]} features, the Hessian expects {self.in_features}")
+        rows = x.detach().reshape(-1, self.in_features).to(self._h.device)
+        if rows.shape[0] == 0:
+            return
+        self._mode = self._mode or self._resolve(rows)
+        total = self.num_samples + rows.shape[0]
+        if self._mode == "fp32":
+            rows = rows.to(torch.float32)
+            self._h.mul_(self.num_samples / total)
+            rows = rows * math.sqrt(2.0 / total)
+            self._h.addmm_(rows.T, rows)
+        else:
+            _add_gram(self._h, rows)
+            self._scaled = None
+        self.num_samples = total
+
+    @property
+    def hessian(self) -> Tensor:
+        if self._mode != "half-operands":
+            return self._h
+        if self._scaled is None:
+            self._scaled = self._h * (2.0 / max(self.num_samples, 1))
+        return self._scaled
+
+
+def _add_gram(total: Tensor, rows: Tensor) -> None:
+    """total += rowsᵀ·rows in float32 without rounding the operands (bf16/fp16 products are exact)."""
+    if rows.dtype in HALF_DTYPES and rows.is_cuda:
+        total.add_(torch.mm(rows.T, rows, out_dtype=torch.float32))  # type: ignore[call-overload]
+    else:  # CPU has no mixed-dtype GEMM; an exact upcast gives the same products
+        wide = rows.to(torch.float32)
+        total.addmm_(wide.T, wide)
+
+
+@dataclass
+class GPTQResult:
+    quantized: QuantizedTensor
+    loss: float  # GPTQ's objective Σ (w - q)² / (2·[H⁻¹]ᵢᵢ²) over all columns; NaN after an RTN fallback
+    dampening: float  # the relative dampening that made H positive definite (the requested one if no retry)
+    fell_back_to_rtn: bool
+    note: str | None
+
+
+@dataclass
+class PreparedHessian:
+    """What the sweep needs from one Hessian; shared by every module that reads the same input."""
+
+    hinv: Tensor | None  # upper Cholesky factor of the damped H⁻¹ (in sweep order); None if all retries failed
+    perm: Tensor | None  # sweep order of the columns (act_order), None for the natural order
+    dead: Tensor  # bool [in]: inputs that were always zero
+    dampening: float  # the dampening that worked (or the last one tried)
+    requested_dampening: float
+
+
+def _upper_cholesky_of_inverse(h: Tensor, dampening: float) -> tuple[Tensor | None, float]:
+    """Upper Cholesky factor of (H + λ·mean(diag H)·I)⁻¹, raising λ ×10 on failure; (None, λ) if all fail."""
+    mean_diag = h.diagonal().mean()
+    damp = dampening
+    for _ in range(DAMPENING_RETRIES + 1):
+        damped = h.clone()
+        damped.diagonal().add_(damp * mean_diag)
+        lower, info = torch.linalg.cholesky_ex(damped)
+        if int(info) == 0 and bool(torch.isfinite(lower).all()):
+            upper, info = torch.linalg.cholesky_ex(torch.cholesky_inverse(lower), upper=True)
+            if int(info) == 0 and bool(torch.isfinite(upper).all()):
+                return upper, damp
+        damp *= 10
+    return None, damp / 10
+
+
+def prepare_hessian(
+    hessian: Tensor, *, dampening: float = 0.01, act_order: bool = False, device: torch.device | None = None
+) -> PreparedHessian:
+    """Dead inputs, sweep order and the damped inverse factor of `hessian` `[in, in]` (not modified)."""
+    if hessian.ndim != 2 or hessian.shape[0] != hessian.shape[1]:
+        raise ValueError(f"the Hessian must be a square [in, in] matrix, got shape {tuple(hessian.shape)}")
+    h = hessian.detach().to(device or hessian.device, torch.float32).clone()
+    dead = h.diagonal() == 0  # inputs that were always zero: any value works, so make them exact zeros
+    h.diagonal()[dead] = 1.0
+    perm = torch.argsort(h.diagonal(), descending=True) if act_order else None
+    hinv, damp = _upper_cholesky_of_inverse(h[perm][:, perm] if perm is not None else h, dampening)
+    return PreparedHessian(hinv, perm, dead, damp, dampening)
+
+
+def gptq_quantize(
+    weight: Tensor,
+    hessian: Tensor,
+    scheme: QuantScheme,
+    *,
+    dampening: float = 0.01,
+    block_size: int = 128,
+    act_order: bool = False,
+    scale_dtype: torch.dtype | None = None,
+    kernel: SweepKernel = "auto",
+) -> GPTQResult:
+    """Quantize `weight` `[out, in]` given the Hessian `[in, in]` of its inputs (not modified).
+
+    Without act_order the scale/zero of each group are computed at the group's first column from the
+    error-updated weights (original GPTQ). With act_order columns are visited by descending diag(H), with
+    group parameters fixed beforehand from the original weight groups ("static" actorder), so the result
+    keeps the plain layout g_idx = j // group. The result is always in the original column order. A Hessian
+    that stays indefinite after raising the dampening gives an RTN result with `fell_back_to_rtn=True`.
+    `scale_dtype` as in `rtn_quantize` (default: the weight's dtype). Math is float32 on the weight's device.
+    `kernel` picks the sweep implementation (see the module docstring); all give the same integers.
+    """
+    check_weight(weight, scheme)
+    n = weight.shape[1]
+    if hessian.shape != (n, n):
+        raise ValueError(f"Hessian shape {tuple(hessian.shape)} does not match weight input size {n}")
+    if block_size < 1:
+        raise ValueError(f"block_size={block_size} must be positive")
+    prepared = prepare_hessian(hessian, dampening=dampening, act_order=act_order, device=weight.device)
+    return gptq_solve(weight, prepared, scheme, block_size=block_size, scale_dtype=scale_dtype, kernel=kernel)
+
+
+def gptq_quantize_shared(
+    weights: Sequence[Tensor],
+    hessian: Tensor,
+    scheme: QuantScheme,
+    *,
+    dampening: float = 0.01,
+    block_size: int = 128,
+    act_order: bool = False,
+    scale_dtype: torch.dtype | None = None,
+    kernel: SweepKernel = "auto",
+) -> list[GPTQResult]:
+    """`gptq_quantize` for several weights that read the same input (q/k/v, gate/up): one inverse for all.
+
+    Each result equals `gptq_quantize(weight, hessian, ...)` exactly; rows of different modules never mix.
+    """
+    if not weights:
+        return []
+    n = weights[0].shape[-1]
+    for weight in weights:
+        check_weight(weight, scheme)
+        if weight.shape[1] != n or hessian.shape != (n, n):
+            raise ValueError(
+                f"Hessian shape {tuple(hessian.shape)} does not match weight input size {weight.shape[1]}"
+            )
+    if block_size < 1:
+        raise ValueError(f"block_size={block_size} must be positive")
+    prepared = prepare_hessian(hessian, dampening=dampening, act_order=act_order, device=weights[0].device)
+    return [
+        gptq_solve(w, prepared, scheme, block_size=block_size, scale_dtype=scale_dtype, kernel=kernel)
+        for w in weights
+    ]
+
+
+def gptq_solve(
+    weight: Tensor,
+    prepared: PreparedHessian,
+    scheme: QuantScheme,
+    *,
+    block_size: int = 128,
+    scale_dtype: torch.dtype | None = None,
+    kernel: SweepKernel = "auto",
+) -> GPTQResult:
+    """The sweep of one weight against an already factored Hessian (`prepare_hessian`)."""
+    check_weight(weight, scheme)
+    n = weight.shape[1]
+    scale_dtype = scale_dtype or weight.dtype
+    w = weight.detach().to(torch.float32).clone()
+    if not bool(torch.isfinite(w).all()):
+        raise InputError("the weight has non-finite values (inf or NaN); quantization needs finite weights")
+    if prepared.dead.shape != (n,):
+        raise ValueError(f"the prepared Hessian is for {prepared.dead.shape[0]} inputs, the weight has {n}")
+    w[:, prepared.dead.to(w.device)] = 0.0
+
+    if prepared.hinv is None:
+        note = f"Cholesky of the Hessian failed up to dampening {prepared.dampening:g}; quantized with RTN instead"
+        fallback = rtn_quantize(w, scheme, scale_dtype=scale_dtype)
+        return GPTQResult(fallback, math.nan, prepared.dampening, fell_back_to_rtn=True, note=note)
+
+    hinv = prepared.hinv.to(w.device)
+    perm = prepared.perm.to(w.device) if prepared.perm is not None else None
+    group = n if scheme.group_size == -1 else scheme.group_size
+    block_size = math.ceil(block_size / group) * group if group < n else block_size
+    # Static parameters from the original weight: per channel always, per group only with act_order
+    # (the sweep then visits a group's columns out of order); otherwise replaced at each group start.
+    scale, zero = compute_qparams(w, scheme, scale_dtype=scale_dtype)
+
+    if kernel not in ("auto", "reference", "triton"):
+        raise ValueError(f"kernel={kernel!r}: choose 'auto', 'reference' or 'triton'")
+    if kernel == "triton" and perm is not None:
+        raise ValueError("the triton sweep does not support act_order; use kernel='reference' or 'auto'")
+    if kernel == "triton" and not triton_available():
+        raise ValueError("kernel='triton' needs Triton (pip install triton); use kernel='reference' or 'auto'")
+    if kernel == "triton" or (kernel == "auto" and _triton_applies(w, perm)):
+        from workers.quant.gptq_triton import triton_sweep
+
+        q, losses = triton_sweep(w, hinv, scale, zero, scheme, block_size=block_size, scale_dtype=scale_dtype)
+    else:
+        q, losses = _reference_sweep(w, hinv, perm, scale, zero, scheme, block_size, scale_dtype)
+
+    result = QuantizedTensor(q, scale, zero, scheme)
+    damp = prepared.dampening
+    raised = f"dampening raised to {damp:g} for a positive-definite Hessian" if damp != prepared.requested_dampening else None
+    return GPTQResult(result, float(losses.sum()), damp, fell_back_to_rtn=False, note=raised)
+
+
+@functools.cache
+def triton_available() -> bool:
+    """True where Triton is installed (the GPU images have it; the CPU CI need not)."""
+    return importlib.util.find_spec("triton") is not None
+
+
+def _triton_applies(w: Tensor, perm: Tensor | None) -> bool:
+    return w.is_cuda and perm is None and triton_available()
+
+
+def _reference_sweep(
+    w: Tensor,
+    hinv: Tensor,
+    perm: Tensor | None,
+    scale: Tensor,
+    zero: Tensor | None,
+    scheme: QuantScheme,
+    block_size: int,
+    scale_dtype: torch.dtype,
+) -> tuple[Tensor, Tensor]:
+    """The column loop in plain PyTorch; fills `scale`/`zero` in place, returns (codes, per-row losses)."""
+    out, n = w.shape
+    act_order = perm is not None
+    group = n if scheme.group_size == -1 else scheme.group_size
+    w = w[:, perm] if perm is not None else w
+    order = perm if perm is not None else torch.arange(n, device=w.device)
+    group_of_col = (order // group).tolist()  # group (in the original layout) of each column in sweep order
+
+    q = torch.zeros(out, n, dtype=torch.int8, device=w.device)
+    losses = torch.zeros(out, dtype=torch.float32, device=w.device)
+    for b1 in range(0, n, block_size):
+        b2 = min(b1 + block_size, n)
+        w_block = w[:, b1:b2].clone()
+        err_block = torch.zeros_like(w_block)
+        hinv_block = hinv[b1:b2, b1:b2]
+        for i in range(b2 - b1):
+            col = b1 + i
+            g = group_of_col[col]
+            if not act_order and group < n and col % group == 0:
+                # the whole group lies in this block (block_size is a multiple of group): up to date
+                g_scale, g_zero = compute_qparams(w_block[:, i : i + group], scheme, scale_dtype=scale_dtype)
+                scale[:, g : g + 1] = g_scale
+                if zero is not None and g_zero is not None:
+                    zero[:, g : g + 1] = g_zero
+            g_scale = scale[:, g : g + 1]
+            g_zero = zero[:, g : g + 1] if zero is not None else None
+            column = w_block[:, i : i + 1]
+            q_col = quantize_values(column, g_scale, g_zero, scheme)
+            shift = g_zero.to(torch.float32) if g_zero is not None else 0.0
+            dq_col = (q_col.to(torch.float32) - shift) * g_scale
+            q[:, col] = q_col[:, 0]
+            d = hinv_block[i, i]
+            err = (column - dq_col)[:, 0] / d
+            losses += err.square() / 2
+            w_block[:, i:] -= err.unsqueeze(1) @ hinv_block[i : i + 1, i:]
+            err_block[:, i] = err
+        w[:, b2:] -= err_block @ hinv[b1:b2, b2:]
+
+    if perm is not None:
+        q = q[:, torch.argsort(perm)]
+    return q, losses

@@ -1,0 +1,146 @@
+"""The integer weight grid every method and format shares.
+
+A weight matrix `[out, in]` is cut into groups of `group_size` consecutive input columns (group_size -1:
+one group spanning the whole row, i.e. one scale per output channel). Each (row, group) gets a float scale
+and, for asymmetric grids, an integer zero point. Integers live in the *signed* domain
+`[-2^(b-1), 2^(b-1) - 1]`, exactly like compressed-tensors, and
+
+    value = (q - zero_point) * scale            (zero_point = 0 when symmetric)
+
+Grid convention (the scale choice is ours; the dequantization rule above is the format's):
+
+* symmetric:  scale = max|w| / (2^(b-1) - 1), q = clamp(round(w / scale)). ±max|w| land exactly on
+  ±(2^(b-1) - 1), so nothing is clipped; the level -2^(b-1) stays unused. (compressed-tensors' own
+  observer divides by (2^b - 1) / 2 instead, which clips +max slightly; both dequantize with the same rule,
+  since the scale is stored.)
+* asymmetric: the range is widened to include 0 (so 0 is exactly representable, as compressed-tensors and
+  GPTQ require), scale = (max - min) / (2^b - 1), zero_point = clamp(round(-2^(b-1) - min / scale)),
+  q = clamp(round(w / scale + zero_point)). This is `calculate_qparams` of compressed-tensors 0.20.
+
+Scales are rounded to `scale_dtype` (the dtype the checkpoint stores them in, usually the model dtype)
+*before* the integers are computed, so a written checkpoint dequantizes to exactly
+`QuantizedTensor.dequantize()`. A scale is never 0: an all-zero group gets the smallest normal number of
+that dtype, which still maps every weight of the group to q = 0 (or to the zero point).
+Rounding is round-half-to-even (`torch.round`), as in compressed-tensors.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from workers.errors import InputError, InvalidSpecError
+from workers.spec import QuantScheme
+
+
+def qrange(bits: int) -> tuple[int, int]:
+    """Signed integer range of a `bits`-bit grid, e.g. (-8, 7) for 4 bits."""
+    return -(2 ** (bits - 1)), 2 ** (bits - 1) - 1
+
+
+def num_groups(in_features: int, scheme: QuantScheme) -> int:
+    return 1 if scheme.group_size == -1 else in_features // scheme.group_size
+
+
+def check_group_size(module: str, in_features: int, scheme: QuantScheme) -> None:
+    """Groups must tile the input dimension exactly; formats and kernels have no partial groups."""
+    if scheme.group_size != -1 and in_features % scheme.group_size != 0:
+        raise InvalidSpecError(
+            f"group_size {scheme.group_size} does not divide in_features {in_features} of {module}; "
+            "choose a group size that divides every quantized layer's input size (or -1 for per-channel)"
+        )
+
+
+def _expand_groups(params: Tensor, in_features: int) -> Tensor:
+    """[out, n_groups] → [out, in]: each group's parameter repeated over its columns."""
+    return params.repeat_interleave(in_features // params.shape[1], dim=1)
+
+
+@dataclass
+class QuantizedTensor:
+    """A quantized `[out, in]` weight: signed integers plus per-(row, group) scale and zero point."""
+
+    q: Tensor  # int8 [out, in], signed domain
+    scale: Tensor  # float32 [out, n_groups]
+    zero_point: Tensor | None  # int8 [out, n_groups], signed domain; None when symmetric
+    scheme: QuantScheme
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return (int(self.q.shape[0]), int(self.q.shape[1]))
+
+    def dequantize(self, dtype: torch.dtype = torch.float32) -> Tensor:
+        """Dense weight `[out, in]`: (q - zero_point) * scale[:, j // group], computed in float32."""
+        in_features = self.q.shape[1]
+        values = self.q.to(torch.float32)
+        if self.zero_point is not None:
+            values = values - _expand_groups(self.zero_point.to(torch.float32), in_features)
+        return (values * _expand_groups(self.scale.to(torch.float32), in_features)).to(dtype)
+
+
+def _round_scale(scale: Tensor, scale_dtype: torch.dtype | None) -> Tensor:
+    """Round scales to the storage dtype and keep them strictly positive (see module docstring)."""
+    dtype = scale_dtype if scale_dtype is not None and scale_dtype.is_floating_point else torch.float32
+    info = torch.finfo(dtype)
+    if not bool(torch.isfinite(scale).all()):
+        raise InputError("the weight has non-finite values (inf or NaN); quantization needs finite weights")
+    if bool((scale > info.max).any()):
+        raise InputError(
+            f"a quantization scale exceeds the largest {dtype} value {info.max:g}; the weight is too large"
+        )
+    rounded = scale.to(dtype).to(torch.float32)
+    return torch.where(rounded == 0, torch.full_like(rounded, info.smallest_normal), rounded)
+
+
+def compute_qparams(
+    w: Tensor,
+    scheme: QuantScheme,
+    *,
+    max_val: Tensor | None = None,
+    min_val: Tensor | None = None,
+    scale_dtype: torch.dtype | None = None,
+) -> tuple[Tensor, Tensor | None]:
+    """Scale (float32 `[out, n_groups]`) and zero point (int8 or None) for the groups of `w` `[out, k]`.
+
+    `w` may be a whole weight (k = in_features, n_groups = k / group_size, or 1 for group_size -1) or a
+    single group (k = group_size → n_groups 1). `max_val` / `min_val` `[out, n_groups]` replace the observed
+    per-group extremes; AWQ's clip search uses them to quantize with a shrunk range.
+    """
+    w = w.to(torch.float32)
+    out, k = w.shape
+    if scheme.group_size != -1 and (k % scheme.group_size != 0 or k == 0):
+        raise InvalidSpecError(f"group_size {scheme.group_size} does not divide the {k} columns given")
+    groups = num_groups(k, scheme)
+    grouped = w.reshape(out, groups, k // groups)
+    hi = grouped.amax(dim=2) if max_val is None else max_val.to(torch.float32).reshape(out, groups)
+    lo = grouped.amin(dim=2) if min_val is None else min_val.to(torch.float32).reshape(out, groups)
+    lo, hi = torch.clamp(lo, max=0.0), torch.clamp(hi, min=0.0)
+    qmin, qmax = qrange(scheme.bits)
+    if scheme.symmetric:
+        scale = _round_scale(torch.maximum(-lo, hi) / qmax, scale_dtype)
+        return scale, None
+    scale = _round_scale((hi - lo) / (qmax - qmin), scale_dtype)
+    zero_point = torch.clamp(torch.round(qmin - lo / scale), qmin, qmax).to(torch.int8)
+    return scale, zero_point
+
+
+def quantize_values(w: Tensor, scale: Tensor, zero_point: Tensor | None, scheme: QuantScheme) -> Tensor:
+    """Signed int8 codes of `w` `[out, k]` on the grid given by per-group `scale` / `zero_point`."""
+    k = w.shape[1]
+    scaled = w.to(torch.float32) / _expand_groups(scale.to(torch.float32), k)
+    if zero_point is not None:
+        scaled = scaled + _expand_groups(zero_point.to(torch.float32), k)
+    qmin, qmax = qrange(scheme.bits)
+    return torch.clamp(torch.round(scaled), qmin, qmax).to(torch.int8)
+
+
+def fake_quantize(
+    w: Tensor, scheme: QuantScheme, *, max_val: Tensor | None = None, min_val: Tensor | None = None
+) -> Tensor:
+    """Quantize then dequantize `w` with min-max groups (float32); the search loops of AWQ use this."""
+    scale, zero_point = compute_qparams(w, scheme, max_val=max_val, min_val=min_val)
+    return QuantizedTensor(
+        quantize_values(w, scale, zero_point, scheme), scale, zero_point, scheme
+    ).dequantize()

@@ -1,0 +1,146 @@
+"""Checks of a job against the model it names, cheap enough to run when the job is submitted.
+
+`check_against_model` reads config.json and the safetensors headers (never tensor data), so the service
+can answer a bad request with a 422 in milliseconds instead of failing an hour into a GPU job. Checks that
+need no model at all live in `JobSpec.validate`; checks that depend on the worker's hardware (is CUDA
+there?) happen in the engine, because the API host may have no GPU.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from workers.architectures import ArchitectureInfo, architecture_info
+from workers.errors import InputError, InvalidSpecError
+from workers.quant.grid import check_group_size
+from workers.spec import JobSpec
+from workers.tensor_source import TensorSource
+
+CONFIG_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
+DEVICE_PATTERN = re.compile(r"^(auto|cpu|cuda(:\d+)?)$")
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    """What the engine learned about the model before loading any weight."""
+
+    model_dir: Path
+    architecture: ArchitectureInfo
+    config: dict[str, Any]  # config.json as written
+    num_layers: int
+    dtype: torch.dtype  # the checkpoint's dtype: quantization scales are written in it
+    linear_shapes: dict[str, tuple[int, int]]  # "layers.3.mlp.down_proj" → (out_features, in_features)
+    tied_embeddings: bool  # lm_head reuses the embedding matrix (no lm_head.weight in the checkpoint)
+    weight_bytes: int
+    has_tokenizer: bool
+
+
+def read_config(model_dir: Path) -> dict[str, Any]:
+    path = model_dir / "config.json"
+    if not model_dir.is_dir():
+        raise InputError(f"model directory {model_dir} does not exist")
+    if not path.is_file():
+        raise InputError(f"{model_dir} has no config.json; expected a Hugging Face model directory")
+    try:
+        config = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise InputError(f"{path} is not valid JSON: {exc}") from exc
+    if not isinstance(config, dict):
+        raise InputError(f"{path} must hold a JSON object")
+    return config
+
+
+def config_dtype(config: dict[str, Any]) -> torch.dtype:
+    """The checkpoint dtype from config.json ("dtype" in transformers 5, "torch_dtype" before)."""
+    name = config.get("dtype") or config.get("torch_dtype") or "float32"
+    if name not in CONFIG_DTYPES:
+        raise InvalidSpecError(f"model dtype {name!r} is not supported; expected one of {sorted(CONFIG_DTYPES)}")
+    return CONFIG_DTYPES[name]
+
+
+def _check_text_file(path: str, role: str) -> None:
+    file = Path(path)
+    if not file.is_file():
+        raise InputError(f"{role} file {file} does not exist")
+    if file.stat().st_size == 0:
+        raise InputError(f"{role} file {file} is empty; give it some text")
+
+
+def _check_sliding_window(spec: JobSpec, config: dict[str, Any]) -> None:
+    """Layers run with a plain causal mask, which equals a sliding-window mask only inside the window."""
+    window = config.get("sliding_window")
+    if not window or config.get("use_sliding_window") is False:
+        return
+    for role, seq_len in (("calibration", spec.calibration.seq_len), ("eval", spec.eval.seq_len if spec.eval else 0)):
+        if seq_len > window:
+            raise InvalidSpecError(
+                f"{role} seq_len {seq_len} exceeds the model's sliding window {window}; use seq_len <= {window}"
+            )
+
+
+def _linear_shapes(
+    source: TensorSource, arch: ArchitectureInfo, num_layers: int
+) -> dict[str, tuple[int, int]]:
+    shapes: dict[str, tuple[int, int]] = {}
+    for layer in range(num_layers):
+        for linear in arch.linears:
+            name = f"{arch.layer_prefix(layer)}{linear}.weight"
+            if name not in source:
+                raise InputError(f"the checkpoint in {source.dir} lacks {name}; is it complete?")
+            shape = source.shape(name)
+            if len(shape) != 2:
+                raise InputError(f"{name} has shape {list(shape)}; expected a 2-D Linear weight")
+            shapes[f"layers.{layer}.{linear}"] = (shape[0], shape[1])
+    return shapes
+
+
+def check_against_model(spec: JobSpec) -> ModelInfo:
+    """Validate `spec` against its model directory and data files; raise a QuantFleetError saying what to fix."""
+    model_dir = Path(spec.model_dir)
+    config = read_config(model_dir)
+    arch = architecture_info(config.get("architectures"))
+    dtype = config_dtype(config)
+    num_layers = config.get("num_hidden_layers")
+    if not isinstance(num_layers, int) or num_layers < 1:
+        raise InputError(f"{model_dir}/config.json has no valid num_hidden_layers")
+    if not DEVICE_PATTERN.match(spec.device):
+        raise InvalidSpecError(f"device {spec.device!r} is not understood; use auto, cpu, cuda or cuda:N")
+    _check_sliding_window(spec, config)
+
+    source = TensorSource(model_dir, allow_pickle=spec.allow_pickle)
+    if f"{arch.embed_tokens}.weight" not in source:
+        raise InputError(f"the checkpoint in {model_dir} lacks {arch.embed_tokens}.weight")
+    tied = f"{arch.lm_head}.weight" not in source
+    if tied and config.get("tie_word_embeddings") is False:
+        raise InputError(f"the checkpoint in {model_dir} lacks {arch.lm_head}.weight and its embeddings are not tied")
+    shapes = _linear_shapes(source, arch, num_layers)
+    for module, (_, in_features) in shapes.items():
+        check_group_size(module, in_features, spec.scheme)
+
+    has_tokenizer = any((model_dir / name).is_file() for name in TOKENIZER_FILES)
+    needs_text = spec.calibration.path is not None or spec.eval is not None
+    if needs_text and not has_tokenizer:
+        raise InputError(f"{model_dir} has no tokenizer files ({', '.join(TOKENIZER_FILES)}); calibration and "
+                         "evaluation need one")
+    if spec.calibration.path is not None:
+        _check_text_file(spec.calibration.path, "calibration")
+    if spec.eval is not None:
+        _check_text_file(spec.eval.path, "evaluation")
+    return ModelInfo(
+        model_dir=model_dir,
+        architecture=arch,
+        config=config,
+        num_layers=num_layers,
+        dtype=dtype,
+        linear_shapes=shapes,
+        tied_embeddings=tied,
+        weight_bytes=source.total_bytes(),
+        has_tokenizer=has_tokenizer,
+    )
