@@ -26,6 +26,8 @@ EXAMPLE_JOB: dict[str, Any] = {
 }
 
 
+MAX_GPUS_PER_JOB = 16  # the engine's limit on JobSpec.devices
+
 FormatName = Literal["compressed-tensors", "gptq"]
 
 
@@ -112,6 +114,14 @@ class JobCreate(Strict):
     )
     act_order: bool = Field(
         default=False, description="GPTQ: quantize columns in order of decreasing activation"
+    )
+    gpus: int = Field(
+        default=1,
+        ge=1,
+        le=MAX_GPUS_PER_JOB,
+        description=f"GPUs for this one job (1..{MAX_GPUS_PER_JOB}); calibration is split across them "
+        "(data parallel). A job runs on one node, so a node must have that many GPUs. On a cluster "
+        "without GPUs only gpus=1 runs (on CPU); more fails the job with the reason.",
     )
     priority: int = Field(default=0, ge=-100, le=100, description="Higher runs first; ties run oldest first")
     labels: dict[str, str] = Field(

@@ -54,6 +54,7 @@ def engine_spec(spec: dict[str, Any], resolve: Resolver) -> JobSpec:
         formats=formats,
         dampening=spec.get("dampening", 0.01),
         act_order=spec.get("act_order", False),
+        devices=spec.get("gpus", 1),  # specs stored before the field existed asked for one
     )
     job.validate()
     return job

@@ -91,6 +91,7 @@ class JobSpec:
     act_order: bool = False
     allow_pickle: bool = False
     device: str = "auto"
+    devices: int = 1  # accelerators for this one job: calibration split across them (data parallel)
 
     def validate(self) -> None:
         """Checks that need no model; raises InvalidSpecError with a message that says what to fix."""
@@ -104,6 +105,8 @@ class JobSpec:
             raise InvalidSpecError("at least one output format is required")
         if OutputFormat.GPTQ in self.formats and self.scheme.bits not in (2, 4, 8):
             raise InvalidSpecError(f"the gptq output format supports bits 2, 4 and 8, not {self.scheme.bits}")
+        if not 1 <= self.devices <= 16:
+            raise InvalidSpecError(f"devices={self.devices} must be between 1 and 16 (GPUs given to this one job)")
         if not 0 < self.dampening < 1:
             raise InvalidSpecError(f"dampening={self.dampening} must be in (0, 1)")
 

@@ -120,3 +120,9 @@ def test_sequence_longer_than_a_sliding_window(make_spec: Callable[..., JobSpec]
         check_against_model(make_spec("gptq", model_dir=model))
     _edit_config(model, use_sliding_window=False)  # Qwen2 style: window configured but disabled
     check_against_model(make_spec("gptq", model_dir=model))
+
+
+@pytest.mark.parametrize("devices", [0, 17])
+def test_device_count_must_be_sensible(make_spec: Callable[..., JobSpec], devices: int) -> None:
+    with pytest.raises(InvalidSpecError, match=f"devices={devices} must be between 1 and 16"):
+        make_spec(devices=devices).validate()
