@@ -13,6 +13,7 @@ import json
 import sys
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -84,6 +85,20 @@ def _table(title: str, columns: list[str], rows: list[list[Any]]) -> None:
     for row in rows:
         table.add_row(*("" if v is None else str(v) for v in row))
     Console().print(table)
+
+
+Column = str | Callable[[dict[str, Any]], Any]  # a field name, or a function of the item
+
+
+def _listing(
+    as_json: bool, raw: Any, items: list[dict[str, Any]], title: str, columns: dict[str, Column]
+) -> None:
+    """A list command's output: `raw` as JSON, or a table of `items`, one cell per column."""
+    if as_json:
+        _print_json(raw)
+        return
+    rows = [[item.get(c) if isinstance(c, str) else c(item) for c in columns.values()] for item in items]
+    _table(title, list(columns), rows)
 
 
 def _stderr() -> Any:
@@ -182,22 +197,21 @@ def cmd_jobs(args: argparse.Namespace) -> int:
         if args.jobs_command == "list":
             labels = dict(item.partition("=")[::2] for item in args.label or [])
             page = client.list_jobs(states=args.state, labels=labels, limit=args.limit)
-            if args.json:
-                _print_json(page)
-            else:
-                rows = [
-                    [
-                        j["id"],
-                        j["state"],
-                        j["spec"].get("method"),
-                        j["spec"].get("bits"),
-                        j["spec"].get("group_size"),
-                        (j.get("progress") or {}).get("summary"),
-                        j["created_at"],
-                    ]
-                    for j in page["jobs"]
-                ]
-                _table("jobs", ["id", "state", "method", "bits", "group", "progress", "created"], rows)
+            _listing(
+                args.json,
+                page,
+                page["jobs"],
+                "jobs",
+                {
+                    "id": "id",
+                    "state": "state",
+                    "method": lambda j: j["spec"].get("method"),
+                    "bits": lambda j: j["spec"].get("bits"),
+                    "group": lambda j: j["spec"].get("group_size"),
+                    "progress": lambda j: (j.get("progress") or {}).get("summary"),
+                    "created": "created_at",
+                },
+            )
         elif args.jobs_command == "show":
             _print_json(client.get_job(args.job_id))
         elif args.jobs_command == "cancel":
@@ -228,25 +242,22 @@ def cmd_schedules(args: argparse.Namespace) -> int:
         command = args.schedules_command
         if command == "list":
             schedules = client.list_schedules()
-            if args.json:
-                _print_json(schedules)
-            else:
-                rows = [
-                    [
-                        s["id"],
-                        s["name"],
-                        s["cron"],
-                        s["tz"],
-                        s["missed_fire_policy"],
-                        "paused" if s["paused"] else "active",
-                        s["next_fire_at"],
-                        s["jobs_per_fire"],
-                    ]
-                    for s in schedules
-                ]
-                _table(
-                    "schedules", ["id", "name", "cron", "tz", "missed", "status", "next fire", "jobs"], rows
-                )
+            _listing(
+                args.json,
+                schedules,
+                schedules,
+                "schedules",
+                {
+                    "id": "id",
+                    "name": "name",
+                    "cron": "cron",
+                    "tz": "tz",
+                    "missed": "missed_fire_policy",
+                    "status": lambda s: "paused" if s["paused"] else "active",
+                    "next fire": "next_fire_at",
+                    "jobs": "jobs_per_fire",
+                },
+            )
         elif command == "create":
             _print_json(client.create_schedule(_read_body(args.file)))
         elif command == "show":
@@ -287,17 +298,19 @@ def cmd_batches(args: argparse.Namespace) -> int:
         batch: dict[str, Any] | None = None
         if command == "list":
             batches = client.list_batches()
-            if args.json:
-                _print_json(batches)
-            else:
-                _table(
-                    "batches",
-                    ["id", "name", "schedule", "fire time", "created"],
-                    [
-                        [b["id"], b["name"], b["schedule_id"], b["fire_time"], b["created_at"]]
-                        for b in batches
-                    ],
-                )
+            _listing(
+                args.json,
+                batches,
+                batches,
+                "batches",
+                {
+                    "id": "id",
+                    "name": "name",
+                    "schedule": "schedule_id",
+                    "fire time": "fire_time",
+                    "created": "created_at",
+                },
+            )
             return 0
         if command == "create":
             batch = client.create_batch(_read_body(args.file))
@@ -306,28 +319,23 @@ def cmd_batches(args: argparse.Namespace) -> int:
         elif command == "show":
             batch = client.get_batch(args.batch_id)
         assert batch is not None
-        if args.json:
-            _print_json(batch)
-        else:
-            counts = ", ".join(f"{k} {v}" for k, v in batch["counts"].items() if v)
-            rows = [
-                [
-                    j["job_id"][:12],
-                    j["state"],
-                    j["method"],
-                    j["bits"],
-                    j["group_size"],
-                    j["delta_ppl_pct"],
-                    j["kl_mean"],
-                    j["gate_passed"],
-                ]
-                for j in batch["jobs"]
-            ]
-            _table(
-                f"batch {batch['id']} ({counts})",
-                ["job", "state", "method", "bits", "group", "Δppl %", "KL", "gate"],
-                rows,
-            )
+        counts = ", ".join(f"{k} {v}" for k, v in batch["counts"].items() if v)
+        _listing(
+            args.json,
+            batch,
+            batch["jobs"],
+            f"batch {batch['id']} ({counts})",
+            {
+                "job": lambda j: j["job_id"][:12],
+                "state": "state",
+                "method": "method",
+                "bits": "bits",
+                "group": "group_size",
+                "Δppl %": "delta_ppl_pct",
+                "KL": "kl_mean",
+                "gate": "gate_passed",
+            },
+        )
         failed = batch["counts"].get("failed", 0) + batch["counts"].get("cancelled", 0)
         return 1 if command == "create" and args.wait and failed else 0
 

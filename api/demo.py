@@ -127,6 +127,20 @@ def metrics_table(finished: dict[str, dict[str, Any]]) -> Table:
     return table
 
 
+def usable_cpus() -> int:
+    """CPUs this process may run on (its affinity mask where the OS has one)."""
+    affinity = getattr(os, "sched_getaffinity", None)
+    return len(affinity(0)) if affinity else os.cpu_count() or 1
+
+
+def demo_cpus_per_task(jobs: int, cpu_count: int, configured: int) -> int:
+    """CPUs each demo job's Ray task gets: the machine's CPUs shared by the jobs that run at once (each
+    task then runs torch with that many threads), unless QF_CPUS_PER_TASK says otherwise."""
+    if "QF_CPUS_PER_TASK" in os.environ:
+        return configured
+    return max(1, cpu_count // max(1, jobs))
+
+
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m api.demo", description=__doc__)
     p.add_argument("--methods", default="gptq,awq", help="comma-separated methods to run")
@@ -160,7 +174,12 @@ def main(argv: list[str] | None = None) -> int:
     with console.status("fetching the reference assets (SmolLM2-135M, Shakespeare)…"):
         assets = ensure_assets(cache)
     defaults = Settings()
-    settings = Settings(no_auth=True, allowed_roots=[*defaults.allowed_roots, cache])
+    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    settings = Settings(
+        no_auth=True,
+        allowed_roots=[*defaults.allowed_roots, cache],
+        cpus_per_task=demo_cpus_per_task(len(methods), usable_cpus(), defaults.cpus_per_task),
+    )
     migrate(settings.database_url)
     with console.status("starting a local Ray and the dispatcher…"):
         dispatcher = Dispatcher(
@@ -173,14 +192,14 @@ def main(argv: list[str] | None = None) -> int:
         with httpx.Client(timeout=60) as http:
             http.base_url = httpx.URL(api.url)
             jobs = {}
-            for method in args.methods.split(","):
-                r = http.post("/v1/jobs", json=job_body(method.strip(), assets, args))
+            for method in methods:
+                r = http.post("/v1/jobs", json=job_body(method, assets, args))
                 if r.status_code != 202:
                     console.print(
                         f"[red]submitting {method} failed ({r.status_code}): {r.json()['detail']}[/]"
                     )
                     return 1
-                jobs[method.strip()] = r.json()
+                jobs[method] = r.json()
                 console.print(f"submitted {method.upper()} job {r.json()['id']} → POST /v1/jobs 202")
             try:
                 finished = follow(http, jobs, console)

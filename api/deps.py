@@ -11,6 +11,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from orchestrator.auth import LOCAL_PRINCIPAL, Principal, authenticate
 from orchestrator.db import transaction
+from orchestrator.scoping import Owned, find_owned
 from orchestrator.settings import Settings
 
 bearer = HTTPBearer(auto_error=False, description="API key from `quantfleet keys create`")
@@ -56,3 +57,13 @@ def require(scope: str) -> Callable[[Principal], Principal]:
         return principal
 
     return check
+
+
+def visible_or_404(
+    session: Session, model: type[Owned], row_id: str, principal: Principal, *, for_update: bool = False
+) -> Owned:
+    """The row if this key may see it; another owner's row answers 404 exactly like a missing one."""
+    row = find_owned(session, model, row_id, principal.visible_owner, for_update=for_update)
+    if row is None:
+        raise HTTPException(status.HTTP_404_NOT_FOUND, f"{model.__name__.lower()} {row_id} not found")
+    return row

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
@@ -70,3 +71,16 @@ def create_app(settings: Settings | None = None, *, service_metrics: ServiceMetr
     app.include_router(artifacts.router)
     app.include_router(metrics.router)
     return app
+
+
+@functools.cache
+def _environment_app() -> FastAPI:
+    return create_app()
+
+
+def __getattr__(name: str) -> FastAPI:
+    """`uvicorn api.main:app` (the container images): the app built from the QF_* environment, on first
+    use, so importing this module (tests, `create_app` callers) opens no database."""
+    if name == "app":
+        return _environment_app()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

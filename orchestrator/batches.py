@@ -14,6 +14,7 @@ from sqlalchemy.orm import Session
 
 from orchestrator import crud
 from orchestrator.models import Batch, Job, utcnow
+from orchestrator.scoping import owned_by
 from orchestrator.specs import request_hash
 from orchestrator.states import JobState
 
@@ -64,18 +65,8 @@ def create_batch(
     return batch, jobs
 
 
-def get_batch(session: Session, batch_id: str, owner: str | None) -> Batch | None:
-    """The batch if `owner` may see it (None = admin)."""
-    query = select(Batch).where(Batch.id == batch_id)
-    if owner is not None:
-        query = query.where(Batch.owner == owner)
-    return session.scalars(query).one_or_none()
-
-
 def list_batches(session: Session, owner: str | None, limit: int = 50) -> list[Batch]:
-    query = select(Batch)
-    if owner is not None:
-        query = query.where(Batch.owner == owner)
+    query = owned_by(select(Batch), Batch, owner)
     return list(session.scalars(query.order_by(Batch.created_at.desc(), Batch.id.desc()).limit(limit)))
 
 

@@ -6,17 +6,15 @@ changes are conditional UPDATEs, so a cancel racing a claim can never be lost or
 
 from __future__ import annotations
 
-import base64
-import json
 import uuid
 from collections.abc import Sequence
-from datetime import datetime
 from typing import Any
 
-from sqlalchemy import and_, exists, func, or_, select, update
+from sqlalchemy import exists, func, select, update
 from sqlalchemy.orm import Session
 
 from orchestrator.models import Artifact, Job, JobEvent, JobLabel, utcnow
+from orchestrator.scoping import newest_first_page, owned_by
 from orchestrator.states import ACTIVE, JobState
 
 
@@ -59,31 +57,9 @@ def find_by_idempotency_key(session: Session, owner: str, key: str) -> Job | Non
     return session.scalars(select(Job).where(Job.owner == owner, Job.idempotency_key == key)).one_or_none()
 
 
-def get_job(session: Session, job_id: str, owner: str | None) -> Job | None:
-    """The job, if it exists and `owner` may see it (owner None = admin, sees every job)."""
-    query = select(Job).where(Job.id == job_id)
-    if owner is not None:
-        query = query.where(Job.owner == owner)
-    return session.scalars(query).one_or_none()
-
-
 def count_active_jobs(session: Session, owner: str) -> int:
     states = [JobState.QUEUED.value, *(s.value for s in ACTIVE)]
     return session.scalar(select(func.count()).where(Job.owner == owner, Job.state.in_(states))) or 0
-
-
-def encode_cursor(job: Job) -> str:
-    raw = json.dumps([job.created_at.isoformat(), job.id]).encode()
-    return base64.urlsafe_b64encode(raw).decode().rstrip("=")
-
-
-def decode_cursor(cursor: str) -> tuple[datetime, str]:
-    """Raises ValueError when the cursor was not produced by encode_cursor."""
-    try:
-        created, job_id = json.loads(base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)))
-        return datetime.fromisoformat(created), str(job_id)
-    except Exception as e:
-        raise ValueError("cursor is not valid; pass the next_cursor value of a previous page") from e
 
 
 def list_jobs(
@@ -96,21 +72,14 @@ def list_jobs(
     cursor: str | None = None,
 ) -> tuple[list[Job], str | None]:
     """Newest first; keyset pagination on (created_at, id), so pages stay stable while jobs are added."""
-    query = select(Job)
-    if owner is not None:
-        query = query.where(Job.owner == owner)
+    query = owned_by(select(Job), Job, owner)
     if states:
         query = query.where(Job.state.in_(list(states)))
     for key, value in (labels or {}).items():
         query = query.where(
             exists().where(JobLabel.job_id == Job.id, JobLabel.key == key, JobLabel.value == value)
         )
-    if cursor:
-        created, job_id = decode_cursor(cursor)
-        query = query.where(or_(Job.created_at < created, and_(Job.created_at == created, Job.id < job_id)))
-    jobs = list(session.scalars(query.order_by(Job.created_at.desc(), Job.id.desc()).limit(limit + 1)))
-    next_cursor = encode_cursor(jobs[limit - 1]) if len(jobs) > limit else None
-    return jobs[:limit], next_cursor
+    return newest_first_page(session, query, Job, limit=limit, cursor=cursor)
 
 
 def request_cancel(session: Session, job: Job) -> Job:

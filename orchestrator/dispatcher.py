@@ -19,7 +19,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from orchestrator.attempt import AttemptTicket, WorkerConfig
 from orchestrator.db import transaction
-from orchestrator.executor import Executor
+from orchestrator.executor import Executor, Unschedulable
 from orchestrator.leases import RetryPolicy, claim_jobs, fail_attempt, renew_leases, rescue_expired
 from orchestrator.metrics import ServiceMetrics
 from orchestrator.models import Job, utcnow
@@ -97,7 +97,8 @@ class Dispatcher:
             ended = job.finished_at or utcnow()
             method = str((job.spec or {}).get("method", "unknown"))
             duration = max(0.0, (ended - job.started_at).total_seconds())
-        gpus = float(getattr(self.executor, "gpus_per_task", 0.0))
+            asked = int((job.spec or {}).get("gpus", 1))
+        gpus = float(getattr(self.executor, "gpus_per_task", 0.0)) * asked  # per GPU asked for × GPUs
         self.metrics.attempt_finished(method=method, outcome=outcome, duration_s=duration, gpus=gpus)
         if job.gate_passed is not None:
             self.metrics.gate_checked(job.gate_passed)
@@ -130,6 +131,17 @@ class Dispatcher:
             try:
                 self.executor.submit(ticket)
                 self.in_flight[claim.job_id] = claim.attempt
+            except Unschedulable as e:  # no retry can change the cluster's shape
+                log.warning("job %s: cannot run here: %s", claim.job_id, e)
+                with transaction(self.sessions) as s:
+                    fail_attempt(
+                        s,
+                        claim.job_id,
+                        claim.attempt,
+                        error=str(e),
+                        retryable=False,
+                        policy=self.retry_policy,
+                    )
             except Exception as e:
                 log.exception("job %s: could not start attempt %d", claim.job_id, claim.attempt)
                 with transaction(self.sessions) as s:

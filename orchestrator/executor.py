@@ -21,6 +21,11 @@ class Finished:
     error: str | None
 
 
+class Unschedulable(Exception):
+    """The attempt can never start on this executor (e.g. it asks for more GPUs than any node has): the
+    dispatcher fails the job at once, without retries, with this message as its error."""
+
+
 class Executor(Protocol):
     @property
     def capacity(self) -> int:
@@ -80,4 +85,5 @@ def build_executor(settings: Settings) -> Executor:
         capacity=settings.concurrency,
         object_store_bytes=settings.ray_object_store_bytes,
         task_resources=settings.ray_task_resources or None,
+        gpus_per_node=settings.ray_gpus_per_node,
     )

@@ -174,7 +174,9 @@ class Batch(Base):
     name: Mapped[str | None] = mapped_column(String(128))
     template: Mapped[dict[str, Any]]  # the job template as submitted
     matrix: Mapped[dict[str, Any] | None]  # axis -> values
-    schedule_id: Mapped[str | None] = mapped_column(ForeignKey("schedules.id", ondelete="SET NULL"), index=True)
+    schedule_id: Mapped[str | None] = mapped_column(
+        ForeignKey("schedules.id", ondelete="SET NULL"), index=True
+    )
     fire_time: Mapped[datetime | None]
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
 
@@ -209,7 +211,9 @@ class ScheduleFire(Base):
     __tablename__ = "schedule_fires"
     __table_args__ = (UniqueConstraint("schedule_id", "fire_time"),)
 
-    id: Mapped[int] = mapped_column(BigInteger().with_variant(Integer, "sqlite"), primary_key=True, autoincrement=True)
+    id: Mapped[int] = mapped_column(
+        BigInteger().with_variant(Integer, "sqlite"), primary_key=True, autoincrement=True
+    )
     schedule_id: Mapped[str] = mapped_column(ForeignKey("schedules.id", ondelete="CASCADE"))
     fire_time: Mapped[datetime]
     catch_up: Mapped[bool] = mapped_column(Boolean, default=False)
@@ -263,7 +267,9 @@ class WebhookAttempt(Base):
     __tablename__ = "webhook_attempts"
     __table_args__ = (UniqueConstraint("delivery_id", "attempt"),)
 
-    id: Mapped[int] = mapped_column(BigInteger().with_variant(Integer, "sqlite"), primary_key=True, autoincrement=True)
+    id: Mapped[int] = mapped_column(
+        BigInteger().with_variant(Integer, "sqlite"), primary_key=True, autoincrement=True
+    )
     delivery_id: Mapped[str] = mapped_column(ForeignKey("webhook_deliveries.id", ondelete="CASCADE"))
     attempt: Mapped[int] = mapped_column(Integer)
     at: Mapped[datetime]

@@ -99,6 +99,12 @@ class Settings(BaseSettings):
         default_factory=dict,
         description='extra Ray resources each attempt needs, as JSON (e.g. {"gpu_a100": 1}); replaces the GPU request',
     )
+    ray_gpus_per_node: int | None = Field(
+        default=None,
+        ge=1,
+        description="GPUs of each GPU node of a cluster that autoscales them from zero (KubeRay): attempts "
+        "ask Ray for GPUs even while no GPU node is up, and a job asking for more fails at once",
+    )
     metrics_port: int | None = Field(
         default=None, ge=1, le=65535, description="`quantfleet dispatcher`: serve /metrics here"
     )

@@ -7,17 +7,17 @@ from __future__ import annotations
 from typing import Annotated, Literal
 
 from fastapi import APIRouter, Depends, HTTPException, Query, Request, status
-from sqlalchemy import and_, or_, select
+from sqlalchemy import or_, select
 from sqlalchemy.orm import Session, sessionmaker
 
 from api.deps import get_sessions, require
 from api.fleet_schemas import ArtifactPage, ArtifactSetOut
 from api.routes.jobs import ERRORS
 from api.schemas import ArtifactOut
-from orchestrator import crud
 from orchestrator.auth import Principal
 from orchestrator.db import transaction
 from orchestrator.models import Artifact, Job
+from orchestrator.scoping import newest_first_page, owned_by
 from orchestrator.states import JobState
 
 router = APIRouter(prefix="/v1", tags=["artifacts"])
@@ -64,9 +64,7 @@ def list_artifacts(
     cursor: Annotated[str | None, Query(description="next_cursor of the previous page")] = None,
 ) -> ArtifactPage:
     """Artifacts of succeeded jobs visible to this key, newest first."""
-    query = select(Job).where(Job.state == JobState.SUCCEEDED.value)
-    if principal.visible_owner is not None:
-        query = query.where(Job.owner == principal.visible_owner)
+    query = owned_by(select(Job), Job, principal.visible_owner).where(Job.state == JobState.SUCCEEDED.value)
     if model:
         model_uri = Job.spec["model"].as_string()
         query = query.where(
@@ -90,16 +88,11 @@ def list_artifacts(
         query = query.where(Job.gate_passed.is_(False))
     elif gate == "none":
         query = query.where(Job.gate_passed.is_(None))
-    if cursor:
+    with transaction(sessions) as session:
         try:
-            created, job_id = crud.decode_cursor(cursor)
+            jobs, next_cursor = newest_first_page(session, query, Job, limit=limit, cursor=cursor)
         except ValueError as e:
             raise HTTPException(status.HTTP_422_UNPROCESSABLE_CONTENT, str(e)) from e
-        query = query.where(or_(Job.created_at < created, and_(Job.created_at == created, Job.id < job_id)))
-    with transaction(sessions) as session:
-        jobs = list(session.scalars(query.order_by(Job.created_at.desc(), Job.id.desc()).limit(limit + 1)))
-        next_cursor = crud.encode_cursor(jobs[limit - 1]) if len(jobs) > limit else None
-        jobs = jobs[:limit]
         files: dict[str, list[Artifact]] = {job.id: [] for job in jobs}
         for artifact in session.scalars(
             select(Artifact).where(Artifact.job_id.in_(list(files))).order_by(Artifact.job_id, Artifact.path)

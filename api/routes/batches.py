@@ -8,7 +8,7 @@ from typing import Annotated
 from fastapi import APIRouter, Depends, HTTPException, Query, Request, Response, status
 from sqlalchemy.orm import Session, sessionmaker
 
-from api.deps import get_sessions, get_settings, require
+from api.deps import get_sessions, get_settings, require, visible_or_404
 from api.fleet_schemas import BatchCreate, BatchJobRow, BatchOut, BatchPage, BatchSummaryOut
 from api.job_bodies import validated_specs
 from api.routes.jobs import ERRORS
@@ -119,7 +119,4 @@ def get_batch(
 ) -> BatchOut:
     """Jobs per state and one row per job with its matrix cell, metrics and gate verdict."""
     with transaction(sessions) as session:
-        batch = batches.get_batch(session, batch_id, principal.visible_owner)
-        if batch is None:
-            raise HTTPException(status.HTTP_404_NOT_FOUND, f"batch {batch_id} not found")
-        return batch_out(session, batch, request)
+        return batch_out(session, visible_or_404(session, Batch, batch_id, principal), request)

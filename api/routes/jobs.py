@@ -10,7 +10,7 @@ from fastapi.responses import StreamingResponse
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
 
-from api.deps import get_sessions, get_settings, require
+from api.deps import get_sessions, get_settings, require, visible_or_404
 from api.event_stream import HEADERS as SSE_HEADERS
 from api.event_stream import job_event_stream
 from api.schemas import ArtifactOut, EventOut, JobCreate, JobOut, JobPage, Problem, ProgressOut, ReportSummary
@@ -60,13 +60,6 @@ def job_out(job: Job, request: Request) -> JobOut:
         started_at=job.started_at,
         finished_at=job.finished_at,
     )
-
-
-def _visible_job(session: Session, job_id: str, principal: Principal) -> Job:
-    job = crud.get_job(session, job_id, principal.visible_owner)
-    if job is None:
-        raise HTTPException(status.HTTP_404_NOT_FOUND, f"job {job_id} not found")
-    return job
 
 
 def _same_or_conflict(job: Job, digest: str, key: str) -> Job:
@@ -180,7 +173,7 @@ def get_job(
 ) -> JobOut:
     """State, progress (stage and layer i/N), attempts, error, and metrics once succeeded."""
     with transaction(sessions) as session:
-        return job_out(_visible_job(session, job_id, principal), request)
+        return job_out(visible_or_404(session, Job, job_id, principal), request)
 
 
 @router.post(
@@ -194,7 +187,7 @@ def cancel_job(
 ) -> JobOut:
     """Queued → cancelled at once; running → cancelling, and the worker stops at its next layer boundary."""
     with transaction(sessions) as session:
-        job = crud.request_cancel(session, _visible_job(session, job_id, principal))
+        job = crud.request_cancel(session, visible_or_404(session, Job, job_id, principal))
         return job_out(job, request)
 
 
@@ -226,7 +219,7 @@ def job_events(
 ) -> list[EventOut] | Response:
     """State changes, attempt starts and progress, oldest first."""
     with transaction(sessions) as session:
-        _visible_job(session, job_id, principal)
+        visible_or_404(session, Job, job_id, principal)
         if not follow:
             return [event_out(e) for e in crud.list_events(session, job_id, after=after, limit=limit)]
     start = max(after, last_event_id or 0)
@@ -243,7 +236,7 @@ def job_artifacts(
 ) -> list[ArtifactOut]:
     """Every file the job published, with sha256 and size (empty until it succeeds)."""
     with transaction(sessions) as session:
-        _visible_job(session, job_id, principal)
+        visible_or_404(session, Job, job_id, principal)
         return [
             ArtifactOut.model_validate(a, from_attributes=True) for a in crud.list_artifacts(session, job_id)
         ]

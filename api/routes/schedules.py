@@ -16,7 +16,7 @@ from fastapi import APIRouter, Depends, HTTPException, Request, Response, status
 from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
-from api.deps import get_sessions, get_settings, require
+from api.deps import get_sessions, get_settings, require, visible_or_404
 from api.fleet_schemas import FireOut, ScheduleCreate, ScheduleOut, SchedulePage, ScheduleUpdate
 from api.job_bodies import validated_specs
 from api.routes.jobs import ERRORS
@@ -25,6 +25,7 @@ from orchestrator.auth import Principal
 from orchestrator.db import transaction
 from orchestrator.models import Schedule, ScheduleFire, utcnow
 from orchestrator.schedules import ScheduleError, next_fire_after, parse_cron, parse_tz, schedule_labels
+from orchestrator.scoping import owned_by
 from orchestrator.settings import Settings
 
 router = APIRouter(prefix="/v1", tags=["schedules"])
@@ -72,16 +73,6 @@ def _checked_timing(cron: str, tz: str) -> str:
     return " ".join(cron.split())
 
 
-def _visible(session: Session, schedule_id: str, principal: Principal) -> Schedule:
-    query = select(Schedule).where(Schedule.id == schedule_id)
-    if principal.visible_owner is not None:
-        query = query.where(Schedule.owner == principal.visible_owner)
-    schedule = session.scalars(query.with_for_update()).one_or_none()
-    if schedule is None:
-        raise HTTPException(status.HTTP_404_NOT_FOUND, f"schedule {schedule_id} not found")
-    return schedule
-
-
 @router.post(
     "/schedules",
     status_code=status.HTTP_201_CREATED,
@@ -127,11 +118,14 @@ def create_schedule(
 def list_schedules(
     request: Request, sessions: Sessions, principal: Annotated[Principal, Depends(require("read"))]
 ) -> SchedulePage:
-    query = select(Schedule).order_by(Schedule.created_at, Schedule.id)
-    if principal.visible_owner is not None:
-        query = query.where(Schedule.owner == principal.visible_owner)
+    query = owned_by(select(Schedule), Schedule, principal.visible_owner)
     with transaction(sessions) as session:
-        return SchedulePage(schedules=[schedule_out(session, s, request) for s in session.scalars(query)])
+        return SchedulePage(
+            schedules=[
+                schedule_out(session, s, request)
+                for s in session.scalars(query.order_by(Schedule.created_at, Schedule.id))
+            ]
+        )
 
 
 @router.get("/schedules/{schedule_id}", response_model=ScheduleOut, responses=ERRORS)
@@ -143,7 +137,9 @@ def get_schedule(
 ) -> ScheduleOut:
     """The schedule with its next_fire_at and most recent fires."""
     with transaction(sessions) as session:
-        return schedule_out(session, _visible(session, schedule_id, principal), request)
+        return schedule_out(
+            session, visible_or_404(session, Schedule, schedule_id, principal, for_update=True), request
+        )
 
 
 @router.patch("/schedules/{schedule_id}", response_model=ScheduleOut, responses=ERRORS)
@@ -158,7 +154,7 @@ def update_schedule(
     """Change any of name, cron, tz, policy, template, matrix; next_fire_at is recomputed from now."""
     changes = body.model_dump(exclude_unset=True)
     with transaction(sessions) as session:
-        schedule = _visible(session, schedule_id, principal)
+        schedule = visible_or_404(session, Schedule, schedule_id, principal, for_update=True)
         cron = _checked_timing(changes.get("cron", schedule.cron), changes.get("tz", schedule.tz))
         if "template" in changes or "matrix" in changes:
             template = changes.get("template", schedule.template)
@@ -182,7 +178,7 @@ def delete_schedule(
 ) -> Response:
     """Stop firing; jobs and batches it created stay."""
     with transaction(sessions) as session:
-        session.delete(_visible(session, schedule_id, principal))
+        session.delete(visible_or_404(session, Schedule, schedule_id, principal, for_update=True))
     return Response(status_code=status.HTTP_204_NO_CONTENT)
 
 
@@ -194,7 +190,7 @@ def pause_schedule(
     principal: Annotated[Principal, Depends(require("submit"))],
 ) -> ScheduleOut:
     with transaction(sessions) as session:
-        schedule = _visible(session, schedule_id, principal)
+        schedule = visible_or_404(session, Schedule, schedule_id, principal, for_update=True)
         schedule.paused, schedule.next_fire_at, schedule.updated_at = True, None, utcnow()
         session.flush()
         return schedule_out(session, schedule, request)
@@ -208,7 +204,7 @@ def resume_schedule(
     principal: Annotated[Principal, Depends(require("submit"))],
 ) -> ScheduleOut:
     with transaction(sessions) as session:
-        schedule = _visible(session, schedule_id, principal)
+        schedule = visible_or_404(session, Schedule, schedule_id, principal, for_update=True)
         if schedule.paused:
             now = utcnow()
             schedule.paused, schedule.updated_at = False, now

@@ -12,13 +12,14 @@ from fastapi import APIRouter, Depends, HTTPException, Query, Request, Response,
 from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
-from api.deps import get_sessions, get_settings, require
+from api.deps import get_sessions, get_settings, require, visible_or_404
 from api.fleet_schemas import DeliveryOut, DeliveryPage, WebhookCreate, WebhookOut, WebhookPage, WebhookUpdate
 from api.routes.jobs import ERRORS
 from api.schemas import Problem
 from orchestrator.auth import Principal
 from orchestrator.db import transaction
 from orchestrator.models import Webhook, WebhookDelivery, utcnow
+from orchestrator.scoping import owned_by
 from orchestrator.settings import Settings
 from orchestrator.webhooks import WebhookError, check_events, check_webhook_url
 
@@ -53,16 +54,6 @@ def _checked(
         )
     except WebhookError as e:
         raise HTTPException(status.HTTP_422_UNPROCESSABLE_CONTENT, str(e)) from e
-
-
-def _visible(session: Session, webhook_id: str, principal: Principal) -> Webhook:
-    query = select(Webhook).where(Webhook.id == webhook_id)
-    if principal.visible_owner is not None:
-        query = query.where(Webhook.owner == principal.visible_owner)
-    hook = session.scalars(query).one_or_none()
-    if hook is None:
-        raise HTTPException(status.HTTP_404_NOT_FOUND, f"webhook {webhook_id} not found")
-    return hook
 
 
 @router.post(
@@ -101,9 +92,9 @@ def create_webhook(
 def list_webhooks(
     sessions: Sessions, principal: Annotated[Principal, Depends(require("read"))]
 ) -> WebhookPage:
-    query = select(Webhook).order_by(Webhook.created_at, Webhook.id)
-    if principal.visible_owner is not None:
-        query = query.where(Webhook.owner == principal.visible_owner)
+    query = owned_by(select(Webhook), Webhook, principal.visible_owner).order_by(
+        Webhook.created_at, Webhook.id
+    )
     with transaction(sessions) as session:
         return WebhookPage(webhooks=[webhook_out(h) for h in session.scalars(query)])
 
@@ -113,7 +104,7 @@ def get_webhook(
     webhook_id: str, sessions: Sessions, principal: Annotated[Principal, Depends(require("read"))]
 ) -> WebhookOut:
     with transaction(sessions) as session:
-        return webhook_out(_visible(session, webhook_id, principal))
+        return webhook_out(visible_or_404(session, Webhook, webhook_id, principal))
 
 
 @router.patch("/webhooks/{webhook_id}", response_model=WebhookOut, responses=ERRORS)
@@ -127,7 +118,7 @@ def update_webhook(
     """Change the URL or events, or pause deliveries (`active: false`; pending ones wait until re-activated)."""
     url, events = _checked(body.url, body.events, settings)
     with transaction(sessions) as session:
-        hook = _visible(session, webhook_id, principal)
+        hook = visible_or_404(session, Webhook, webhook_id, principal)
         if url is not None:
             hook.url = url
         if events is not None:
@@ -144,7 +135,7 @@ def delete_webhook(
 ) -> Response:
     """Remove the webhook with its delivery log."""
     with transaction(sessions) as session:
-        session.delete(_visible(session, webhook_id, principal))
+        session.delete(visible_or_404(session, Webhook, webhook_id, principal))
     return Response(status_code=status.HTTP_204_NO_CONTENT)
 
 
@@ -158,7 +149,7 @@ def list_deliveries(
 ) -> DeliveryPage:
     """Deliveries newest first, each with every attempt made (status, error, duration)."""
     with transaction(sessions) as session:
-        _visible(session, webhook_id, principal)
+        visible_or_404(session, Webhook, webhook_id, principal)
         rows = session.scalars(
             select(WebhookDelivery)
             .where(WebhookDelivery.webhook_id == webhook_id)

@@ -53,7 +53,7 @@ SECRET_NAME = re.compile(
 PLACEHOLDER = "CHANGE_ME"
 WORKLOAD_KINDS = {"Deployment", "StatefulSet", "DaemonSet", "Job"}
 # Service containers that write nothing outside their mounted /tmp.
-READ_ONLY_ROOT_CONTAINERS = {"api", "dispatcher", "migrate"}
+READ_ONLY_ROOT_CONTAINERS = {"api", "dispatcher", "scheduler", "migrate"}
 
 
 # --- Loading --------------------------------------------------------------------------------------
@@ -496,6 +496,106 @@ def test_api_has_health_probes_and_is_the_only_service() -> None:
     assert service["spec"]["ports"] == [
         {"name": "http", "port": 8000, "targetPort": "http", "protocol": "TCP"}
     ]
+
+
+# --- 2. The scheduler process and the dispatcher's metrics ----------------------------------------
+
+
+def deployment(name: str) -> dict[str, Any]:
+    (found,) = [obj for obj in objects_of_kind("Deployment") if obj["metadata"]["name"] == name]
+    return found
+
+
+def test_scheduler_runs_as_its_own_deployment_with_the_service_policies() -> None:
+    scheduler = deployment("quantfleet-scheduler")
+    assert scheduler["spec"]["replicas"] == 1
+    labels = {"app.kubernetes.io/name": "quantfleet", "app.kubernetes.io/component": "scheduler"}
+    assert scheduler["spec"]["selector"]["matchLabels"] == labels
+    assert scheduler["spec"]["template"]["metadata"]["labels"] == labels
+    pod = scheduler["spec"]["template"]["spec"]
+    (container,) = pod["containers"]
+    assert container["command"] == ["quantfleet", "scheduler"]
+    assert (
+        container["image"]
+        == deployment("quantfleet-api")["spec"]["template"]["spec"]["containers"][0]["image"]
+    )
+    assert container["envFrom"] == [{"configMapRef": {"name": "quantfleet-config"}}]
+    env = {variable["name"]: variable for variable in container["env"]}
+    assert env["QF_DATABASE_URL"]["valueFrom"]["secretKeyRef"] == {
+        "name": "quantfleet-postgres",
+        "key": "database-url",
+    }
+    assert not any(name.startswith("AWS_") for name in env), "the scheduler needs no S3 credentials"
+    # Same rules as the other service pods: non-root, read-only root, limits, no token, /tmp only.
+    assert pod["securityContext"]["runAsNonRoot"] is True and pod["securityContext"]["runAsUser"] == 10001
+    assert pod["automountServiceAccountToken"] is False
+    assert container["securityContext"]["readOnlyRootFilesystem"] is True
+    assert container["resources"]["limits"] == {"cpu": "500m", "memory": "512Mi"}
+    assert container["volumeMounts"] == [{"name": "tmp", "mountPath": "/tmp"}]
+    # It serves no HTTP: no ports, so no probes and nothing to admit in the NetworkPolicies.
+    assert "ports" not in container
+    assert not {"livenessProbe", "readinessProbe", "startupProbe"} & set(container)
+    for policy in network_policies().values():
+        assert (
+            policy["spec"]["podSelector"].get("matchLabels", {}).get("app.kubernetes.io/component")
+            != "scheduler"
+        )
+
+
+def test_config_map_keys_are_settings_and_match_the_ray_cluster() -> None:
+    from orchestrator.settings import Settings
+
+    (config_map,) = objects_of_kind("ConfigMap")
+    data = config_map["data"]
+    qf_keys = {key for key in data if key.startswith("QF_")}
+    assert {"QF_MLFLOW_TRACKING_URI", "QF_METRICS_PORT", "QF_RAY_GPUS_PER_NODE", "QF_CONCURRENCY"} <= qf_keys
+    assert {key.removeprefix("QF_").lower() for key in qf_keys} <= set(Settings.model_fields)
+    (gpu_group,) = the_raycluster()["spec"]["workerGroupSpecs"]
+    assert data["QF_RAY_GPUS_PER_NODE"] == gpu_group["rayStartParams"]["num-gpus"]
+    assert int(data["QF_CONCURRENCY"]) == gpu_group["maxReplicas"]
+    # The values parse as the service's settings (an empty MLflow URI means no registration).
+    parsed = Settings(
+        **{key.removeprefix("QF_").lower(): value for key, value in data.items() if key in qf_keys}
+    )
+    assert parsed.metrics_port == 9100 and not parsed.mlflow_tracking_uri and parsed.ray_gpus_per_node == 1
+
+
+def test_dispatcher_serves_metrics_on_the_configured_port() -> None:
+    (config_map,) = objects_of_kind("ConfigMap")
+    port = int(config_map["data"]["QF_METRICS_PORT"])
+    template = deployment("quantfleet-dispatcher")["spec"]["template"]
+    (container,) = template["spec"]["containers"]
+    assert container["ports"] == [{"name": "metrics", "containerPort": port, "protocol": "TCP"}]
+    assert template["metadata"]["annotations"] == {
+        "prometheus.io/scrape": "true",
+        "prometheus.io/port": str(port),
+    }
+    policy = network_policies()["quantfleet-dispatcher-metrics"]["spec"]
+    assert policy["podSelector"]["matchLabels"]["app.kubernetes.io/component"] == "dispatcher"
+    assert policy["ingress"] == [{"ports": [{"protocol": "TCP", "port": port}]}]
+
+
+def test_compose_runs_the_scheduler_with_the_database_only() -> None:
+    services = compose()["services"]
+    scheduler = services["scheduler"]
+    assert scheduler["command"] == ["quantfleet", "scheduler"]
+    assert scheduler["image"] == services["api"]["image"]
+    assert scheduler["depends_on"] == {"api": {"condition": "service_healthy"}}
+    assert set(scheduler["environment"]) == {"QF_DATABASE_URL", "HOME"}
+    assert scheduler["environment"]["QF_DATABASE_URL"] == services["api"]["environment"]["QF_DATABASE_URL"]
+    assert scheduler["read_only"] is True and scheduler["tmpfs"] == ["/tmp"]
+    assert scheduler["cap_drop"] == ["ALL"] and scheduler["security_opt"] == ["no-new-privileges:true"]
+    assert {"cpus", "memory"} <= set(scheduler["deploy"]["resources"]["limits"])
+    assert "ports" not in scheduler and scheduler["healthcheck"] == {"disable": True}
+
+
+def test_compose_wires_mlflow_and_the_dispatcher_metrics_port() -> None:
+    services = compose()["services"]
+    for name in ("api", "dispatcher"):
+        assert services[name]["environment"]["QF_MLFLOW_TRACKING_URI"] == "${QF_MLFLOW_TRACKING_URI:-}"
+    dispatcher = services["dispatcher"]
+    assert dispatcher["environment"]["QF_METRICS_PORT"] == "9100" and dispatcher["expose"] == ["9100"]
+    assert "ports" not in dispatcher  # reachable on the Compose network only
 
 
 # --- 3. Consistency -----------------------------------------------------------------------------------

@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import threading
 from collections import defaultdict
 from collections.abc import Callable
 from pathlib import Path
@@ -13,12 +14,13 @@ from torch import Tensor, nn
 import workers.quant.gptq as gptq_module
 from workers.calibration import calibration_windows
 from workers.errors import JobCancelled
+from workers.formats.writer import CheckpointWriter
 from workers.loading import CheckpointWeights, LayerwiseModel, load_tokenizer, run_decoder_layer
 from workers.pipeline import PipelineOptions, PipelineResult, _fold_scales, quantize_model
 from workers.progress import Progress
 from workers.quant.grid import QuantizedTensor
 from workers.quant.rtn import rtn_quantize
-from workers.spec import JobSpec
+from workers.spec import JobSpec, OutputFormat
 from workers.tensor_source import TensorSource
 
 CPU = torch.device("cpu")
@@ -240,3 +242,80 @@ def test_gptq_cholesky_failure_falls_back_to_rtn_and_is_reported(
     source = TensorSource(make_spec("gptq").model_dir)
     qt = sink.quantized["model.layers.0.mlp.up_proj"]
     assert torch.equal(qt.q, rtn_quantize(source.get("model.layers.0.mlp.up_proj.weight"), qt.scheme).q)
+
+
+# --- read-ahead, background writes, report precision: same bytes, errors surface, no threads left -----------
+
+SWITCHES_OFF = PipelineOptions(prefetch_weights=False, background_writes=False, fast_error_report=False)
+
+
+def helper_threads() -> list[str]:
+    return [t.name for t in threading.enumerate() if t.name.startswith(("qf-writer", "qf-prefetch"))]
+
+
+def write_checkpoints(spec: JobSpec, out: Path, options: PipelineOptions) -> PipelineResult:
+    """Quantize into one directory per format (small shards, so the shard layout is exercised) and finalize."""
+    model = LayerwiseModel(spec.model_dir, CPU)
+    calibration = calibration_windows(spec.calibration, load_tokenizer(spec.model_dir)) if spec.calibration.path else None
+    writers = [
+        CheckpointWriter(out / fmt.value, fmt, spec.scheme, model.model_dtype, max_shard_bytes=40_000)
+        for fmt in (OutputFormat.COMPRESSED_TENSORS, OutputFormat.GPTQ)
+    ]
+    weights = CheckpointWeights(TensorSource(spec.model_dir))
+    result = quantize_model(model, weights, spec, writers, calibration, options=options)
+    for writer in writers:
+        writer.finalize(model.config.to_dict())
+    return result
+
+
+def files(directory: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(directory)): p.read_bytes() for p in sorted(directory.rglob("*")) if p.is_file()}
+
+
+@pytest.mark.parametrize("method", ["gptq", "awq", "rtn"])
+def test_background_io_writes_the_same_bytes_and_reports_the_same_errors(
+    make_spec: Callable[..., JobSpec], tmp_path: Path, method: str
+) -> None:
+    spec = make_spec(method)
+    plain = write_checkpoints(spec, tmp_path / "plain", SWITCHES_OFF)
+    overlapped = write_checkpoints(spec, tmp_path / "overlapped", PipelineOptions())
+    expected, got = files(tmp_path / "plain"), files(tmp_path / "overlapped")
+    assert sum(name.endswith(".safetensors") for name in expected) >= 4  # several shards per format
+    assert sorted(got) == sorted(expected)
+    for name, data in expected.items():
+        assert got[name] == data, name
+    assert overlapped.module_errors == plain.module_errors and len(plain.module_errors) == 14
+    assert helper_threads() == []
+
+
+class FailingSink(RecordingSink):
+    def add_quantized(self, module_name: str, qt: QuantizedTensor) -> None:
+        if module_name.startswith("model.layers.1."):
+            raise OSError("No space left on device")
+        super().add_quantized(module_name, qt)
+
+
+@pytest.mark.parametrize("method", ["rtn", "gptq"])
+def test_an_error_in_the_writer_thread_fails_the_job(make_spec: Callable[..., JobSpec], method: str) -> None:
+    spec = make_spec(method)
+    model = LayerwiseModel(spec.model_dir, CPU)
+    calibration = calibration_windows(spec.calibration, load_tokenizer(spec.model_dir))
+    sink = FailingSink()
+    with pytest.raises(OSError, match="No space left on device"):
+        quantize_model(model, CheckpointWeights(TensorSource(spec.model_dir)), spec, [sink], calibration)
+    assert {n.split(".")[2] for n in sink.quantized} == {"0"}
+    assert helper_threads() == []
+
+
+def test_cancel_mid_run_with_background_io_leaves_no_thread(make_spec: Callable[..., JobSpec], tiny_mha_model_dir: Path) -> None:
+    spec = make_spec("gptq", model_dir=tiny_mha_model_dir)  # 3 layers: cancelled before the third
+    checks = iter([False, False, True])
+    sink = RecordingSink()
+    calibration = calibration_windows(spec.calibration, load_tokenizer(spec.model_dir))
+    with pytest.raises(JobCancelled, match="before decoder layer 2 of 3"):
+        quantize_model(
+            LayerwiseModel(spec.model_dir, CPU), CheckpointWeights(TensorSource(spec.model_dir)), spec, [sink],
+            calibration, should_cancel=lambda: next(checks),
+        )
+    assert {n.split(".")[2] for n in sink.quantized} == {"0", "1"}  # what was solved before the cancel is written
+    assert helper_threads() == []
