@@ -549,8 +549,11 @@ def time_quantfleet(
     layers: int,
     cold: bool,
     profile_layer: int | None = None,
+    devices: int = 1,
 ) -> Result:
     """Times `workers.engine.run_local(JobSpec(...), out_dir)` on the same checkpoint and token ids.
+
+    `devices` > 1 gives the job that many GPUs (calibration split across them, JobSpec.devices).
 
     The calibration file holds exactly num_samples × seq_len words and the tokenizer has no BOS, so the
     engine's seeded window sampler has no slack and takes the records in order: the same ids as
@@ -574,6 +577,7 @@ def time_quantfleet(
             path=str(calib_path), num_samples=ids.shape[0], seq_len=ids.shape[1], seed=0
         ),
         device="cuda" if torch.cuda.is_available() else "cpu",
+        devices=devices,
     )
     spec.validate()
     clock = ProgressClock(profile_layer=profile_layer)
@@ -596,7 +600,7 @@ def time_quantfleet(
     }
     stages["other"] = (end - t0) - sum(stages.values())
     return Result(
-        tool="quantfleet",
+        tool="quantfleet" if devices == 1 else f"quantfleet-{devices}gpu",
         method=method,
         layers=layers,
         total_layers=shape.layers,
@@ -769,7 +773,7 @@ def run_child(args: argparse.Namespace) -> None:
     else:
         result = time_quantfleet(
             args.method, model_dir, out_dir, work / "calib.jsonl", ids, shape, args.layers, args.cold,
-            args.profile_layer,
+            args.profile_layer, args.devices,
         )
     Path(args.result_json).write_text(json.dumps(asdict(result), indent=1))
 
@@ -825,6 +829,7 @@ def main(argv: list[str] | None = None) -> int:
         "--warm", dest="cold", action="store_false", help="do not drop the page cache before loads"
     )
     p.add_argument("--child-timeout", type=int, default=900, help="seconds per (tool, method) child process")
+    p.add_argument("--devices", type=int, default=1, help="GPUs given to each QuantFleet job (JobSpec.devices)")
     p.add_argument("--profile-layer", type=int, default=None, help="torch.profiler table of this QuantFleet layer")
     p.add_argument("--rates", action="store_true", help="also measure matmul/copy/Hessian/Cholesky rates")
     p.add_argument("--rates-only", action="store_true")
@@ -912,6 +917,8 @@ def main(argv: list[str] | None = None) -> int:
             ] + ([] if args.cold else ["--warm"])
             if args.profile_layer is not None:
                 cmd += ["--profile-layer", str(args.profile_layer)]
+            if args.devices != 1:
+                cmd += ["--devices", str(args.devices)]
             print(f"=== {tool} {method} ({args.layers} layers)", flush=True)
             try:
                 rc = subprocess.run(cmd, timeout=args.child_timeout).returncode

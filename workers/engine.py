@@ -25,10 +25,11 @@ import transformers
 
 from workers.calibration import calibration_windows
 from workers.calibration_cache import CalibrationProvider
+from workers.data_parallel import resolve_devices
 from workers.errors import InputError
 from workers.evaluate import evaluate
 from workers.formats.writer import CheckpointWriter
-from workers.loading import CheckpointWeights, LayerwiseModel, load_tokenizer, resolve_device
+from workers.loading import CheckpointWeights, LayerwiseModel, load_tokenizer
 from workers.memory import PeakMemory
 from workers.pipeline import PipelineOptions, quantize_model
 from workers.progress import CancelCheck, Progress, ProgressCallback, never_cancel, no_progress
@@ -109,12 +110,12 @@ def run_local(
     info = check_against_model(spec)
     out_dir = Path(out_dir).resolve()
     check_out_dir(out_dir)
-    device = resolve_device(spec.device)
+    devices = resolve_devices(spec.device, spec.devices)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     staging = out_dir.parent / f".{out_dir.name}.partial-{uuid.uuid4().hex[:8]}"
     staging.mkdir()
     try:
-        report = _build(spec, info, staging, device, on_progress, should_cancel, options, calibration_provider)
+        report = _build(spec, info, staging, devices, on_progress, should_cancel, options, calibration_provider)
         report.timings_s["total"] = time.perf_counter() - started
         report.files = sorted([*(str(p.relative_to(staging)) for p in staging.rglob("*") if p.is_file()), REPORT_FILE])
         (staging / REPORT_FILE).write_text(json.dumps(report.to_dict(), indent=2) + "\n")
@@ -130,7 +131,7 @@ def _build(
     spec: JobSpec,
     info: ModelInfo,
     staging: Path,
-    device: torch.device,
+    devices: list[torch.device],
     on_progress: ProgressCallback,
     should_cancel: CancelCheck,
     options: PipelineOptions | None,
@@ -149,6 +150,7 @@ def _build(
         versions=versions(),
     )
     timings = report.timings_s
+    device = devices[0]  # the model, evaluation and peak memory live here; calibration spans all devices
     with PeakMemory(device) as memory:
         mark = time.perf_counter()
         on_progress(Progress("load", num_layers=info.num_layers, message=str(info.model_dir)))
@@ -172,7 +174,7 @@ def _build(
         ]
         result = quantize_model(
             model, weights, spec, writers, calibration,
-            on_progress=on_progress, should_cancel=should_cancel, options=options,
+            on_progress=on_progress, should_cancel=should_cancel, options=options, devices=devices,
         )
         report.module_errors, report.fallback_modules = result.module_errors, result.fallback_modules
         timings["quantize"] = time.perf_counter() - mark

@@ -267,8 +267,12 @@ class LayerQuantizer:
             seen[group] += x.shape[0]
 
         capture_inputs(layer, activations, pos, self.arch, collect)
-        inputs = {group: torch.cat(parts) for group, parts in samples.items()}
+        return self.solve_awq_inputs(index, layer, {group: torch.cat(parts) for group, parts in samples.items()}, on_progress)
 
+    def solve_awq_inputs(
+        self, index: int, layer: nn.Module, inputs: dict[tuple[str, ...], Tensor], on_progress: ProgressCallback
+    ) -> dict[str, QuantizedTensor]:
+        """AWQ given each group's sampled inputs (float32 `[tokens, in]`, divided by the scales in place)."""
         row_scale: dict[str, Tensor] = {}  # Linears whose output rows were divided by AWQ scales
         for mapping in self.arch.awq_mappings:
             linears = [_linear(layer, name) for name in mapping.linears]
@@ -346,12 +350,18 @@ def quantize_model(
     on_progress: ProgressCallback = no_progress,
     should_cancel: CancelCheck = never_cancel,
     options: PipelineOptions | None = None,
+    devices: Sequence[torch.device] | None = None,
 ) -> PipelineResult:
     """Quantize every decoder layer in order and hand all tensors of the new checkpoint to `sinks`.
 
     `calibration` is token ids `[samples, seq_len]`; required for GPTQ and AWQ, optional for RTN (with it,
     RTN also reports per-module errors). Raises JobCancelled at a layer boundary when `should_cancel()`.
+    `devices` (default: the model's device alone; `devices[0]` must be the model's device): with several,
+    the calibration windows are split across them (workers/data_parallel.py).
     """
+    # imported here: workers.data_parallel imports this module
+    from workers.data_parallel import ShardedActivations, replicate, solve_layer, sync_replicas
+
     options = options or PipelineOptions()
     arch, num_layers, dtype = model.arch, model.num_layers, model.model_dtype
     if spec.method is not Method.RTN and calibration is None:
@@ -369,11 +379,17 @@ def quantize_model(
             writer.submit(partial(_write_dense, sinks, f"{piece}.", weights.tensors(f"{piece}.", cpu), dtype))
 
         activations: Activations | None = None
+        sharded: ShardedActivations | None = None
         pos: tuple[Tensor, Tensor] | None = None
         if calibration is not None:
             on_progress(Progress("calibrate", 0, num_layers, message=f"embedding {calibration.shape[0]} windows"))
-            activations = Activations(model.embed(calibration, weights), model.device, options)
+            hidden = model.embed(calibration, weights)
             pos = model.position_embeddings(calibration.shape[1])
+            if devices is not None and len(devices) > 1:
+                sharded = ShardedActivations(hidden, pos, devices, options)
+            else:
+                activations = Activations(hidden, model.device, options)
+            del hidden
 
         quantizer = LayerQuantizer(model, spec, options, result)
         for index in range(num_layers):
@@ -381,15 +397,22 @@ def quantize_model(
                 raise JobCancelled(f"cancelled before decoder layer {index} of {num_layers}")
             on_progress(Progress("quantize", index, num_layers))
             layer = model.decoder_layer(index, layers.source(index))
-            solved = quantizer.solve(index, layer, activations, pos, on_progress)
+            replicas = replicate(layer, sharded.devices) if sharded is not None else [layer]
+            if sharded is not None:
+                solved = solve_layer(quantizer, index, replicas, sharded, on_progress)
+            else:
+                solved = quantizer.solve(index, layer, activations, pos, on_progress)
             for name, qt in solved.items():
                 linear = _linear(layer, name)
                 linear.weight.data = _deployed(qt, model, linear.weight.device)
-            if activations is not None and pos is not None:
+            if sharded is not None:
+                sync_replicas(replicas)
+                sharded.forward(replicas, update=True)
+            elif activations is not None and pos is not None:
                 activations.forward(layer, pos, update=True)
             quantized_names = {f"{name}.weight" for name in solved}
             dense = {n: t for n, t in layer.state_dict().items() if n not in quantized_names}
             writer.submit(partial(_write_layer, sinks, prefixes[index], dense, solved, dtype))
-            del layer, solved, dense
+            del layer, solved, dense, replicas
             release_host_memory()
     return result

@@ -107,6 +107,11 @@ class JobSpec:
             raise InvalidSpecError(f"the gptq output format supports bits 2, 4 and 8, not {self.scheme.bits}")
         if not 1 <= self.devices <= 16:
             raise InvalidSpecError(f"devices={self.devices} must be between 1 and 16 (GPUs given to this one job)")
+        if self.devices > self.calibration.num_samples:
+            raise InvalidSpecError(
+                f"devices={self.devices} exceeds calibration num_samples={self.calibration.num_samples}: each device"
+                " needs at least one calibration window; lower devices or raise num_samples"
+            )
         if not 0 < self.dampening < 1:
             raise InvalidSpecError(f"dampening={self.dampening} must be in (0, 1)")
 

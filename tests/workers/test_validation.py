@@ -126,3 +126,10 @@ def test_sequence_longer_than_a_sliding_window(make_spec: Callable[..., JobSpec]
 def test_device_count_must_be_sensible(make_spec: Callable[..., JobSpec], devices: int) -> None:
     with pytest.raises(InvalidSpecError, match=f"devices={devices} must be between 1 and 16"):
         make_spec(devices=devices).validate()
+
+
+def test_more_devices_than_calibration_windows_is_refused(make_spec: Callable[..., JobSpec]) -> None:
+    spec = make_spec(devices=4)
+    spec = type(spec)(**{**spec.__dict__, "calibration": type(spec.calibration)(path=spec.calibration.path, num_samples=2)})
+    with pytest.raises(InvalidSpecError, match="devices=4 exceeds calibration num_samples=2"):
+        spec.validate()

@@ -91,6 +91,12 @@ class HessianAccumulator:
             self._scaled = None
         self.num_samples = total
 
+    def unscaled_sum(self) -> Tensor:
+        """S = Σ xᵀx (float32) in "half-operands" mode: partial sums of several devices add up exactly."""
+        if self._mode == "fp32":
+            raise ValueError("only unscaled (precision='half-operands') accumulators can be merged exactly")
+        return self._h
+
     @property
     def hessian(self) -> Tensor:
         if self._mode != "half-operands":
