@@ -1,0 +1,158 @@
+"""GPU checks of the pipeline-level fast paths (one device call, well under a minute).
+
+1. Overlap switches: `run_local` on a small random bf16 Llama on CUDA with prefetching, background writes
+   and the bf16-operand error report on, and again with all three off: every file of the checkpoint must
+   be byte-identical (GPTQ, AWQ, RTN) and the module errors within the report's stated tolerance.
+2. Several devices for one job on a single GPU: `quantize_model` with devices=[cuda:0, cuda:0] against
+   [cuda:0]. No speed-up is possible on one GPU; this exercises the multi-device code on CUDA (a thread per
+   device, per-thread current device, Triton compiling from two threads, cross-replica copies) and
+   measures how many codes the Hessian merge's different summation order changes.
+
+    python benchmarks/gpu_pipeline_checks.py --work /tmp/qfpc --results /tmp/pipeline-checks.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import shutil
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from tests.helpers import make_tiny_llama, write_text_corpus  # noqa: E402
+from workers.calibration import calibration_windows  # noqa: E402
+from workers.engine import run_local  # noqa: E402
+from workers.loading import CheckpointWeights, LayerwiseModel, load_tokenizer  # noqa: E402
+from workers.pipeline import PipelineOptions, quantize_model  # noqa: E402
+from workers.quant.grid import QuantizedTensor  # noqa: E402
+from workers.spec import CalibrationSpec, JobSpec, Method, QuantScheme  # noqa: E402
+from workers.tensor_source import TensorSource  # noqa: E402
+
+OFF = PipelineOptions(prefetch_weights=False, background_writes=False, fast_error_report=False)
+SHAPE = {"hidden_size": 1024, "intermediate_size": 2816, "num_attention_heads": 16, "num_key_value_heads": 4}
+
+
+def digests(directory: Path) -> dict[str, str]:
+    return {
+        str(p.relative_to(directory)): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(directory.rglob("*"))
+        if p.is_file() and p.name != "eval.json"  # eval.json holds wall times
+    }
+
+
+DEVICE = "cuda"
+
+
+def spec_for(model_dir: Path, calib: Path, method: str, devices: int = 1) -> JobSpec:
+    return JobSpec(
+        model_dir=str(model_dir),
+        method=Method(method),
+        scheme=QuantScheme(4, 128, True),
+        calibration=CalibrationSpec(path=str(calib), num_samples=16, seq_len=512),
+        device=DEVICE,
+        devices=devices,
+    )
+
+
+def check_switches(model_dir: Path, calib: Path, work: Path) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for method in ("gptq", "awq", "rtn"):
+        runs = {}
+        for label, options in (("on", PipelineOptions()), ("off", OFF)):
+            target = work / f"out-{method}-{label}"
+            shutil.rmtree(target, ignore_errors=True)
+            t0 = time.perf_counter()
+            report = run_local(spec_for(model_dir, calib, method), target, options=options)
+            runs[label] = (digests(target), time.perf_counter() - t0, report.module_errors)
+        (on, t_on, err_on), (off, t_off, err_off) = runs["on"], runs["off"]
+        deviation = max(
+            (abs(a.error / b.error - 1) for a, b in zip(err_on, err_off, strict=True) if b.error > 0), default=0.0
+        )
+        out[method] = {
+            "files": len(on),
+            "identical": on == off,
+            "seconds_on": round(t_on, 2),
+            "seconds_off": round(t_off, 2),
+            "max_module_error_deviation": deviation,
+        }
+        print(f"switches {method}: {out[method]}", flush=True)
+    return out
+
+
+def sync() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+class Sink:
+    def __init__(self) -> None:
+        self.quantized: dict[str, QuantizedTensor] = {}
+
+    def add_dense(self, name: str, tensor: torch.Tensor) -> None:
+        pass
+
+    def add_quantized(self, module_name: str, qt: QuantizedTensor) -> None:
+        self.quantized[module_name] = qt
+
+
+def check_two_devices(model_dir: Path, calib: Path) -> dict[str, Any]:
+    cuda = torch.device(DEVICE)
+    out: dict[str, Any] = {}
+    for method in ("gptq", "awq"):
+        spec = spec_for(model_dir, calib, method)
+        calibration = calibration_windows(spec.calibration, load_tokenizer(model_dir))
+        sinks, seconds = [], []
+        for devices in ([cuda], [cuda, cuda]):
+            model = LayerwiseModel(model_dir, cuda)
+            sink = Sink()
+            sync()
+            t0 = time.perf_counter()
+            quantize_model(model, CheckpointWeights(TensorSource(model_dir)), spec, [sink], calibration, devices=devices)
+            sync()
+            seconds.append(time.perf_counter() - t0)
+            sinks.append(sink)
+        one, two = sinks
+        differ = sum(int((one.quantized[n].q.cpu() != two.quantized[n].q.cpu()).sum()) for n in one.quantized)
+        total = sum(qt.q.numel() for qt in one.quantized.values())
+        out[method] = {"codes_differ": differ, "codes": total, "fraction": differ / total,
+                       "seconds_1": round(seconds[0], 2), "seconds_2_on_one_gpu": round(seconds[1], 2)}
+        print(f"two devices {method}: {out[method]}", flush=True)
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--work", default="/tmp/qfpc")
+    p.add_argument("--layers", type=int, default=4)
+    p.add_argument("--results", default=None)
+    p.add_argument("--cpu", action="store_true", help="smoke-test the script itself on the CPU")
+    args = p.parse_args(argv)
+    global DEVICE
+    DEVICE = "cpu" if args.cpu else "cuda"
+    if not args.cpu and not torch.cuda.is_available():
+        p.error("these checks need a CUDA GPU (or --cpu for a smoke test)")
+    work = Path(args.work)
+    model_dir = make_tiny_llama(work / "model", args.layers, dtype=torch.bfloat16, tie_word_embeddings=False, **SHAPE)
+    calib = write_text_corpus(work / "calib.txt", 40_000)
+    results: dict[str, Any] = {"device": "cpu" if args.cpu else torch.cuda.get_device_name(), "shape": SHAPE, "layers": args.layers}
+    for name, fn in (("switches", lambda: check_switches(model_dir, calib, work)),
+                     ("two_devices", lambda: check_two_devices(model_dir, calib))):
+        try:
+            results[name] = fn()
+        except Exception as exc:  # keep the other check's numbers
+            results[name] = {"error": f"{type(exc).__name__}: {exc}"}
+            print(f"!!! check {name} failed: {exc!r}", flush=True)
+        if args.results:
+            Path(args.results).write_text(json.dumps(results, indent=1, default=str))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
