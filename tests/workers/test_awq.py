@@ -1,11 +1,24 @@
 """AWQ: activation-aware scales and clip search lower the output error in the setting AWQ targets."""
 
+from collections import Counter
+from typing import Any
+
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
-from workers.errors import InvalidSpecError
-from workers.quant.awq import apply_clip, search_clip, search_scales
-from workers.quant.grid import fake_quantize
+from workers.errors import InputError, InvalidSpecError
+from workers.quant.awq import (
+    CLIP_CHUNK_BYTES,
+    MIN_SCALE,
+    TOKEN_CHUNK,
+    apply_clip,
+    clip_bytes_per_channel,
+    clip_chunk,
+    search_clip,
+    search_scales,
+)
+from workers.quant.grid import fake_quantize, num_groups
 from workers.quant.rtn import rtn_quantize
 from workers.spec import QuantScheme
 
@@ -119,3 +132,155 @@ def test_bad_inputs_are_rejected() -> None:
         search_clip(torch.randn(0, IN), torch.randn(4, IN), scheme)
     with pytest.raises(InvalidSpecError, match="max_shrink"):
         search_clip(torch.randn(8, IN), torch.randn(4, IN), scheme, max_shrink=1.5)
+
+
+def test_non_finite_weights_are_rejected_after_the_search() -> None:
+    scheme = QuantScheme(bits=4, group_size=32)
+    w = torch.randn(8, IN)
+    w[5, 70] = float("nan")
+    with pytest.raises(InputError, match="non-finite"):
+        search_clip(torch.randn(16, IN), w, scheme, chunk_bytes=1)
+    with pytest.raises(InputError, match="non-finite"):
+        search_scales(torch.randn(16, IN), [torch.randn(4, IN), w], scheme)
+    x = torch.randn(16, IN)
+    x[3, 9] = float("inf")  # α > 0 turns the infinite channel mean into NaN scales
+    with pytest.raises(InputError, match="non-finite"):
+        search_scales(x, [torch.randn(4, IN)], scheme)
+
+
+# --- Equivalence with the version that evaluated one candidate at a time -------------------------------
+# Frozen copies of search_scales / search_clip before the sync-free rewrite (64 output channels per clip
+# step, a Python float loss per α). The rewrite must make exactly the same choices on the CPU.
+
+_OLD_CHANNEL_CHUNK = 64
+
+
+def _old_output_mse(x: torch.Tensor, weight_delta: torch.Tensor) -> float:
+    total = sum(float((chunk @ weight_delta.T).square().sum()) for chunk in x.split(TOKEN_CHUNK))
+    return total / (x.shape[0] * weight_delta.shape[0])
+
+
+def _old_search_scales(
+    x: torch.Tensor, weights: list[torch.Tensor], scheme: QuantScheme, grid: int = 20
+) -> tuple[torch.Tensor, float, float]:
+    w = torch.cat(weights)
+    s_x = x.abs().mean(dim=0)
+    best = (torch.ones_like(s_x), 0.0, float("inf"))
+    for step in range(grid):
+        alpha = step / grid
+        s = s_x.pow(alpha).clamp(min=MIN_SCALE)
+        s = s / (s.max() * s.min()).sqrt()
+        loss = _old_output_mse(x, w - fake_quantize(w * s, scheme) / s)
+        if loss < best[2]:
+            best = (s, alpha, loss)
+    return best
+
+
+def _old_search_clip(
+    x: torch.Tensor, weight: torch.Tensor, scheme: QuantScheme, grid: int = 20, max_shrink: float = 0.5,
+    max_tokens: int = 512,
+) -> torch.Tensor:
+    out, n = weight.shape
+    groups = num_groups(n, scheme)
+    x = x[:: max(1, x.shape[0] // max_tokens)][:max_tokens].reshape(-1, groups, n // groups)
+    clip = torch.empty(out, groups, 2, dtype=torch.float32)
+    for o1 in range(0, out, _OLD_CHANNEL_CHUNK):
+        w = weight[o1 : o1 + _OLD_CHANNEL_CHUNK]
+        grouped = w.reshape(-1, groups, n // groups)
+        hi0 = grouped.amax(dim=2).clamp(min=0)
+        lo0 = grouped.amin(dim=2).clamp(max=0)
+        if scheme.symmetric:
+            hi0 = torch.maximum(hi0, -lo0)
+            lo0 = -hi0
+        reference = torch.einsum("tgk,ogk->otg", x, grouped)
+        best_err = torch.full_like(hi0, float("inf"))
+        best_lo, best_hi = lo0.clone(), hi0.clone()
+        for step in range(max(1, int(max_shrink * grid))):
+            ratio = 1 - step / grid
+            lo, hi = lo0 * ratio, hi0 * ratio
+            clipped = apply_clip(w, torch.stack((lo, hi), dim=-1))
+            q = fake_quantize(clipped, scheme, max_val=hi, min_val=lo).reshape(-1, groups, n // groups)
+            err = (torch.einsum("tgk,ogk->otg", x, q) - reference).square().mean(dim=1)
+            better = err < best_err
+            best_err = torch.where(better, err, best_err)
+            best_lo, best_hi = torch.where(better, lo, best_lo), torch.where(better, hi, best_hi)
+        clip[o1 : o1 + _OLD_CHANNEL_CHUNK] = torch.stack((best_lo, best_hi), dim=-1)
+    return clip
+
+
+EQUIVALENCE_SCHEMES = [QuantScheme(b, g, s) for b in (3, 4) for g in (32, 64, -1) for s in (True, False)]
+
+
+def _random_layer(seed: int, out: int, n: int, tokens: int) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(tokens, n, generator=g)
+    x[:, torch.randperm(n, generator=g)[:5]] *= 20
+    w = 0.05 * torch.randn(out, n, generator=g)
+    w[torch.rand(out, n, generator=g) < 0.02] *= 8  # outliers: many groups prefer a ratio below 1
+    return x, w
+
+
+@pytest.mark.parametrize("scheme", EQUIVALENCE_SCHEMES, ids=str)
+def test_clip_search_makes_the_choices_of_the_old_version(scheme: QuantScheme) -> None:
+    x, w = _random_layer(scheme.bits * 100 + scheme.group_size, 200, 256, 300)
+    expected = _old_search_clip(x, w, scheme, max_tokens=128)
+    clipped = (expected != _old_search_clip(x, w, scheme, max_shrink=0.0, max_tokens=128)).any(dim=-1)
+    assert bool(clipped.any()) and not bool(clipped.all())  # the test covers clipped and unclipped groups
+    # one chunk of all 200 channels (either default budget), and chunks of 1, 7 and 64 channels
+    per_channel = clip_bytes_per_channel(128, num_groups(256, scheme), 256)
+    for chunk_bytes in (None, CLIP_CHUNK_BYTES, 1, 7 * per_channel, 64 * per_channel):
+        got = search_clip(x, w, scheme, max_tokens=128, chunk_bytes=chunk_bytes)
+        assert torch.equal(got, expected), chunk_bytes
+
+
+@pytest.mark.parametrize("scheme", EQUIVALENCE_SCHEMES, ids=str)
+def test_scale_search_makes_the_choices_of_the_old_version(scheme: QuantScheme) -> None:
+    x, w = _random_layer(scheme.bits * 10 + scheme.group_size, 96, 256, 384)
+    weights = [w[:64], w[64:]]
+    expected = _old_search_scales(x, weights, scheme)
+    scales, alpha, loss = search_scales(x, weights, scheme)
+    assert alpha > 0 and alpha == expected[1] and loss == expected[2]  # exact floats, not approx
+    assert torch.equal(scales, expected[0])
+
+
+def test_scale_search_ties_go_to_the_first_minimum() -> None:
+    """A weight RTN reproduces exactly at every α has loss 0 at every step: α = 0 must win, as before."""
+    x = torch.randn(32, 64)
+    w = torch.zeros(4, 64)
+    scales, alpha, loss = search_scales(x, [w], QuantScheme(bits=4, group_size=32), grid=5)
+    assert (alpha, loss) == (0.0, 0.0) == _old_search_scales(x, [w], QuantScheme(4, 32), grid=5)[1:]
+    assert torch.equal(scales, torch.ones(64))
+
+
+def test_clip_chunk_follows_the_memory_budget() -> None:
+    # Llama-3-8B down_proj (in 14336, group 128 → 112 groups), 512 tokens: 2·512·112 + 8·14336 floats/channel
+    assert clip_chunk(512, 112, 14336) == (1 << 30) // (4 * (2 * 512 * 112 + 8 * 14336)) == 1170
+    assert clip_chunk(512, 32, 4096) == 4096  # q/k/v/o/gate/up inputs: 4096 channels per step
+    assert clip_chunk(512, 112, 14336, budget=1) == 1  # never zero
+    assert clip_chunk(128, 8, 256, budget=7 * clip_bytes_per_channel(128, 8, 256) + 5) == 7
+
+
+class _CountOps(TorchDispatchMode):
+    """Counts the aten ops a block runs; `_local_scalar_dense` is what .item()/float()/bool() of a tensor do,
+    the device→host syncs on a GPU."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.ops: Counter[str] = Counter()
+
+    def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+        self.ops[str(func.overloadpacket)] += 1
+        return func(*args, **(kwargs or {}))
+
+
+def test_searches_read_scalars_once_not_per_step() -> None:
+    """One scalar read (the deferred scale check) per search, however many chunks and grid steps."""
+    x, w = _random_layer(0, 40, 64, 32)
+    scheme = QuantScheme(bits=4, group_size=32, symmetric=False)
+    for chunk_bytes in (1, CLIP_CHUNK_BYTES):  # 40 chunks of one channel, or one chunk
+        with _CountOps() as counted:
+            search_clip(x, w, scheme, chunk_bytes=chunk_bytes)
+        assert counted.ops["aten._local_scalar_dense"] == 1
+    with _CountOps() as counted:
+        search_scales(x, [w], scheme)  # plus one .tolist() of the 20 losses, which bypasses dispatch
+    assert counted.ops["aten._local_scalar_dense"] == 1

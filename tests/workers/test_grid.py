@@ -8,7 +8,15 @@ from compressed_tensors.quantization.lifecycle.forward import quantize as ct_qua
 from compressed_tensors.quantization.utils.helpers import calculate_qparams
 
 from workers.errors import InputError, InvalidSpecError
-from workers.quant.grid import QuantizedTensor, check_group_size, compute_qparams, qrange, quantize_values
+from workers.quant.grid import (
+    QuantizedTensor,
+    ScaleCheck,
+    check_group_size,
+    compute_qparams,
+    fake_quantize,
+    qrange,
+    quantize_values,
+)
 from workers.quant.rtn import rtn_quantize
 from workers.spec import QuantScheme
 
@@ -138,3 +146,47 @@ def test_bad_weights_are_rejected() -> None:
     bad[1, 3] = float("nan")
     with pytest.raises(InputError, match="non-finite"):
         rtn_quantize(bad, scheme)
+
+
+def test_too_large_scales_are_rejected_for_the_storage_dtype() -> None:
+    w = torch.full((2, 32), 1e6)  # scale 1e6 / 7 > 65504, the largest float16
+    with pytest.raises(InputError, match="exceeds the largest torch.float16 value 65504"):
+        rtn_quantize(w, QuantScheme(bits=4, group_size=32), scale_dtype=torch.float16)
+
+
+def test_scale_check_defers_the_errors_and_keeps_the_values() -> None:
+    """With a ScaleCheck, quantizing records instead of raising, returns what the eager call returns, and
+    `raise_first` raises the error of the first failed call, as the eager checks would have."""
+    scheme = QuantScheme(bits=4, group_size=32, symmetric=False)
+    w = torch.randn(4, 64)
+    check = ScaleCheck()
+    assert torch.equal(fake_quantize(w, scheme, check=check), fake_quantize(w, scheme))
+    check.raise_first()  # nothing failed
+
+    check = ScaleCheck()
+    scale, zero = compute_qparams(w, scheme, scale_dtype=torch.float16, check=check)
+    eager_scale, eager_zero = compute_qparams(w, scheme, scale_dtype=torch.float16)
+    assert torch.equal(scale, eager_scale) and zero is not None and eager_zero is not None
+    assert torch.equal(zero, eager_zero)
+    huge, bad = torch.full((4, 64), 1e6), w.clone()
+    bad[2, 40] = float("inf")
+    compute_qparams(huge, scheme, scale_dtype=torch.float16, check=check)  # first failure: too large
+    compute_qparams(bad, scheme, scale_dtype=torch.float16, check=check)
+    with pytest.raises(ValueError, match="one scale dtype"):
+        compute_qparams(w, scheme, scale_dtype=torch.bfloat16, check=check)
+    with pytest.raises(InputError, match="exceeds the largest torch.float16"):
+        check.raise_first()
+
+    check = ScaleCheck()
+    fake_quantize(bad, scheme, check=check)  # first failure: non-finite
+    fake_quantize(torch.full((4, 64), 1e38), scheme, check=check)
+    with pytest.raises(InputError, match="non-finite"):
+        check.raise_first()
+
+
+def test_eager_checks_still_raise_at_the_call() -> None:
+    scheme = QuantScheme(bits=4, group_size=32)
+    with pytest.raises(InputError, match="non-finite"):
+        fake_quantize(torch.full((1, 32), float("nan")), scheme)
+    with pytest.raises(InputError, match="non-finite"):  # 3e38 - (-3e38) overflows to inf
+        compute_qparams(torch.tensor([[3e38] * 16 + [-3e38] * 16]), QuantScheme(4, 32, symmetric=False))

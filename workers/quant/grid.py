@@ -80,16 +80,51 @@ class QuantizedTensor:
         return (values * _expand_groups(self.scale.to(torch.float32), in_features)).to(dtype)
 
 
-def _round_scale(scale: Tensor, scale_dtype: torch.dtype | None) -> Tensor:
-    """Round scales to the storage dtype and keep them strictly positive (see module docstring)."""
+class ScaleCheck:
+    """The checks of `_round_scale`, recorded on the device and raised once by `raise_first()`.
+
+    A search loop quantizes hundreds of candidates; checking each one eagerly costs a device→host sync per
+    call. This keeps a 0-dim code on the scales' device instead (0: fine, 1: non-finite, 2: too large), of
+    the first call that failed, so the error raised later is the one the eager check would have raised.
+    """
+
+    def __init__(self) -> None:
+        self._first: Tensor | None = None
+        self._dtype = torch.float32
+
+    def record(self, scale: Tensor, dtype: torch.dtype) -> None:
+        if self._first is not None and dtype != self._dtype:
+            raise ValueError(f"one ScaleCheck covers one scale dtype, got {dtype} after {self._dtype}")
+        self._dtype = dtype
+        too_large = (scale > torch.finfo(dtype).max).any().to(torch.int8) * 2
+        code = torch.where(torch.isfinite(scale).all(), too_large, 1)
+        self._first = code if self._first is None else torch.where(self._first != 0, self._first, code)
+
+    def raise_first(self) -> None:
+        """Raise the error of the first failed call, if any; one host sync."""
+        code = 0 if self._first is None else int(self._first)
+        if code == 1:
+            raise InputError("the weight has non-finite values (inf or NaN); quantization needs finite weights")
+        if code == 2:
+            raise InputError(
+                f"a quantization scale exceeds the largest {self._dtype} value {torch.finfo(self._dtype).max:g}; "
+                "the weight is too large"
+            )
+
+
+def _round_scale(scale: Tensor, scale_dtype: torch.dtype | None, check: ScaleCheck | None = None) -> Tensor:
+    """Round scales to the storage dtype and keep them strictly positive (see module docstring).
+
+    Invalid scales raise InputError here, or, with `check` given, are recorded there without a host sync.
+    """
     dtype = scale_dtype if scale_dtype is not None and scale_dtype.is_floating_point else torch.float32
     info = torch.finfo(dtype)
-    if not bool(torch.isfinite(scale).all()):
-        raise InputError("the weight has non-finite values (inf or NaN); quantization needs finite weights")
-    if bool((scale > info.max).any()):
-        raise InputError(
-            f"a quantization scale exceeds the largest {dtype} value {info.max:g}; the weight is too large"
-        )
+    if check is None:
+        eager = ScaleCheck()
+        eager.record(scale, dtype)
+        eager.raise_first()
+    else:
+        check.record(scale, dtype)
     rounded = scale.to(dtype).to(torch.float32)
     return torch.where(rounded == 0, torch.full_like(rounded, info.smallest_normal), rounded)
 
@@ -101,12 +136,14 @@ def compute_qparams(
     max_val: Tensor | None = None,
     min_val: Tensor | None = None,
     scale_dtype: torch.dtype | None = None,
+    check: ScaleCheck | None = None,
 ) -> tuple[Tensor, Tensor | None]:
     """Scale (float32 `[out, n_groups]`) and zero point (int8 or None) for the groups of `w` `[out, k]`.
 
     `w` may be a whole weight (k = in_features, n_groups = k / group_size, or 1 for group_size -1) or a
     single group (k = group_size → n_groups 1). `max_val` / `min_val` `[out, n_groups]` replace the observed
-    per-group extremes; AWQ's clip search uses them to quantize with a shrunk range.
+    per-group extremes; AWQ's clip search uses them to quantize with a shrunk range. `check`: see
+    `_round_scale`.
     """
     w = w.to(torch.float32)
     out, k = w.shape
@@ -119,9 +156,9 @@ def compute_qparams(
     lo, hi = torch.clamp(lo, max=0.0), torch.clamp(hi, min=0.0)
     qmin, qmax = qrange(scheme.bits)
     if scheme.symmetric:
-        scale = _round_scale(torch.maximum(-lo, hi) / qmax, scale_dtype)
+        scale = _round_scale(torch.maximum(-lo, hi) / qmax, scale_dtype, check)
         return scale, None
-    scale = _round_scale((hi - lo) / (qmax - qmin), scale_dtype)
+    scale = _round_scale((hi - lo) / (qmax - qmin), scale_dtype, check)
     zero_point = torch.clamp(torch.round(qmin - lo / scale), qmin, qmax).to(torch.int8)
     return scale, zero_point
 
@@ -137,10 +174,18 @@ def quantize_values(w: Tensor, scale: Tensor, zero_point: Tensor | None, scheme:
 
 
 def fake_quantize(
-    w: Tensor, scheme: QuantScheme, *, max_val: Tensor | None = None, min_val: Tensor | None = None
+    w: Tensor,
+    scheme: QuantScheme,
+    *,
+    max_val: Tensor | None = None,
+    min_val: Tensor | None = None,
+    check: ScaleCheck | None = None,
 ) -> Tensor:
-    """Quantize then dequantize `w` with min-max groups (float32); the search loops of AWQ use this."""
-    scale, zero_point = compute_qparams(w, scheme, max_val=max_val, min_val=min_val)
+    """Quantize then dequantize `w` with min-max groups (float32); the search loops of AWQ use this.
+
+    With `check`, invalid scales are recorded there instead of raising (no host sync; see `ScaleCheck`).
+    """
+    scale, zero_point = compute_qparams(w, scheme, max_val=max_val, min_val=min_val, check=check)
     return QuantizedTensor(
         quantize_values(w, scale, zero_point, scheme), scale, zero_point, scheme
     ).dequantize()
