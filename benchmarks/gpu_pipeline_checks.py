@@ -7,6 +7,8 @@
    [cuda:0]. No speed-up is possible on one GPU; this exercises the multi-device code on CUDA (a thread per
    device, per-thread current device, Triton compiling from two threads, cross-replica copies) and
    measures how many codes the Hessian merge's different summation order changes.
+3. AWQ searches on the Llama-3-8B module shapes: the sync-free, budget-chunked `search_clip` and
+   `search_scales` against the frozen old versions (tests/workers/test_awq.py): equal choices, and time.
 
     python benchmarks/gpu_pipeline_checks.py --work /tmp/qfpc --results /tmp/pipeline-checks.json
 """
@@ -127,11 +129,52 @@ def check_two_devices(model_dir: Path, calib: Path) -> dict[str, Any]:
     return out
 
 
+AWQ_SHAPES = {"q_proj": (4096, 4096), "gate_proj": (14336, 4096), "down_proj": (4096, 14336)}
+
+
+def timed(fn: Any) -> tuple[Any, float]:
+    fn()  # warm-up
+    sync()
+    t0 = time.perf_counter()
+    value = fn()
+    sync()
+    return value, time.perf_counter() - t0
+
+
+def check_awq_searches() -> dict[str, Any]:
+    from tests.workers.test_awq import _old_search_clip, _old_search_scales
+    from workers.quant.awq import search_clip, search_scales
+
+    scheme = QuantScheme(4, 128, True)
+    g = torch.Generator(device=DEVICE).manual_seed(0)
+    out: dict[str, Any] = {}
+    shrink = 8 if DEVICE == "cpu" else 1  # the CPU smoke test uses 1/8 of each dimension
+    for name, (rows, cols) in AWQ_SHAPES.items():
+        rows, cols = rows // shrink, cols // shrink
+        channel_scale = torch.exp(torch.randn(cols, generator=g, device=DEVICE))
+        x = torch.randn(4096 // shrink, cols, generator=g, device=DEVICE) * channel_scale
+        w = torch.randn(rows, cols, generator=g, device=DEVICE) * 0.02
+        new_clip, t_new = timed(lambda x=x, w=w: search_clip(x, w, scheme))
+        old_clip, t_old = timed(lambda x=x, w=w: _old_search_clip(x, w, scheme).to(DEVICE))
+        (new_s, new_a, new_l), t_snew = timed(lambda x=x, w=w: search_scales(x, [w], scheme))
+        (old_s, old_a, old_l), t_sold = timed(lambda x=x, w=w: _old_search_scales(x, [w], scheme))
+        out[name] = {
+            "clip_equal_fraction": float((new_clip == old_clip).all(dim=-1).float().mean()),
+            "clip_s_old": round(t_old, 4), "clip_s_new": round(t_new, 4),
+            "scales_equal": bool(torch.equal(new_s, old_s)) and new_a == old_a,
+            "scales_loss_rel_diff": abs(new_l / old_l - 1) if old_l else 0.0,
+            "scales_s_old": round(t_sold, 4), "scales_s_new": round(t_snew, 4),
+        }
+        print(f"awq {name}: {out[name]}", flush=True)
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--work", default="/tmp/qfpc")
     p.add_argument("--layers", type=int, default=4)
     p.add_argument("--results", default=None)
+    p.add_argument("--only", default="", help="comma list of switches, two_devices, awq_searches")
     p.add_argument("--cpu", action="store_true", help="smoke-test the script itself on the CPU")
     args = p.parse_args(argv)
     global DEVICE
@@ -143,7 +186,10 @@ def main(argv: list[str] | None = None) -> int:
     calib = write_text_corpus(work / "calib.txt", 40_000)
     results: dict[str, Any] = {"device": "cpu" if args.cpu else torch.cuda.get_device_name(), "shape": SHAPE, "layers": args.layers}
     for name, fn in (("switches", lambda: check_switches(model_dir, calib, work)),
-                     ("two_devices", lambda: check_two_devices(model_dir, calib))):
+                     ("two_devices", lambda: check_two_devices(model_dir, calib)),
+                     ("awq_searches", check_awq_searches)):
+        if args.only and name not in args.only.split(","):
+            continue
         try:
             results[name] = fn()
         except Exception as exc:  # keep the other check's numbers

@@ -550,6 +550,7 @@ def time_quantfleet(
     cold: bool,
     profile_layer: int | None = None,
     devices: int = 1,
+    overlap: bool = True,
 ) -> Result:
     """Times `workers.engine.run_local(JobSpec(...), out_dir)` on the same checkpoint and token ids.
 
@@ -567,7 +568,10 @@ def time_quantfleet(
         raise RuntimeError(
             f"QuantFleet engine not importable ({exc}); run with --tools llmcompressor"
         ) from exc
+    from workers.pipeline import PipelineOptions
     from workers.spec import CalibrationSpec, JobSpec, Method, QuantScheme
+
+    options = PipelineOptions() if overlap else PipelineOptions(prefetch_weights=False, background_writes=False)
 
     spec = JobSpec(
         model_dir=str(model_dir),
@@ -585,7 +589,7 @@ def time_quantfleet(
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
     t0 = now()
-    report = run_local(spec, out_dir, on_progress=clock)
+    report = run_local(spec, out_dir, on_progress=clock, options=options)
     end = now()
     if clock.profile_table:
         print(f"--- torch.profiler, decoder layer {profile_layer} ({method})\n{clock.profile_table}", flush=True)
@@ -612,6 +616,7 @@ def time_quantfleet(
         cache=cache,
         config={
             **spec.to_dict(),
+            "pipeline_options": asdict(options),
             "engine_timings_s": timings,
             "engine_peak_memory": report.peak_memory_bytes,
             "steps_s": clock.steps(end),
@@ -773,7 +778,7 @@ def run_child(args: argparse.Namespace) -> None:
     else:
         result = time_quantfleet(
             args.method, model_dir, out_dir, work / "calib.jsonl", ids, shape, args.layers, args.cold,
-            args.profile_layer, args.devices,
+            args.profile_layer, args.devices, not args.no_overlap,
         )
     Path(args.result_json).write_text(json.dumps(asdict(result), indent=1))
 
@@ -829,6 +834,7 @@ def main(argv: list[str] | None = None) -> int:
         "--warm", dest="cold", action="store_false", help="do not drop the page cache before loads"
     )
     p.add_argument("--child-timeout", type=int, default=900, help="seconds per (tool, method) child process")
+    p.add_argument("--no-overlap", action="store_true", help="QuantFleet without prefetching and background writes")
     p.add_argument("--devices", type=int, default=1, help="GPUs given to each QuantFleet job (JobSpec.devices)")
     p.add_argument("--profile-layer", type=int, default=None, help="torch.profiler table of this QuantFleet layer")
     p.add_argument("--rates", action="store_true", help="also measure matmul/copy/Hessian/Cholesky rates")
@@ -919,6 +925,8 @@ def main(argv: list[str] | None = None) -> int:
                 cmd += ["--profile-layer", str(args.profile_layer)]
             if args.devices != 1:
                 cmd += ["--devices", str(args.devices)]
+            if args.no_overlap:
+                cmd += ["--no-overlap"]
             print(f"=== {tool} {method} ({args.layers} layers)", flush=True)
             try:
                 rc = subprocess.run(cmd, timeout=args.child_timeout).returncode
