@@ -21,6 +21,7 @@ import json
 import shutil
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -105,26 +106,39 @@ class Sink:
 
 
 def check_two_devices(model_dir: Path, calib: Path) -> dict[str, Any]:
+    """[cuda, cuda] vs [cuda]; and, for scale, [cuda] with another calibration seed (the run-to-run noise)."""
     cuda = torch.device(DEVICE)
     out: dict[str, Any] = {}
     for method in ("gptq", "awq"):
-        spec = spec_for(model_dir, calib, method)
-        calibration = calibration_windows(spec.calibration, load_tokenizer(model_dir))
-        sinks, seconds = [], []
-        for devices in ([cuda], [cuda, cuda]):
+        runs: dict[str, tuple[Sink, float, float]] = {}
+        for label, devices, seed in (("one", [cuda], 0), ("two", [cuda, cuda], 0), ("one_seed1", [cuda], 1)):
+            spec = spec_for(model_dir, calib, method)
+            spec = replace(spec, calibration=replace(spec.calibration, seed=seed))
+            calibration = calibration_windows(spec.calibration, load_tokenizer(model_dir))
             model = LayerwiseModel(model_dir, cuda)
             sink = Sink()
             sync()
             t0 = time.perf_counter()
-            quantize_model(model, CheckpointWeights(TensorSource(model_dir)), spec, [sink], calibration, devices=devices)
+            result = quantize_model(
+                model, CheckpointWeights(TensorSource(model_dir)), spec, [sink], calibration, devices=devices
+            )
             sync()
-            seconds.append(time.perf_counter() - t0)
-            sinks.append(sink)
-        one, two = sinks
-        differ = sum(int((one.quantized[n].q.cpu() != two.quantized[n].q.cpu()).sum()) for n in one.quantized)
+            mean_error = sum(e.relative_error for e in result.module_errors) / len(result.module_errors)
+            runs[label] = (sink, time.perf_counter() - t0, mean_error)
+        one = runs["one"][0]
         total = sum(qt.q.numel() for qt in one.quantized.values())
-        out[method] = {"codes_differ": differ, "codes": total, "fraction": differ / total,
-                       "seconds_1": round(seconds[0], 2), "seconds_2_on_one_gpu": round(seconds[1], 2)}
+
+        def differ(other: Sink, one: Sink = one, total: int = total) -> float:
+            changed = sum(int((one.quantized[n].q.cpu() != other.quantized[n].q.cpu()).sum()) for n in one.quantized)
+            return changed / total
+
+        out[method] = {
+            "codes": total,
+            "fraction_differ_two_devices": differ(runs["two"][0]),
+            "fraction_differ_other_seed": differ(runs["one_seed1"][0]),
+            **{f"seconds_{k}": round(v[1], 2) for k, v in runs.items()},
+            **{f"mean_relative_module_error_{k}": v[2] for k, v in runs.items()},
+        }
         print(f"two devices {method}: {out[method]}", flush=True)
     return out
 

@@ -13,7 +13,9 @@ EngineReport.
 from __future__ import annotations
 
 import json
+import logging
 import shutil
+import threading
 import time
 import uuid
 from importlib import metadata
@@ -33,6 +35,7 @@ from workers.loading import CheckpointWeights, LayerwiseModel, load_tokenizer
 from workers.memory import PeakMemory
 from workers.pipeline import PipelineOptions, quantize_model
 from workers.progress import CancelCheck, Progress, ProgressCallback, never_cancel, no_progress
+from workers.quant.gptq import warm_up
 from workers.report import EngineReport
 from workers.spec import JobSpec, Method
 from workers.tensor_source import TensorSource
@@ -127,6 +130,27 @@ def run_local(
     return report
 
 
+log = logging.getLogger(__name__)
+
+
+def _start_warm_up(spec: JobSpec, devices: list[torch.device], dtype: torch.dtype) -> threading.Thread | None:
+    """GPTQ on CUDA: compile the sweep and create solver handles on each device while the text is tokenized."""
+    if spec.method is not Method.GPTQ or devices[0].type != "cuda":
+        return None
+
+    def run() -> None:
+        for device in dict.fromkeys(devices):
+            try:
+                with torch.cuda.device(device):
+                    log.debug("GPTQ warm-up on %s took %.2f s", device, warm_up(device, spec.scheme, dtype))
+            except Exception:  # a warm-up problem must not fail the job; the real solve reports real errors
+                log.warning("GPTQ warm-up on %s failed", device, exc_info=True)
+
+    thread = threading.Thread(target=run, name="qf-warm-up", daemon=True)
+    thread.start()
+    return thread
+
+
 def _build(
     spec: JobSpec,
     info: ModelInfo,
@@ -152,6 +176,7 @@ def _build(
     timings = report.timings_s
     device = devices[0]  # the model, evaluation and peak memory live here; calibration spans all devices
     with PeakMemory(device) as memory:
+        warming = _start_warm_up(spec, devices, info.dtype)
         mark = time.perf_counter()
         on_progress(Progress("load", num_layers=info.num_layers, message=str(info.model_dir)))
         model = LayerwiseModel(info.model_dir, device)
@@ -167,6 +192,8 @@ def _build(
         timings["calibrate"] = time.perf_counter() - mark
 
         mark = time.perf_counter()
+        if warming is not None:
+            warming.join()
         dirs = _checkpoint_dirs(spec, staging)
         writers = [
             CheckpointWriter(d, fmt, spec.scheme, info.dtype, act_order=spec.act_order and spec.method is Method.GPTQ)

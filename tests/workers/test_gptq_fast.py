@@ -193,3 +193,19 @@ def test_auto_precision_is_the_fp32_reference_off_cuda() -> None:
     assert torch.equal(auto.hessian, fp32.hessian)
     with pytest.raises(ValueError, match="choose 'auto', 'fp32' or 'half-operands'"):
         HessianAccumulator(IN, precision="tf32")  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("scheme", [QuantScheme(4, 128, True), QuantScheme(3, -1, True), QuantScheme(8, 32, False)])
+def test_warm_up_solves_a_small_problem_for_any_scheme(scheme: QuantScheme) -> None:
+    from workers.quant.gptq import warm_up
+
+    assert warm_up(torch.device("cpu"), scheme, torch.bfloat16) > 0
+
+
+def test_engine_warms_up_only_gptq_on_cuda() -> None:
+    from workers.engine import _start_warm_up
+    from workers.spec import JobSpec, Method
+
+    cpu = [torch.device("cpu")]
+    assert _start_warm_up(JobSpec("m", Method.GPTQ), cpu, torch.float16) is None
+    assert _start_warm_up(JobSpec("m", Method.AWQ), [torch.device("cuda")], torch.float16) is None

@@ -19,6 +19,7 @@ from __future__ import annotations
 import functools
 import importlib.util
 import math
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Literal
@@ -342,3 +343,23 @@ def _reference_sweep(
     if perm is not None:
         q = q[:, torch.argsort(perm)]
     return q, losses
+
+
+def warm_up(device: torch.device, scheme: QuantScheme, dtype: torch.dtype) -> float:
+    """Solve a tiny problem on `device` so the first real layer does not pay one-time costs; returns seconds.
+
+    On CUDA the first GPTQ solve of a process compiles the Triton sweep and creates the cuBLAS/cuSOLVER
+    handles (~5 s on an H100 before layer 0, benchmarks/gpu.md). Run on a thread while the calibration text
+    is tokenized, that cost overlaps with CPU work. Numbers are unaffected: nothing is kept but caches.
+    """
+    started = time.perf_counter()
+    columns = 2 * (scheme.group_size if scheme.group_size > 0 else 128)
+    generator = torch.Generator(device=device).manual_seed(0)
+    rows = torch.randn(4 * columns, columns, generator=generator, device=device).to(dtype)
+    accumulator = HessianAccumulator(columns, device)
+    accumulator.add(rows)
+    weight = (torch.randn(32, columns, generator=generator, device=device) * 0.02).to(dtype)
+    gptq_quantize_shared([weight], accumulator.hessian, scheme, scale_dtype=dtype)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter() - started
