@@ -8,11 +8,17 @@ A task whose worker process dies surfaces here as an error, which the dispatcher
 retryable attempt. A job that no node could ever run (gpus=2 on a cluster without GPUs, gpus=8 where
 the largest node has 4) is refused at submission (`Unschedulable`) instead of waiting in Ray's queue
 forever.
+
+An attempt holding GPUs runs in a fresh worker process (max_calls=1, as Ray does for tasks declared with
+num_gpus): CUDA binds a process to the devices CUDA_VISIBLE_DEVICES named when torch first touched CUDA,
+so a reused worker would keep computing on the previous attempt's GPU whatever Ray assigns next. Its start
+event records the GPU ids Ray gave it (`gpu_ids`) and the CUDA_VISIBLE_DEVICES the engine sees.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import os
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -35,7 +41,22 @@ def _run_attempt_task(ticket: AttemptTicket) -> str:
     # Ray sets OMP_NUM_THREADS in a worker (1 unless the task asks for CPUs) and reuses workers across
     # tasks: give torch one thread per CPU this task holds, whatever the process was started with.
     torch.set_num_threads(torch_threads(context.get_assigned_resources()))
-    return run_attempt(ticket, placement={"ray_node_id": context.get_node_id()})
+    return run_attempt(ticket, placement=task_placement(context.get_node_id(), ray.get_gpu_ids()))
+
+
+def task_placement(node_id: str, gpu_ids: Sequence[int | str]) -> dict[str, Any]:
+    """What the attempt's start event records about where it runs: the Ray node, and for a task holding
+    GPUs, their ids as Ray assigned them and the CUDA_VISIBLE_DEVICES that torch sees in this process."""
+    placement: dict[str, Any] = {"ray_node_id": node_id}
+    if gpu_ids:
+        placement["gpu_ids"] = list(gpu_ids)
+        placement["cuda_visible_devices"] = os.environ.get("CUDA_VISIBLE_DEVICES")
+    return placement
+
+
+def holds_accelerators(options: Mapping[str, Any]) -> bool:
+    """Whether Ray options ask for GPUs (or the custom resources standing for them)."""
+    return bool(options.get("num_gpus") or options.get("resources"))
 
 
 def _first_line(error: BaseException) -> str:
@@ -146,6 +167,7 @@ class RayExecutor:
                 )
             default_capacity = max(1, min(int(resources[k] // v) for k, v in task_resources.items() if v > 0))
         self._task = ray.remote(max_retries=0)(_run_attempt_task)
+        self._gpu_task = ray.remote(max_retries=0, max_calls=1)(_run_attempt_task)  # a fresh process each
         self._capacity = capacity or default_capacity
         self._running: dict[str, tuple[AttemptTicket, Any]] = {}
         self.uses_gpus = bool(gpus) or bool(task_resources)
@@ -176,7 +198,8 @@ class RayExecutor:
 
     def submit(self, ticket: AttemptTicket) -> None:
         options = self.options_for(ticket.spec)
-        self._running[ticket.job_id] = (ticket, self._task.options(**options).remote(ticket))
+        task = self._gpu_task if holds_accelerators(options) else self._task
+        self._running[ticket.job_id] = (ticket, task.options(**options).remote(ticket))
 
     def poll(self) -> list[Finished]:
         if not self._running:

@@ -80,7 +80,10 @@ class Activations:
     def __init__(self, hidden: Tensor, device: torch.device, options: PipelineOptions) -> None:
         self.device = device
         self.rows_per_chunk = max(1, options.batch_tokens // hidden.shape[1])
-        self.hidden = hidden.to(self._home(hidden, device, options))
+        home = self._home(hidden, device, options)
+        self.hidden = hidden.to(home)
+        if home.type == "cpu" and device.type == "cuda":  # offloaded: pinned, so chunk copies are fast DMA
+            self.hidden = self.hidden.pin_memory()
 
     @staticmethod
     def _home(hidden: Tensor, device: torch.device, options: PipelineOptions) -> torch.device:
