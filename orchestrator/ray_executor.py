@@ -103,7 +103,7 @@ def task_options(
 ) -> dict[str, Any]:
     """Ray options for an attempt of a job asking for `devices` GPUs; raises Unschedulable when no node
     of the cluster could run it. `task_resources` (custom resources standing for one accelerator) are
-    requested `devices` times over, in place of GPUs."""
+    requested `devices` times over, plus `devices` GPUs where the cluster has real ones."""
     if task_resources:
         need = {name: amount * devices for name, amount in task_resources.items()}
         for name, amount in need.items():
@@ -113,7 +113,10 @@ def task_options(
                     f"gpus={devices} requested but no node of the Ray cluster offers {amount:g} {name} "
                     f"(the most one node has is {have:g})"
                 )
-        return {"num_cpus": cpus_per_task, "resources": need}
+        options: dict[str, Any] = {"num_cpus": cpus_per_task, "resources": need}
+        if shape.gpus:  # real GPUs too: ask for them, so Ray sets CUDA_VISIBLE_DEVICES to the task's own
+            options["num_gpus"] = devices
+        return options
     if shape.gpus:
         have = int(shape.largest_node.get("GPU", 0))
         if have < devices:

@@ -53,6 +53,16 @@ def test_custom_resources_stand_for_each_gpu() -> None:
         task_options(shape, devices=3, cpus_per_task=1, task_resources={"qf_gpu": 1})
 
 
+def test_custom_resources_on_a_gpu_cluster_also_ask_for_the_gpus() -> None:
+    """Without num_gpus Ray sets no CUDA_VISIBLE_DEVICES, and every attempt on a node would use cuda:0."""
+    shape = ClusterShape(total={"CPU": 8.0, "GPU": 4.0, "gpu_h100": 4.0}, largest_node={"CPU": 8.0, "GPU": 4.0, "gpu_h100": 4.0})
+    assert task_options(shape, devices=2, cpus_per_task=1, task_resources={"gpu_h100": 1}) == {
+        "num_cpus": 1,
+        "resources": {"gpu_h100": 2},
+        "num_gpus": 2,
+    }
+
+
 class FakeRay:
     """What ClusterShape.of reads: ray.nodes() and ray.cluster_resources()."""
 
