@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+import subprocess
+import sys
 import threading
 import time
 from functools import cache
@@ -20,6 +22,23 @@ from orchestrator.models import Artifact, Job, JobEvent
 from orchestrator.settings import Settings
 from orchestrator.specs import request_hash
 from workers.storage import LocalStore, ObjectStore
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def run_scenario(module: str, args: dict[str, Any], timeout: float) -> dict[str, Any]:
+    """Run `python -m module <args as JSON>` from the repository root (its own Ray, its own process) and
+    return the JSON object it prints last; fails the test with the scenario's stderr if it exits non-zero."""
+    run = subprocess.run(
+        [sys.executable, "-m", module, json.dumps(args, default=str)],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+    assert run.returncode == 0, run.stderr[-4000:]
+    result: dict[str, Any] = json.loads(run.stdout.strip().splitlines()[-1])
+    return result
 
 
 def service_settings(database_url: str, allowed_root: Path, tmp_path: Path, **overrides: Any) -> Settings:

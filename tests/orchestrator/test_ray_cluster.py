@@ -5,15 +5,11 @@ another node. The scenario runs in its own process (see ray_cluster_scenario.py)
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
-from tests.orchestrator.support import events, gptq_body, sessions_for, slow_body
-
-REPO = Path(__file__).resolve().parents[2]
+from tests.orchestrator.support import events, gptq_body, run_scenario, sessions_for, slow_body
 
 
 @pytest.mark.ray
@@ -28,15 +24,7 @@ def test_batch_spreads_over_nodes_and_survives_losing_one(
         "body": gptq_body(tiny_assets, eval_=False),
         "slow_body": slow_body(tiny_assets, slow_model),
     }
-    run = subprocess.run(
-        [sys.executable, "-m", "tests.orchestrator.ray_cluster_scenario", json.dumps(args, default=str)],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=400,
-    )
-    assert run.returncode == 0, run.stderr[-4000:]
-    out = json.loads(run.stdout.strip().splitlines()[-1])
+    out = run_scenario("tests.orchestrator.ray_cluster_scenario", args, timeout=400)
     print(json.dumps(out["slow"], indent=1))
     workers = set(out["worker_nodes"])
     assert out["capacity"] == 2 and len(workers) == 2

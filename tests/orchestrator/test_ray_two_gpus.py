@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
 import sys
 import time
 from datetime import datetime
@@ -26,9 +25,8 @@ from typing import Any
 
 import pytest
 
-from tests.orchestrator.support import gptq_body
+from tests.orchestrator.support import gptq_body, run_scenario
 
-REPO = Path(__file__).resolve().parents[2]
 Interval = tuple[datetime, datetime]
 
 
@@ -143,15 +141,7 @@ def test_two_jobs_share_two_logical_gpus_and_a_two_gpu_job_takes_both(
         "pair_body": pair_body,
         "small_body": small_body,
     }
-    run = subprocess.run(
-        [sys.executable, "-m", "tests.orchestrator.test_ray_two_gpus", json.dumps(args)],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=360,
-    )
-    assert run.returncode == 0, run.stderr[-4000:]
-    out = json.loads(run.stdout.strip().splitlines()[-1])
+    out = run_scenario("tests.orchestrator.test_ray_two_gpus", args, timeout=360)
     print(json.dumps(out, indent=1))
     assert out["capacity"] == 2 and out["uses_gpus"] is True
 
