@@ -147,7 +147,8 @@ class RayExecutor:
 
         if not ray.is_initialized():
             ray.init(
-                address=address,
+                # "local": always a new embedded instance, never a cluster that happens to run on this host
+                address=address or "local",
                 include_dashboard=False,
                 log_to_driver=False,
                 object_store_memory=None if address else object_store_bytes,  # only for an embedded instance

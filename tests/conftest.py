@@ -142,6 +142,7 @@ def ray_cluster() -> Iterator[None]:
     import ray
 
     ray.init(
+        address="local",  # a new instance, even if another Ray runs on this machine
         num_cpus=2,
         object_store_memory=80 * 1024 * 1024,
         include_dashboard=False,

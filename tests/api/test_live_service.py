@@ -233,14 +233,19 @@ def test_batch_jobs_share_one_tokenization_of_their_calibration_set(
     cached = LocalStore(service.settings.object_store).list("cache/calibration")
     assert len(cached) == 1 and cached[0].endswith(".safetensors")
 
-    samples = {
-        (s.name, tuple(sorted(s.labels.items()))): s.value
-        for f in text_string_to_metric_families(_get(f"{service.url}/metrics"))
-        for s in f.samples
-    }
-    assert (
-        samples[("quantfleet_job_duration_seconds_count", (("method", "awq"), ("outcome", "succeeded")))] == 1
-    )
+    awq_done = ("quantfleet_job_duration_seconds_count", (("method", "awq"), ("outcome", "succeeded")))
+
+    def scraped() -> dict[Any, float] | None:
+        """The dispatcher records an attempt's duration when it sees the attempt end, just after the job row."""
+        samples = {
+            (s.name, tuple(sorted(s.labels.items()))): s.value
+            for f in text_string_to_metric_families(_get(f"{service.url}/metrics"))
+            for s in f.samples
+        }
+        return samples if awq_done in samples else None
+
+    samples = wait_for(scraped, 10, "the dispatcher to record the AWQ attempt", interval=0.2)
+    assert samples[awq_done] == 1
     assert samples[("quantfleet_jobs", (("state", "succeeded"),))] == 2
 
 
