@@ -228,8 +228,9 @@ def solve_layer(
         else:
             solved = [(rtn_quantize(w, spec.scheme, scale_dtype=model.model_dtype), False, None) for w in weights]
         outcomes: list[Outcome] = []
+        second_moment = hessian / 2  # E[x xᵀ], shared by the group's modules
         for name, weight, (qt, fallback, note) in zip(group, weights, solved, strict=True):
-            mse, rel = output_error(weight, _deployed(qt, model, device), hessian / 2)
+            mse, rel = output_error(weight, _deployed(qt, model, device), second_moment)
             outcomes.append((name, _to(qt, acts.devices[0]), mse, rel, fallback, note))
         return outcomes
 

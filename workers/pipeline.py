@@ -249,8 +249,9 @@ class LayerQuantizer:
                 outcomes = [(r.quantized, r.fell_back_to_rtn, r.note) for r in results]
             else:
                 outcomes = [(rtn_quantize(w, self.spec.scheme, scale_dtype=dtype), False, None) for w in weights]
+            second_moment = hessian / 2  # E[x xᵀ] of the group's input, shared by its modules
             for name, weight, (qt, fallback, note) in zip(group, weights, outcomes, strict=True):
-                mse, rel = output_error(weight, _deployed(qt, self.model, weight.device), hessian / 2)
+                mse, rel = output_error(weight, _deployed(qt, self.model, weight.device), second_moment)
                 self._record(index, name, mse, rel, fallback, note)
                 solved[name] = qt
         return solved
@@ -293,17 +294,21 @@ class LayerQuantizer:
                 row_scale[mapping.prev] = row_scale.get(mapping.prev, torch.ones_like(scales)) * scales
 
         solved: dict[str, QuantizedTensor] = {}
+        second_moments: dict[tuple[str, ...], Tensor] = {}  # E[x xᵀ] per group, once for all its modules
         for name in self.arch.linears:
             on_progress(Progress("quantize", index, self.model.num_layers, name))
             weight = _linear(layer, name).weight
-            x = inputs[self.arch.group_of(name)]
+            group = self.arch.group_of(name)
+            x = inputs[group]
             clip = search_clip(x, weight, self.spec.scheme, grid=self.options.awq_grid, max_tokens=self.options.awq_clip_tokens)
             qt = rtn_quantize(apply_clip(weight, clip), self.spec.scheme, scale_dtype=self.model.model_dtype)
             # Errors in the module's original output coordinates: undo any division of its output rows.
             rows = row_scale.get(name, torch.ones(weight.shape[0], device=x.device)).unsqueeze(1)
             reference = weight.to(torch.float32) * rows
             quantized = _deployed(qt, self.model, x.device).to(torch.float32) * rows
-            mse, rel = output_error(reference, quantized, x.T @ x / x.shape[0])
+            if group not in second_moments:
+                second_moments[group] = x.T @ x / x.shape[0]
+            mse, rel = output_error(reference, quantized, second_moments[group])
             self._record(index, name, mse, rel)
             solved[name] = qt
         return solved
