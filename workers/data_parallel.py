@@ -35,17 +35,17 @@ from workers.errors import InvalidSpecError
 from workers.loading import resolve_device
 from workers.pipeline import (
     Activations,
+    GroupOutcome,
     LayerQuantizer,
     PipelineOptions,
-    _deployed,
     _linear,
+    awq_stride,
     capture_inputs,
-    output_error,
+    strided_tokens,
 )
 from workers.progress import Progress, ProgressCallback
-from workers.quant.gptq import HessianAccumulator, gptq_quantize_shared
+from workers.quant.gptq import HessianAccumulator
 from workers.quant.grid import QuantizedTensor
-from workers.quant.rtn import rtn_quantize
 from workers.spec import Method
 
 Group = tuple[str, ...]
@@ -198,9 +198,6 @@ def _to(qt: QuantizedTensor, device: torch.device) -> QuantizedTensor:
     return replace(qt, q=qt.q.to(device), scale=qt.scale.to(device), zero_point=zero)
 
 
-Outcome = tuple[str, QuantizedTensor, float, float, bool, str | None]  # name, qt, mse, relative, fallback, note
-
-
 def solve_layer(
     quantizer: LayerQuantizer, index: int, replicas: Sequence[nn.Module], acts: ShardedActivations,
     on_progress: ProgressCallback,
@@ -215,26 +212,14 @@ def solve_layer(
     for group, d in zip(arch.linear_groups, owner, strict=True):
         on_progress(Progress("quantize", index, model.num_layers, ", ".join(group), f"on {acts.devices[d]}"))
 
-    def solve_group(d: int, group: Group) -> list[Outcome]:
-        device = acts.devices[d]
-        hessian = merge_hessians([partial[group] for partial in partials], device)
-        weights = [_linear(replicas[d], name).weight for name in group]
-        if spec.method is Method.GPTQ:
-            results = gptq_quantize_shared(
-                weights, hessian, spec.scheme, dampening=spec.dampening, block_size=quantizer.options.gptq_block_size,
-                act_order=spec.act_order, scale_dtype=model.model_dtype,
-            )
-            solved = [(r.quantized, r.fell_back_to_rtn, r.note) for r in results]
-        else:
-            solved = [(rtn_quantize(w, spec.scheme, scale_dtype=model.model_dtype), False, None) for w in weights]
-        outcomes: list[Outcome] = []
-        second_moment = hessian / 2  # E[x xᵀ], shared by the group's modules
-        for name, weight, (qt, fallback, note) in zip(group, weights, solved, strict=True):
-            mse, rel = output_error(weight, _deployed(qt, model, device), second_moment)
-            outcomes.append((name, _to(qt, acts.devices[0]), mse, rel, fallback, note))
-        return outcomes
+    def solve_group(d: int, group: Group) -> list[GroupOutcome]:
+        hessian = merge_hessians([partial[group] for partial in partials], acts.devices[d])
+        return [
+            (name, _to(qt, acts.devices[0]), mse, rel, fallback, note)
+            for name, qt, mse, rel, fallback, note in quantizer.solve_group(replicas[d], group, hessian)
+        ]
 
-    def solve_on(d: int) -> dict[Group, list[Outcome]]:
+    def solve_on(d: int) -> dict[Group, list[GroupOutcome]]:
         return {group: solve_group(d, group) for group, o in zip(arch.linear_groups, owner, strict=True) if o == d}
 
     by_group = {group: out for per_device in _on_each(acts.devices, solve_on) for group, out in per_device.items()}
@@ -251,16 +236,10 @@ def awq_inputs(
 ) -> dict[Group, Tensor]:
     """Every stride-th token of the whole calibration stream per group, float32 on the primary: the same
     tokens, in the same order, as the one-device pipeline keeps."""
-    stride = -(-acts.num_tokens // search_tokens)
+    stride = awq_stride(acts.num_tokens, search_tokens)
 
     def capture(i: int) -> dict[Group, list[Tensor]]:
-        samples: dict[Group, list[Tensor]] = {group: [] for group in arch.linear_groups}
-        seen = dict.fromkeys(arch.linear_groups, acts.bounds[i][0] * acts.seq_len)  # the shard's first token
-
-        def collect(group: Group, x: Tensor) -> None:
-            samples[group].append(x[(-seen[group]) % stride :: stride].to(torch.float32))
-            seen[group] += x.shape[0]
-
+        samples, collect = strided_tokens(arch.linear_groups, stride, acts.bounds[i][0] * acts.seq_len)
         capture_inputs(replicas[i], acts.shards[i], acts.positions[i], arch, collect)
         return samples
 

@@ -210,6 +210,29 @@ def _hessians(
     return {group: acc.hessian for group, acc in accumulators.items()}
 
 
+GroupOutcome = tuple[str, QuantizedTensor, float, float, bool, str | None]  # name, result, mse, relative, fallback, note
+
+
+def awq_stride(total_tokens: int, search_tokens: int) -> int:
+    """Keep every stride-th calibration token for AWQ: at most `search_tokens` of them (ceil division)."""
+    return -(-total_tokens // search_tokens)
+
+
+def strided_tokens(
+    groups: Sequence[tuple[str, ...]], stride: int, first_token: int = 0
+) -> tuple[dict[tuple[str, ...], list[Tensor]], Callable[[tuple[str, ...], Tensor], None]]:
+    """(samples, collect): `collect(group, x)` keeps every stride-th token (float32) of the calibration
+    stream across chunk boundaries, `x` being the stream's next tokens from position `first_token` on."""
+    samples: dict[tuple[str, ...], list[Tensor]] = {group: [] for group in groups}
+    seen = dict.fromkeys(groups, first_token)
+
+    def collect(group: tuple[str, ...], x: Tensor) -> None:
+        samples[group].append(x[(-seen[group]) % stride :: stride].to(torch.float32))
+        seen[group] += x.shape[0]
+
+    return samples, collect
+
+
 class LayerQuantizer:
     """Solves one decoder layer with the job's method; records errors and RTN fallbacks."""
 
@@ -237,39 +260,39 @@ class LayerQuantizer:
             return self._solve_awq(index, layer, activations, pos, on_progress)
         hessians = _hessians(layer, activations, pos, self.arch)
         solved: dict[str, QuantizedTensor] = {}
-        dtype = self.model.model_dtype
         for group, hessian in hessians.items():
             on_progress(Progress("quantize", index, self.model.num_layers, ", ".join(group)))
-            weights = [_linear(layer, name).weight for name in group]
-            if method is Method.GPTQ:  # one factored inverse Hessian serves the whole group
-                results = gptq_quantize_shared(
-                    weights, hessian, self.spec.scheme, dampening=self.spec.dampening,
-                    block_size=self.options.gptq_block_size, act_order=self.spec.act_order, scale_dtype=dtype,
-                )
-                outcomes = [(r.quantized, r.fell_back_to_rtn, r.note) for r in results]
-            else:
-                outcomes = [(rtn_quantize(w, self.spec.scheme, scale_dtype=dtype), False, None) for w in weights]
-            second_moment = hessian / 2  # E[x xᵀ] of the group's input, shared by its modules
-            for name, weight, (qt, fallback, note) in zip(group, weights, outcomes, strict=True):
-                mse, rel = output_error(weight, _deployed(qt, self.model, weight.device), second_moment)
+            for name, qt, mse, rel, fallback, note in self.solve_group(layer, group, hessian):
                 self._record(index, name, mse, rel, fallback, note)
                 solved[name] = qt
         return solved
+
+    def solve_group(self, layer: nn.Module, group: tuple[str, ...], hessian: Tensor) -> list[GroupOutcome]:
+        """GPTQ (one factored inverse Hessian for the whole group) or RTN of the Linears that share an input,
+        with each module's output error; on the device of `layer` and `hessian`."""
+        dtype = self.model.model_dtype
+        weights = [_linear(layer, name).weight for name in group]
+        if self.spec.method is Method.GPTQ:
+            results = gptq_quantize_shared(
+                weights, hessian, self.spec.scheme, dampening=self.spec.dampening,
+                block_size=self.options.gptq_block_size, act_order=self.spec.act_order, scale_dtype=dtype,
+            )
+            solved = [(r.quantized, r.fell_back_to_rtn, r.note) for r in results]
+        else:
+            solved = [(rtn_quantize(w, self.spec.scheme, scale_dtype=dtype), False, None) for w in weights]
+        second_moment = hessian / 2  # E[x xᵀ] of the group's input, shared by its modules
+        outcomes: list[GroupOutcome] = []
+        for name, weight, (qt, fallback, note) in zip(group, weights, solved, strict=True):
+            mse, rel = output_error(weight, _deployed(qt, self.model, weight.device), second_moment)
+            outcomes.append((name, qt, mse, rel, fallback, note))
+        return outcomes
 
     def _solve_awq(
         self, index: int, layer: nn.Module, activations: Activations, pos: tuple[Tensor, Tensor], on_progress: ProgressCallback
     ) -> dict[str, QuantizedTensor]:
         """Scale search per mapping (folding 1/s into the previous op), then clip search and RTN per Linear."""
         total_tokens = activations.hidden.shape[0] * activations.hidden.shape[1]
-        stride = -(-total_tokens // self.options.awq_search_tokens)  # ceil: at most awq_search_tokens kept
-        samples: dict[tuple[str, ...], list[Tensor]] = {group: [] for group in self.arch.linear_groups}
-        seen = dict.fromkeys(self.arch.linear_groups, 0)
-
-        def collect(group: tuple[str, ...], x: Tensor) -> None:
-            """Every stride-th token of the whole calibration stream, across chunk boundaries."""
-            samples[group].append(x[(-seen[group]) % stride :: stride].to(torch.float32))
-            seen[group] += x.shape[0]
-
+        samples, collect = strided_tokens(self.arch.linear_groups, awq_stride(total_tokens, self.options.awq_search_tokens))
         capture_inputs(layer, activations, pos, self.arch, collect)
         return self.solve_awq_inputs(index, layer, {group: torch.cat(parts) for group, parts in samples.items()}, on_progress)
 

@@ -151,8 +151,8 @@ def search_clip(
         for step in range(max(1, int(max_shrink * grid))):
             ratio = 1 - step / grid
             lo, hi = lo0 * ratio, hi0 * ratio
-            clipped = torch.minimum(torch.maximum(grouped, lo.unsqueeze(2)), hi.unsqueeze(2))  # = apply_clip
-            q = fake_quantize(clipped.reshape(-1, n), scheme, max_val=hi, min_val=lo, check=check)
+            clipped = apply_clip(grouped.reshape(-1, n), torch.stack((lo, hi), dim=-1))
+            q = fake_quantize(clipped, scheme, max_val=hi, min_val=lo, check=check)
             err = torch.einsum("tgk,ogk->otg", x, q.reshape(-1, groups, n // groups))
             err = err.sub_(reference).square_().mean(dim=1)
             better = err < best_err
@@ -168,7 +168,6 @@ def apply_clip(weight: Tensor, clip: Tensor) -> Tensor:
     out, n = weight.shape
     if clip.ndim != 3 or clip.shape[0] != out or clip.shape[2] != 2 or n % clip.shape[1] != 0:
         raise InvalidSpecError(f"clip of shape {tuple(clip.shape)} does not fit a weight of shape {(out, n)}")
-    group = n // clip.shape[1]
-    lo = clip[..., 0].to(weight.dtype).repeat_interleave(group, dim=1)
-    hi = clip[..., 1].to(weight.dtype).repeat_interleave(group, dim=1)
-    return torch.minimum(torch.maximum(weight.detach(), lo), hi)
+    grouped = weight.detach().reshape(out, clip.shape[1], n // clip.shape[1])
+    lo, hi = clip[..., 0:1].to(weight.dtype), clip[..., 1:2].to(weight.dtype)  # broadcast over each group
+    return torch.minimum(torch.maximum(grouped, lo), hi).reshape(out, n)
