@@ -132,6 +132,7 @@ class BuildResult:
     bytes_written: int
     generate_s: float
     write_s: float
+    reused: bool = False  # an earlier complete build in the same directory (generate_s/write_s are its)
 
     @property
     def write_mb_s(self) -> float:
@@ -196,6 +197,13 @@ def build_model(
     shape.validate()
     if not 1 <= layers <= shape.layers:
         raise ValueError(f"--layers {layers} must be between 1 and {shape.layers} for this shape")
+    marker = model_dir / "build.json"
+    key = {"shape": asdict(shape), "layers": layers, "seed": seed}
+    if marker.exists():  # a complete earlier build of the same weights (written last): reuse it
+        done = json.loads(marker.read_text())
+        if done.get("key") == key:
+            return BuildResult(**(done["result"] | {"reused": True}))
+        marker.unlink()
     model_dir.mkdir(parents=True, exist_ok=True)
     weight_map: dict[str, str] = {}
     total_bytes, gen_s, write_s = 0, 0.0, 0.0
@@ -218,7 +226,9 @@ def build_model(
     (model_dir / "model.safetensors.index.json").write_text(json.dumps(index, indent=1))
     write_llama_config(model_dir, shape, layers)
     write_word_tokenizer(model_dir, shape.vocab)
-    return BuildResult(str(model_dir), layers, total_bytes, gen_s, write_s)
+    result = BuildResult(str(model_dir), layers, total_bytes, gen_s, write_s)
+    marker.write_text(json.dumps({"key": key, "result": asdict(result)}))
+    return result
 
 
 def calibration_ids(num_samples: int, seq_len: int, vocab: int, seed: int) -> torch.Tensor:
@@ -893,7 +903,7 @@ def main(argv: list[str] | None = None) -> int:
         "read_cache": "cold" if cold else "warm",
     }
     print(
-        f"built {args.layers} of {shape.layers} layers: {build.bytes_written / 1e9:.2f} GB, generate {build.generate_s:.1f} s, "
+        f"{'reused' if build.reused else 'built'} {args.layers} of {shape.layers} layers: {build.bytes_written / 1e9:.2f} GB, generate {build.generate_s:.1f} s, "
         f"write+fsync {build.write_s:.1f} s ({build.write_mb_s:.0f} MB/s), read "
         f"{summary['build']['read_mb_s']:.0f} MB/s ({summary['build']['read_cache']})",
         flush=True,

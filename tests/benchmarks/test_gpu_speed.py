@@ -63,6 +63,20 @@ def test_prefix_holds_exactly_the_first_layers_of_the_longer_model(
     assert not torch.equal(two["model.layers.0.mlp.up_proj.weight"], two["model.layers.1.mlp.up_proj.weight"])
 
 
+def test_a_complete_build_is_reused_and_a_different_seed_rebuilds(tmp_path: Path) -> None:
+    cpu = torch.device("cpu")
+    first = gs.build_model(tmp_path / "m", SHAPE, layers=1, seed=0, device=cpu)
+    before = read_all(tmp_path / "m")
+    again = gs.build_model(tmp_path / "m", SHAPE, layers=1, seed=0, device=cpu)
+    assert again.reused and not first.reused and again.bytes_written == first.bytes_written
+    other = gs.build_model(tmp_path / "m", SHAPE, layers=1, seed=1, device=cpu)
+    assert not other.reused
+    after = read_all(tmp_path / "m")
+    assert not torch.equal(before["model.layers.0.mlp.up_proj.weight"], after["model.layers.0.mlp.up_proj.weight"])
+    (tmp_path / "m" / "build.json").unlink()  # an interrupted build leaves no marker: it is built again
+    assert not gs.build_model(tmp_path / "m", SHAPE, layers=1, seed=1, device=cpu).reused
+
+
 def test_transformers_loads_the_checkpoint_and_runs_it(built: tuple[Path, gs.BuildResult]) -> None:
     from transformers import AutoModelForCausalLM
 
