@@ -183,6 +183,7 @@ def gemm_concurrency(count: int, reps: int = 40) -> dict[str, float]:
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
     from workers.engine import run_local
+    from workers.pipeline import PipelineOptions
     from workers.spec import CalibrationSpec, JobSpec, Method, QuantScheme
 
     shape = gs.SHAPES[args.shape]
@@ -193,7 +194,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     cuda = torch.cuda.is_available()
     build = gs.build_model(work / f"model-{args.shape}-{args.layers}L", shape, args.layers, args.seed,
                            torch.device("cuda" if cuda else "cpu"))
-    out: dict[str, Any] = {"layers": args.layers, "method": args.method, "runs": {}}
+    out: dict[str, Any] = {"layers": args.layers, "method": args.method, "no_overlap": args.no_overlap, "runs": {}}
     counts = [int(c) for c in args.devices.split(",")]
     if cuda and max(counts) > 1:
         out["gemm"] = gemm_concurrency(max(counts))
@@ -212,7 +213,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             import shutil
 
             shutil.rmtree(out_dir, ignore_errors=True)
-            report = run_local(spec, out_dir, on_progress=clock.on_progress)
+            options = PipelineOptions(prefetch_weights=False, background_writes=False) if args.no_overlap else None
+            report = run_local(spec, out_dir, on_progress=clock.on_progress, options=options)
         finally:
             restore()
         out["runs"][str(count)] = {"per_layer_ms": clock.per_layer_ms(), "engine_total_s": report.timings_s.get("total")}
@@ -249,7 +251,7 @@ def summarize_trace(path: Path) -> dict[str, Any]:
 def format_table(result: dict[str, Any]) -> str:
     lines = []
     for count, r in result["runs"].items():
-        lines.append(f"--- {count} device(s), {result['method']}: ms per layer (layers 1..{result['layers'] - 1}), "
+        lines.append(f"--- {count} device(s), {result['method']}{' (no overlap)' if result.get('no_overlap') else ''}: ms per layer (layers 1..{result['layers'] - 1}), "
                      f"engine total {r['engine_total_s']:.1f} s")
         lines += [f"  {name:44} {ms:9.1f}" for name, ms in r["per_layer_ms"].items()]
         if "trace" in r:
@@ -268,6 +270,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seq-len", type=int, default=2048)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--results", default=None)
+    p.add_argument("--no-overlap", action="store_true", help="no read-ahead thread, no background writes")
     p.add_argument("--trace-dir", default=None, help="write a Chrome trace of --trace-layer per device count here")
     p.add_argument("--trace-layer", type=int, default=2)
     args = p.parse_args(argv)

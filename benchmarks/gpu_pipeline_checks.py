@@ -3,8 +3,8 @@
 1. Overlap switches: `run_local` on a small random bf16 Llama on CUDA with prefetching, background writes
    and the bf16-operand error report on, and again with all three off: every file of the checkpoint must
    be byte-identical (GPTQ, AWQ, RTN) and the module errors within the report's stated tolerance.
-2. Several devices for one job on a single GPU: `quantize_model` with devices=[cuda:0, cuda:0] against
-   [cuda:0]. No speed-up is possible on one GPU; this exercises the multi-device code on CUDA (a thread per
+2. Several devices for one job: `quantize_model` with devices=[cuda:0, cuda:1] (or [cuda:0, cuda:0] on a
+   one-GPU machine: no speed-up there) against [cuda:0]. This exercises the multi-device code on CUDA (a thread per
    device, per-thread current device, Triton compiling from two threads, cross-replica copies) and
    measures how many codes the Hessian merge's different summation order changes.
 3. AWQ searches on the Llama-3-8B module shapes: the sync-free, budget-chunked `search_clip` and
@@ -108,10 +108,11 @@ class Sink:
 def check_two_devices(model_dir: Path, calib: Path) -> dict[str, Any]:
     """[cuda, cuda] vs [cuda]; and, for scale, [cuda] with another calibration seed (the run-to-run noise)."""
     cuda = torch.device(DEVICE)
-    out: dict[str, Any] = {}
+    second = torch.device("cuda", 1) if cuda.type == "cuda" and torch.cuda.device_count() > 1 else cuda
+    out: dict[str, Any] = {"second_device": str(second)}
     for method in ("gptq", "awq"):
         runs: dict[str, tuple[Sink, float, float]] = {}
-        for label, devices, seed in (("one", [cuda], 0), ("two", [cuda, cuda], 0), ("one_seed1", [cuda], 1)):
+        for label, devices, seed in (("one", [cuda], 0), ("two", [cuda, second], 0), ("one_seed1", [cuda], 1)):
             spec = spec_for(model_dir, calib, method)
             spec = replace(spec, calibration=replace(spec.calibration, seed=seed))
             calibration = calibration_windows(spec.calibration, load_tokenizer(model_dir))

@@ -30,7 +30,7 @@ from typing import Any, TypeVar
 import torch
 from torch import Tensor, nn
 
-from workers.architectures import ArchitectureInfo
+from workers.architectures import ArchitectureInfo, AwqMapping
 from workers.errors import InvalidSpecError
 from workers.loading import resolve_device
 from workers.pipeline import (
@@ -38,13 +38,15 @@ from workers.pipeline import (
     GroupOutcome,
     LayerQuantizer,
     PipelineOptions,
+    _deployed,
     _linear,
     awq_stride,
     capture_inputs,
+    output_error,
     strided_tokens,
 )
 from workers.progress import Progress, ProgressCallback
-from workers.quant.gptq import HessianAccumulator
+from workers.quant.gptq import GPTQResult, HessianAccumulator, PreparedHessian, gptq_solve, prepare_hessian
 from workers.quant.grid import QuantizedTensor
 from workers.spec import Method
 
@@ -193,42 +195,187 @@ def assign_groups(costs: Sequence[int], num_devices: int) -> list[int]:
     return owner
 
 
+def split_group(costs: Sequence[int], num_devices: int) -> int | None:
+    """The group whose GPTQ sweep is split by output rows over all devices: the costliest one, when it alone
+    is more than an even share of the layer (Llama-3-8B: down_proj, 82% of the solve cost); else None."""
+    if num_devices < 2 or not costs:
+        return None
+    costliest = max(range(len(costs)), key=lambda g: (costs[g], -g))
+    return costliest if costs[costliest] * num_devices > sum(costs) else None
+
+
 def _to(qt: QuantizedTensor, device: torch.device) -> QuantizedTensor:
     zero = qt.zero_point.to(device) if qt.zero_point is not None else None
     return replace(qt, q=qt.q.to(device), scale=qt.scale.to(device), zero_point=zero)
+
+
+def _cat_rows(parts: Sequence[QuantizedTensor]) -> QuantizedTensor:
+    zeros = [p.zero_point for p in parts]
+    zero = torch.cat([z for z in zeros if z is not None]) if zeros[0] is not None else None
+    return replace(parts[0], q=torch.cat([p.q for p in parts]), scale=torch.cat([p.scale for p in parts]), zero_point=zero)
+
+
+def _prepared_on(prepared: PreparedHessian, device: torch.device) -> PreparedHessian:
+    hinv = prepared.hinv.to(device) if prepared.hinv is not None else None
+    perm = prepared.perm.to(device) if prepared.perm is not None else None
+    return replace(prepared, hinv=hinv, perm=perm, dead=prepared.dead.to(device))
 
 
 def solve_layer(
     quantizer: LayerQuantizer, index: int, replicas: Sequence[nn.Module], acts: ShardedActivations,
     on_progress: ProgressCallback,
 ) -> dict[str, QuantizedTensor]:
-    """`LayerQuantizer.solve` over sharded calibration; the results and module errors live on the primary."""
-    arch, spec, model = quantizer.arch, quantizer.spec, quantizer.model
+    """`LayerQuantizer.solve` over sharded calibration; the results and module errors live on the primary.
+
+    GPTQ in two rounds: (1) each device solves the groups it was given, except that the costliest group
+    (`split_group`) only has its inverse Hessian factored, on its device; (2) every device sweeps its share
+    of that group's output rows against the same factor. Rows are independent in GPTQ (a row's codes depend
+    only on that row and H⁻¹), so the split changes no integer (tests/workers/test_data_parallel.py)."""
+    arch, spec, model, devices = quantizer.arch, quantizer.spec, quantizer.model, acts.devices
     if spec.method is Method.AWQ:
-        inputs = awq_inputs(replicas, acts, arch, quantizer.options.awq_search_tokens)
-        return quantizer.solve_awq_inputs(index, replicas[0], inputs, on_progress)
+        return solve_awq(quantizer, index, replicas, acts, on_progress)
     partials = partial_hessians(replicas, acts, arch)
-    owner = assign_groups(group_costs(replicas[0], arch), len(acts.devices))
-    for group, d in zip(arch.linear_groups, owner, strict=True):
-        on_progress(Progress("quantize", index, model.num_layers, ", ".join(group), f"on {acts.devices[d]}"))
+    costs = group_costs(replicas[0], arch)
+    split = split_group(costs, len(devices)) if spec.method is Method.GPTQ else None
+    if split is not None and min(_linear(replicas[0], n).out_features for n in arch.linear_groups[split]) < len(devices):
+        split = None  # fewer rows than devices (tiny models)
+    if split is not None:  # round 1 only factors its Hessian: n³ of its out·n² + n³
+        n = _linear(replicas[0], arch.linear_groups[split][0]).in_features
+        costs[split] = n**3
+    owner = assign_groups(costs, len(devices))
+    # Every cross-device copy is queued before any solve: a copy waits for the work already queued on its
+    # source device, so a merge inside the solve threads would wait for another device's solve.
+    hessians = [merge_hessians([part[g] for part in partials], devices[d]) for g, d in zip(arch.linear_groups, owner, strict=True)]
+    for g, (group, d) in enumerate(zip(arch.linear_groups, owner, strict=True)):
+        where = f"inverse on {devices[d]}, rows over {len(devices)} devices" if g == split else f"on {devices[d]}"
+        on_progress(Progress("quantize", index, model.num_layers, ", ".join(group), where))
 
-    def solve_group(d: int, group: Group) -> list[GroupOutcome]:
-        hessian = merge_hessians([partial[group] for partial in partials], acts.devices[d])
-        return [
-            (name, _to(qt, acts.devices[0]), mse, rel, fallback, note)
-            for name, qt, mse, rel, fallback, note in quantizer.solve_group(replicas[d], group, hessian)
-        ]
+    prepared: list[PreparedHessian] = []
 
-    def solve_on(d: int) -> dict[Group, list[GroupOutcome]]:
-        return {group: solve_group(d, group) for group, o in zip(arch.linear_groups, owner, strict=True) if o == d}
+    def round_one(d: int) -> dict[int, list[GroupOutcome]]:
+        solved = {}
+        for g, group in enumerate(arch.linear_groups):
+            if owner[g] != d:
+                continue
+            if g == split:
+                prepared.append(prepare_hessian(hessians[g], dampening=spec.dampening, act_order=spec.act_order))
+                continue
+            solved[g] = [
+                (name, _to(qt, devices[0]), mse, rel, fallback, note)
+                for name, qt, mse, rel, fallback, note in quantizer.solve_group(replicas[d], group, hessians[g])
+            ]
+        return solved
 
-    by_group = {group: out for per_device in _on_each(acts.devices, solve_on) for group, out in per_device.items()}
+    by_group = {g: out for per_device in _on_each(devices, round_one) for g, out in per_device.items()}
+    if split is not None:
+        by_group[split] = _split_sweep(quantizer, replicas, devices, arch.linear_groups[split], prepared[0], hessians[split])
     result: dict[str, QuantizedTensor] = {}
-    for group in arch.linear_groups:  # recorded in the one-device order
-        for name, qt, mse, rel, fallback, note in by_group[group]:
+    for g in range(len(arch.linear_groups)):  # recorded in the one-device order
+        for name, qt, mse, rel, fallback, note in by_group[g]:
             quantizer._record(index, name, mse, rel, fallback, note)
             result[name] = qt
     return result
+
+
+def _split_sweep(
+    quantizer: LayerQuantizer, replicas: Sequence[nn.Module], devices: Sequence[torch.device], group: Group,
+    prepared: PreparedHessian, hessian: Tensor,
+) -> list[GroupOutcome]:
+    """Round two: each device sweeps its contiguous share of every module's output rows; errors on the primary."""
+    spec, options, dtype = quantizer.spec, quantizer.options, quantizer.model.model_dtype
+    copies = [_prepared_on(prepared, d) for d in devices]  # queued here, after round one's factoring
+
+    def sweep(d: int) -> list[GPTQResult]:
+        results = []
+        for name in group:
+            weight = _linear(replicas[d], name).weight
+            a, b = shard_bounds(weight.shape[0], len(devices))[d]
+            results.append(gptq_solve(weight[a:b], copies[d], spec.scheme, block_size=options.gptq_block_size, scale_dtype=dtype))
+        return results
+
+    per_device = _on_each(devices, sweep)
+    second_moment = hessian.to(devices[0]) / 2
+    outcomes: list[GroupOutcome] = []
+    for i, name in enumerate(group):
+        parts = [results[i] for results in per_device]
+        qt = _cat_rows([_to(r.quantized, devices[0]) for r in parts])
+        weight = _linear(replicas[0], name).weight
+        mse, rel = output_error(weight, _deployed(qt, quantizer.model, weight.device), second_moment)
+        outcomes.append((name, qt, mse, rel, parts[0].fell_back_to_rtn, parts[0].note))
+    return outcomes
+
+
+def solve_awq(
+    quantizer: LayerQuantizer, index: int, replicas: Sequence[nn.Module], acts: ShardedActivations,
+    on_progress: ProgressCallback,
+) -> dict[str, QuantizedTensor]:
+    """AWQ with its searches spread over the devices; the same choices as `LayerQuantizer.solve_awq_inputs`.
+
+    Round one runs every mapping's scale search at once, each on the weights as they were before any
+    folding. That is what the one-device order gives too, as long as no mapping reads a Linear or an input
+    that an earlier mapping folds into (checked; otherwise the searches run in order on the primary).
+    The scales are then folded in the mapping order on the primary, and round two runs every Linear's clip
+    search and RTN, each on one device."""
+    arch, model, devices, layer = quantizer.arch, quantizer.model, acts.devices, replicas[0]
+    inputs = awq_inputs(replicas, acts, arch, quantizer.options.awq_search_tokens)
+    mappings = quantizer.awq_mappings(layer)
+    row_scale: dict[str, Tensor] = {}
+    if _searches_independent(mappings, arch):
+        costs = [sum(_linear(layer, n).weight.numel() for n in m.linears) for m in mappings]
+        owner = assign_groups(costs, len(devices))
+        for m, d in zip(mappings, owner, strict=True):
+            on_progress(Progress("quantize", index, model.num_layers, m.prev, f"awq scale search on {devices[d]}"))
+
+        def search(d: int) -> list[Tensor]:
+            return [
+                quantizer.awq_scales(replicas[d], m, inputs[arch.group_of(m.linears[0])].to(devices[d])).to(devices[0])
+                for m, o in zip(mappings, owner, strict=True) if o == d
+            ]
+
+        found = _on_each(devices, search)
+        scales = [found[d].pop(0) for d in owner]  # back in mapping order
+    else:
+        scales = []
+    for i, m in enumerate(mappings):
+        x = inputs[arch.group_of(m.linears[0])]
+        quantizer.fold_awq_scales(layer, m, scales[i] if scales else quantizer.awq_scales(layer, m, x), x, row_scale)
+
+    names = list(arch.linears)
+    owner = assign_groups([_linear(layer, n).weight.numel() for n in names], len(devices))
+    for name, d in zip(names, owner, strict=True):
+        on_progress(Progress("quantize", index, model.num_layers, name, f"awq clip search on {devices[d]}"))
+
+    def clip(d: int) -> dict[str, tuple[QuantizedTensor, float, float]]:
+        device, mine, moments, xs = devices[d], {}, {}, {}
+        for name, o in zip(names, owner, strict=True):
+            if o != d:
+                continue
+            group = arch.group_of(name)
+            if group not in xs:
+                xs[group] = inputs[group].to(device)
+                moments[group] = xs[group].T @ xs[group] / xs[group].shape[0]
+            weight = _linear(layer, name).weight.to(device)
+            qt, mse, rel = quantizer.awq_clip_quantize(weight, xs[group], row_scale.get(name), moments[group])
+            mine[name] = (_to(qt, devices[0]), mse, rel)
+        return mine
+
+    clipped = {name: out for per_device in _on_each(devices, clip) for name, out in per_device.items()}
+    result: dict[str, QuantizedTensor] = {}
+    for name in names:  # recorded in the one-device order
+        qt, mse, rel = clipped[name]
+        quantizer._record(index, name, mse, rel)
+        result[name] = qt
+    return result
+
+
+def _searches_independent(mappings: Sequence[AwqMapping], arch: ArchitectureInfo) -> bool:
+    """No mapping reads a Linear, or a group input, that an earlier mapping's folding changes."""
+    changed: set[str] = set()
+    for m in mappings:
+        if changed & {*m.linears, "input:" + ",".join(arch.group_of(m.linears[0]))}:
+            return False
+        changed |= {m.prev, *m.linears, "input:" + ",".join(arch.group_of(m.linears[0]))}
+    return True
 
 
 def awq_inputs(

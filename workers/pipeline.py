@@ -32,7 +32,7 @@ from typing import Protocol
 import torch
 from torch import Tensor, nn
 
-from workers.architectures import ArchitectureInfo
+from workers.architectures import ArchitectureInfo, AwqMapping
 from workers.background_writer import BackgroundWriter
 from workers.errors import JobCancelled
 from workers.loading import LayerwiseModel, WeightSource, run_decoder_layer
@@ -301,40 +301,64 @@ class LayerQuantizer:
     ) -> dict[str, QuantizedTensor]:
         """AWQ given each group's sampled inputs (float32 `[tokens, in]`, divided by the scales in place)."""
         row_scale: dict[str, Tensor] = {}  # Linears whose output rows were divided by AWQ scales
-        for mapping in self.arch.awq_mappings:
-            linears = [_linear(layer, name) for name in mapping.linears]
-            prev = layer.get_submodule(mapping.prev)
-            if isinstance(prev, nn.Linear) and prev.out_features != linears[0].in_features:
-                continue  # e.g. v_proj → o_proj under grouped-query attention: shapes do not line up
+        for mapping in self.awq_mappings(layer):
             on_progress(Progress("quantize", index, self.model.num_layers, mapping.prev, "awq scale search"))
             x = inputs[self.arch.group_of(mapping.linears[0])]
-            scales, _alpha, _loss = search_scales(x, [lin.weight for lin in linears], self.spec.scheme, grid=self.options.awq_grid)
-            _fold_scales(prev, scales)
-            for lin in linears:
-                lin.weight.mul_(scales.to(lin.weight.dtype))
-            x.div_(scales)
-            if isinstance(prev, nn.Linear):
-                row_scale[mapping.prev] = row_scale.get(mapping.prev, torch.ones_like(scales)) * scales
+            self.fold_awq_scales(layer, mapping, self.awq_scales(layer, mapping, x), x, row_scale)
 
         solved: dict[str, QuantizedTensor] = {}
         second_moments: dict[tuple[str, ...], Tensor] = {}  # E[x xᵀ] per group, once for all its modules
         for name in self.arch.linears:
             on_progress(Progress("quantize", index, self.model.num_layers, name))
-            weight = _linear(layer, name).weight
             group = self.arch.group_of(name)
             x = inputs[group]
-            clip = search_clip(x, weight, self.spec.scheme, grid=self.options.awq_grid, max_tokens=self.options.awq_clip_tokens)
-            qt = rtn_quantize(apply_clip(weight, clip), self.spec.scheme, scale_dtype=self.model.model_dtype)
-            # Errors in the module's original output coordinates: undo any division of its output rows.
-            rows = row_scale.get(name, torch.ones(weight.shape[0], device=x.device)).unsqueeze(1)
-            reference = weight.to(torch.float32) * rows
-            quantized = _deployed(qt, self.model, x.device).to(torch.float32) * rows
             if group not in second_moments:
                 second_moments[group] = x.T @ x / x.shape[0]
-            mse, rel = output_error(reference, quantized, second_moments[group])
+            qt, mse, rel = self.awq_clip_quantize(_linear(layer, name).weight, x, row_scale.get(name), second_moments[group])
             self._record(index, name, mse, rel)
             solved[name] = qt
         return solved
+
+    def awq_mappings(self, layer: nn.Module) -> list[AwqMapping]:
+        """The layer's AWQ mappings whose shapes line up (v_proj → o_proj does not under grouped-query attention)."""
+        usable = []
+        for mapping in self.arch.awq_mappings:
+            prev = layer.get_submodule(mapping.prev)
+            if isinstance(prev, nn.Linear) and prev.out_features != _linear(layer, mapping.linears[0]).in_features:
+                continue
+            usable.append(mapping)
+        return usable
+
+    def awq_scales(self, layer: nn.Module, mapping: AwqMapping, x: Tensor) -> Tensor:
+        """The scale search of one mapping on its Linears' current weights and their inputs `x`."""
+        weights = [_linear(layer, name).weight for name in mapping.linears]
+        return search_scales(x, weights, self.spec.scheme, grid=self.options.awq_grid)[0]
+
+    def fold_awq_scales(
+        self, layer: nn.Module, mapping: AwqMapping, scales: Tensor, x: Tensor, row_scale: dict[str, Tensor]
+    ) -> None:
+        """Fold 1/s into the previous op, s into the mapping's Linears and 1/s into their inputs `x` (in place)."""
+        prev = layer.get_submodule(mapping.prev)
+        _fold_scales(prev, scales)
+        for name in mapping.linears:
+            weight = _linear(layer, name).weight
+            weight.mul_(scales.to(weight.device, weight.dtype))
+        x.div_(scales.to(x.device))
+        if isinstance(prev, nn.Linear):
+            row_scale[mapping.prev] = row_scale.get(mapping.prev, torch.ones_like(scales)) * scales
+
+    def awq_clip_quantize(
+        self, weight: Tensor, x: Tensor, rows: Tensor | None, second_moment: Tensor
+    ) -> tuple[QuantizedTensor, float, float]:
+        """Clip search and RTN of one Linear (on `x`'s device); its output error in the original output
+        coordinates: `rows` undoes a division of its output rows by a later mapping's scales."""
+        clip = search_clip(x, weight, self.spec.scheme, grid=self.options.awq_grid, max_tokens=self.options.awq_clip_tokens)
+        qt = rtn_quantize(apply_clip(weight, clip), self.spec.scheme, scale_dtype=self.model.model_dtype)
+        row = (rows if rows is not None else torch.ones(weight.shape[0], device=x.device)).to(x.device).unsqueeze(1)
+        reference = weight.to(torch.float32) * row
+        quantized = _deployed(qt, self.model, x.device).to(torch.float32) * row
+        mse, rel = output_error(reference, quantized, second_moment)
+        return qt, mse, rel
 
 
 def _fold_scales(prev: nn.Module, scales: Tensor) -> None:

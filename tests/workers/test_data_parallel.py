@@ -24,6 +24,7 @@ from workers.data_parallel import (
     resolve_devices,
     shard_bounds,
     solve_layer,
+    split_group,
     sync_replicas,
 )
 from workers.errors import InvalidSpecError
@@ -38,7 +39,7 @@ from workers.pipeline import (
     _linear,
     capture_inputs,
 )
-from workers.progress import no_progress
+from workers.progress import Progress, no_progress
 from workers.quant.gptq import HessianAccumulator, gptq_quantize_shared
 from workers.quant.grid import QuantizedTensor
 from workers.spec import JobSpec
@@ -191,6 +192,14 @@ def test_groups_are_balanced_by_solve_cost() -> None:
     assert assign_groups([6, 5, 4, 3, 2], 3) == [0, 1, 2, 2, 1]  # loads 6 / 7 / 7
 
 
+def test_only_a_group_larger_than_an_even_share_has_its_rows_split() -> None:
+    costs = [out * n * n + n**3 for out, n in LLAMA_8B.values()]
+    assert split_group(costs, 1) is None
+    assert split_group(costs, 2) == 3 and split_group(costs, 8) == 3  # down_proj: 82% of the layer's cost
+    assert split_group([5, 5, 5], 2) is None  # no group dominates: whole groups are spread
+    assert split_group([1, 9, 9], 2) is None and split_group([1, 10, 8], 2) == 1
+
+
 def test_group_costs_of_the_tiny_llama(make_spec: Callable[..., JobSpec]) -> None:
     layer = Layer0(make_spec()).layer()  # hidden 64, intermediate 128, 4 heads, 2 KV heads (head dim 16)
     assert group_costs(layer, LayerwiseModel(make_spec().model_dir, CPU).arch) == [
@@ -301,6 +310,27 @@ def test_spread_solves_give_the_same_codes_as_one_solve_given_the_same_hessian(m
             for name, r in zip(group, results, strict=True):
                 assert torch.equal(r.quantized.q, codes[name].q), name
                 assert torch.equal(r.quantized.scale, codes[name].scale), name
+
+
+@pytest.mark.parametrize("method", ["gptq", "awq"])
+def test_three_devices_split_rows_and_searches_without_changing_a_code(make_spec: Callable[..., JobSpec], method: str) -> None:
+    """down_proj's 64 rows go 22/21/21 to three devices (GPTQ), AWQ's searches are spread: same integers."""
+    case = Layer0(make_spec(method, num_samples=12))
+    seen: list[Progress] = []
+    layer = case.layer()
+    with torch.no_grad():
+        acts = ShardedActivations(case.hidden, case.pos, [CPU] * 3, OPTIONS)
+        replicas = replicate(layer, acts.devices)
+        solved = solve_layer(LayerQuantizer(case.model, case.spec, OPTIONS, PipelineResult()), 0, replicas, acts, seen.append)
+    one, _, _ = case.parallel([CPU])
+    assert code_mismatch(one, solved) == 0.0
+    assert all(torch.equal(one[n].scale, solved[n].scale) for n in one)
+    messages = [p.message for p in seen]
+    if method == "gptq":
+        assert "inverse on cpu, rows over 3 devices" in messages
+    else:
+        assert messages.count("awq scale search on cpu") == 3  # v_proj → o_proj is skipped (GQA shapes)
+        assert messages.count("awq clip search on cpu") == len(case.model.arch.linears)
 
 
 def test_awq_on_two_devices_keeps_the_same_tokens_and_codes(make_spec: Callable[..., JobSpec]) -> None:
