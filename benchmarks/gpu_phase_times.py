@@ -126,7 +126,7 @@ def instrument(clock: PhaseClock) -> Callable[[], None]:
     patch(pipeline, "_hessians", clock.wrap("hessians (capture)", pipeline._hessians, every))
     patch(dp, "replicate", clock.wrap("replicate layer", dp.replicate, every))
     patch(dp, "sync_replicas", clock.wrap("sync replicas", dp.sync_replicas, every))
-    patch(dp, "_on_each", clock.wrap(lambda devices, work: f"all devices: {work.__name__}", dp._on_each, every))
+    patch(dp.DeviceThreads, "run", clock.wrap(lambda self, work: f"all devices: {work.__name__}", dp.DeviceThreads.run, every))
 
     def group_label(self: Any, layer: Any, group: tuple[str, ...], hessian: torch.Tensor) -> str:
         return f"solve {group[0].split('.')[-1]} on {hessian.device}"

@@ -23,7 +23,7 @@ import contextlib
 import contextvars
 import copy
 from collections.abc import Callable, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor, wait
 from dataclasses import replace
 from typing import Any, TypeVar
 
@@ -87,22 +87,50 @@ def shard_bounds(num_samples: int, parts: int) -> list[tuple[int, int]]:
     return list(zip(starts[:-1], starts[1:], strict=True))
 
 
-def _on_each(devices: Sequence[torch.device], work: Callable[[int], T]) -> list[T]:
-    """`work(i)` for every device index, one thread per device (CUDA kernels release the GIL), in order.
+class DeviceThreads:
+    """One long-lived worker thread per device for a whole job; `run(work)` calls `work(i)` on device i's thread.
 
-    Grad mode and the current CUDA device are per thread, so each thread sets them; context variables
-    (e.g. the pipeline's `report_precision`) are the caller's, one copy per thread."""
-    contexts = [contextvars.copy_context() for _ in devices]
+    Each thread keeps its device current and grad mode off; `work` runs in a copy of the caller's context
+    variables (e.g. the pipeline's `report_precision`). CUDA kernels release the GIL, so the devices work at
+    once. The threads live as long as the job: a thread's first CUDA calls set up its own cuBLAS/cuSOLVER
+    state, and a fresh thread pool per call ran the calibration forward at 0.63-0.70 of the speed of these
+    threads on 2×H200 (benchmarks/gpu_concurrency.py). With one device, `work(0)` runs on the caller's thread.
+    """
 
-    def run(i: int) -> T:
-        cuda = torch.cuda.device(devices[i]) if devices[i].type == "cuda" else contextlib.nullcontext()
-        with torch.no_grad(), cuda:
+    def __init__(self, devices: Sequence[torch.device]) -> None:
+        self.devices = list(devices)
+        many = len(self.devices) > 1
+        self._pools = [ThreadPoolExecutor(1, thread_name_prefix=f"qf-device-{i}") for i in range(len(self.devices))] if many else []
+
+    def _call(self, i: int, work: Callable[[int], T]) -> T:
+        device = self.devices[i]
+        with torch.no_grad(), torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext():
             return work(i)
 
-    if len(devices) == 1:
-        return [run(0)]
-    with ThreadPoolExecutor(len(devices), thread_name_prefix="data-parallel") as pool:
-        return list(pool.map(lambda i: contexts[i].run(run, i), range(len(devices))))
+    def run(self, work: Callable[[int], T]) -> list[T]:
+        """[work(0), work(1), …] in device order; waits for every device, then re-raises the first error."""
+        if not self._pools:
+            return [self._call(0, work)]
+        futures = [pool.submit(contextvars.copy_context().run, self._call, i, work) for i, pool in enumerate(self._pools)]
+        wait(futures)
+        return [f.result() for f in futures]
+
+    def close(self) -> None:
+        for pool in self._pools:
+            pool.shutdown(wait=True)
+        self._pools = []
+
+    def __enter__(self) -> DeviceThreads:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def _on_each(devices: Sequence[torch.device], work: Callable[[int], T]) -> list[T]:
+    """`work(i)` for every device index on threads of its own (see DeviceThreads), started for this call."""
+    with DeviceThreads(devices) as threads:
+        return threads.run(work)
 
 
 class ShardedActivations:
@@ -115,6 +143,10 @@ class ShardedActivations:
         # clone: a view would keep the whole tensor alive on the primary
         self.shards = [Activations(hidden[a:b].clone(), d, options) for (a, b), d in zip(self.bounds, self.devices, strict=True)]
         self.positions = [(pos[0].to(d), pos[1].to(d)) for d in self.devices]
+        self.threads = DeviceThreads(self.devices)  # every multi-device step of the job runs on these
+
+    def close(self) -> None:
+        self.threads.close()
 
     @property
     def num_tokens(self) -> int:
@@ -122,7 +154,7 @@ class ShardedActivations:
 
     def forward(self, replicas: Sequence[nn.Module], *, update: bool) -> None:
         """Each device runs its shard through its replica (see `Activations.forward`)."""
-        _on_each(self.devices, lambda i: self.shards[i].forward(replicas[i], self.positions[i], update=update))
+        self.threads.run(lambda i: self.shards[i].forward(replicas[i], self.positions[i], update=update))
 
     def gather(self, device: torch.device) -> Tensor:
         return torch.cat([shard.hidden.to(device) for shard in self.shards])
@@ -161,7 +193,7 @@ def partial_hessians(
         capture_inputs(replicas[i], acts.shards[i], acts.positions[i], arch, lambda group, x: accs[group].add(x))
         return accs
 
-    return _on_each(acts.devices, accumulate)
+    return acts.threads.run(accumulate)
 
 
 def merge_sums(sums: Sequence[Tensor], num_samples: int, device: torch.device) -> Tensor:
@@ -266,9 +298,9 @@ def solve_layer(
             ]
         return solved
 
-    by_group = {g: out for per_device in _on_each(devices, round_one) for g, out in per_device.items()}
+    by_group = {g: out for per_device in acts.threads.run(round_one) for g, out in per_device.items()}
     if split is not None:
-        by_group[split] = _split_sweep(quantizer, replicas, devices, arch.linear_groups[split], prepared[0], hessians[split])
+        by_group[split] = _split_sweep(quantizer, replicas, acts.threads, arch.linear_groups[split], prepared[0], hessians[split])
     result: dict[str, QuantizedTensor] = {}
     for g in range(len(arch.linear_groups)):  # recorded in the one-device order
         for name, qt, mse, rel, fallback, note in by_group[g]:
@@ -278,11 +310,11 @@ def solve_layer(
 
 
 def _split_sweep(
-    quantizer: LayerQuantizer, replicas: Sequence[nn.Module], devices: Sequence[torch.device], group: Group,
+    quantizer: LayerQuantizer, replicas: Sequence[nn.Module], threads: DeviceThreads, group: Group,
     prepared: PreparedHessian, hessian: Tensor,
 ) -> list[GroupOutcome]:
     """Round two: each device sweeps its contiguous share of every module's output rows; errors on the primary."""
-    spec, options, dtype = quantizer.spec, quantizer.options, quantizer.model.model_dtype
+    spec, options, dtype, devices = quantizer.spec, quantizer.options, quantizer.model.model_dtype, threads.devices
     copies = [_prepared_on(prepared, d) for d in devices]  # queued here, after round one's factoring
 
     def sweep(d: int) -> list[GPTQResult]:
@@ -293,7 +325,7 @@ def _split_sweep(
             results.append(gptq_solve(weight[a:b], copies[d], spec.scheme, block_size=options.gptq_block_size, scale_dtype=dtype))
         return results
 
-    per_device = _on_each(devices, sweep)
+    per_device = threads.run(sweep)
     second_moment = hessian.to(devices[0]) / 2
     outcomes: list[GroupOutcome] = []
     for i, name in enumerate(group):
@@ -332,7 +364,7 @@ def solve_awq(
                 for m, o in zip(mappings, owner, strict=True) if o == d
             ]
 
-        found = _on_each(devices, search)
+        found = acts.threads.run(search)
         scales = [found[d].pop(0) for d in owner]  # back in mapping order
     else:
         scales = []
@@ -359,7 +391,7 @@ def solve_awq(
             mine[name] = (_to(qt, devices[0]), mse, rel)
         return mine
 
-    clipped = {name: out for per_device in _on_each(devices, clip) for name, out in per_device.items()}
+    clipped = {name: out for per_device in acts.threads.run(clip) for name, out in per_device.items()}
     result: dict[str, QuantizedTensor] = {}
     for name in names:  # recorded in the one-device order
         qt, mse, rel = clipped[name]
@@ -390,6 +422,6 @@ def awq_inputs(
         capture_inputs(replicas[i], acts.shards[i], acts.positions[i], arch, collect)
         return samples
 
-    per_device = _on_each(acts.devices, capture)
+    per_device = acts.threads.run(capture)
     primary = acts.devices[0]
     return {g: torch.cat([x.to(primary) for samples in per_device for x in samples[g]]) for g in arch.linear_groups}

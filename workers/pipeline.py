@@ -429,6 +429,7 @@ def quantize_model(
         LayerPrefetcher(weights, prefixes, model.device, enabled=options.prefetch_weights) as layers,
         report_precision(options.fast_error_report),
         torch.no_grad(),
+        contextlib.ExitStack() as cleanup,
     ):
         for piece in (arch.embed_tokens, arch.final_norm, arch.lm_head):
             writer.submit(partial(_write_dense, sinks, f"{piece}.", weights.tensors(f"{piece}.", cpu), dtype))
@@ -442,6 +443,7 @@ def quantize_model(
             pos = model.position_embeddings(calibration.shape[1])
             if devices is not None and len(devices) > 1:
                 sharded = ShardedActivations(hidden, pos, devices, options)
+                cleanup.callback(sharded.close)  # its per-device threads
             else:
                 activations = Activations(hidden, model.device, options)
             del hidden

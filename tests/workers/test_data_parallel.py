@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextvars
 import threading
+import time
 from collections.abc import Callable
 
 import pytest
@@ -12,6 +13,7 @@ from torch import Tensor, nn
 
 from workers.calibration import calibration_windows
 from workers.data_parallel import (
+    DeviceThreads,
     ShardedActivations,
     _on_each,
     assign_groups,
@@ -166,15 +168,29 @@ def test_work_runs_one_thread_per_device_without_grad_and_reraises() -> None:
         assert _on_each([CPU, CPU, CPU], work) == [0, 10, 20]
     finally:
         job.reset(token)
-    assert len(set(threads)) == 3 and all(t.startswith("data-parallel") for t in threads)
+    assert sorted(threads) == ["qf-device-0_0", "qf-device-1_0", "qf-device-2_0"]
+
+    finished: list[int] = []
 
     def fail_on_second(i: int) -> int:
         if i == 1:
             raise RuntimeError("device 1 failed")
+        time.sleep(0.05)
+        finished.append(i)
         return i
 
     with pytest.raises(RuntimeError, match="device 1 failed"):
-        _on_each([CPU, CPU], fail_on_second)
+        _on_each([CPU, CPU, CPU], fail_on_second)
+    assert sorted(finished) == [0, 2]  # the other devices' work was waited for, not abandoned
+
+
+def test_device_threads_live_for_the_job_one_per_device() -> None:
+    """Every call lands on the same long-lived thread of its device (its CUDA state is set up once)."""
+    with DeviceThreads([CPU, CPU]) as threads:
+        first = threads.run(lambda i: threading.get_ident())
+        again = threads.run(lambda i: threading.get_ident())
+        assert first == again and len(set(first)) == 2 and threading.get_ident() not in first
+    assert DeviceThreads([CPU]).run(lambda i: threading.get_ident()) == [threading.get_ident()]  # one device: inline
 
 
 LLAMA_8B = {  # (out of the whole group, in) of Llama-3-8B's groups: q/k/v, o, gate/up, down

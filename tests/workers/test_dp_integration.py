@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Callable
 
 import pytest
@@ -23,3 +24,4 @@ def test_two_devices_quantize_the_whole_model_like_one(make_spec: Callable[..., 
     total = sum(qt.q.numel() for qt in one.quantized.values())
     assert differ <= (0 if method != "gptq" else 2e-3 * total)  # measured: gptq 19 of 73,728 (2.6e-4)
     assert len(result.module_errors) == 2 * 7
+    assert not [t.name for t in threading.enumerate() if t.name.startswith("qf-device")]  # the job's threads ended
