@@ -37,6 +37,21 @@ if str(REPO_ROOT) not in sys.path:
 WORKLOADS = ("gemm", "layer", "awq", "capture", "forward")
 
 
+def llama_8b_layer(device: torch.device) -> tuple[torch.nn.Module, tuple[torch.Tensor, torch.Tensor]]:
+    """A Llama-3-8B-shaped decoder layer (random bf16 weights, sdpa) on `device`, and the rotary position
+    embeddings of one 2048-token window."""
+    from transformers import LlamaConfig
+    from transformers.models.llama.modeling_llama import LlamaDecoderLayer, LlamaRotaryEmbedding
+
+    config = LlamaConfig(hidden_size=4096, intermediate_size=14336, num_attention_heads=32,
+                         num_key_value_heads=8, max_position_embeddings=2048)
+    config._attn_implementation = "sdpa"
+    layer = LlamaDecoderLayer(config, 0).to(device, torch.bfloat16).eval()
+    rope = LlamaRotaryEmbedding(config).to(device)
+    probe = torch.zeros(1, 2048, 4096, device=device, dtype=torch.bfloat16)
+    return layer, rope(probe, torch.arange(2048, device=device).unsqueeze(0))
+
+
 def make_workload(name: str, device: torch.device) -> Callable[[], None]:
     """A closure that runs the workload once on `device` and waits for it."""
     torch.manual_seed(0)
@@ -52,18 +67,10 @@ def make_workload(name: str, device: torch.device) -> Callable[[], None]:
 
         return run
     if name == "layer":
-        from transformers import LlamaConfig
-        from transformers.models.llama.modeling_llama import LlamaDecoderLayer, LlamaRotaryEmbedding
-
         from workers.loading import run_decoder_layer
 
-        config = LlamaConfig(hidden_size=4096, intermediate_size=14336, num_attention_heads=32,
-                             num_key_value_heads=8, max_position_embeddings=2048)
-        config._attn_implementation = "sdpa"
-        layer = LlamaDecoderLayer(config, 0).to(device, bf16).eval()
+        layer, pos = llama_8b_layer(device)
         hidden = torch.randn(4, 2048, 4096, device=device, dtype=bf16)
-        rope = LlamaRotaryEmbedding(config).to(device)
-        pos = rope(hidden, torch.arange(2048, device=device).unsqueeze(0))
 
         def run() -> None:
             with torch.no_grad():
@@ -86,19 +93,11 @@ def make_workload(name: str, device: torch.device) -> Callable[[], None]:
 
         return run
     if name in ("capture", "forward"):
-        from transformers import LlamaConfig
-        from transformers.models.llama.modeling_llama import LlamaDecoderLayer, LlamaRotaryEmbedding
-
         from workers.architectures import ARCHITECTURES
         from workers.pipeline import Activations, PipelineOptions, _hessians
 
-        config = LlamaConfig(hidden_size=4096, intermediate_size=14336, num_attention_heads=32,
-                             num_key_value_heads=8, max_position_embeddings=2048)
-        config._attn_implementation = "sdpa"
-        layer = LlamaDecoderLayer(config, 0).to(device, bf16).eval()
+        layer, pos = llama_8b_layer(device)
         acts = Activations(torch.randn(64, 2048, 4096, device=device, dtype=bf16), device, PipelineOptions())
-        rope = LlamaRotaryEmbedding(config).to(device)
-        pos = rope(acts.hidden[:1], torch.arange(2048, device=device).unsqueeze(0))
         arch = ARCHITECTURES["LlamaForCausalLM"]
 
         def run() -> None:
@@ -156,21 +155,13 @@ def time_on_each(name: str, count: int) -> float:
 def time_sharded(count: int) -> dict[str, float]:
     """The pipeline's own multi-device steps on one 8B-shaped layer and 128 windows: `partial_hessians` and
     `ShardedActivations.forward` (replicated layer, activations sharded over `count` GPUs)."""
-    from transformers import LlamaConfig
-    from transformers.models.llama.modeling_llama import LlamaDecoderLayer, LlamaRotaryEmbedding
-
     from workers.architectures import ARCHITECTURES
     from workers.data_parallel import ShardedActivations, partial_hessians, replicate
     from workers.pipeline import PipelineOptions
 
     devices = [torch.device("cuda", d) for d in range(count)]
-    config = LlamaConfig(hidden_size=4096, intermediate_size=14336, num_attention_heads=32,
-                         num_key_value_heads=8, max_position_embeddings=2048)
-    config._attn_implementation = "sdpa"
-    layer = LlamaDecoderLayer(config, 0).to(devices[0], torch.bfloat16).eval()
+    layer, pos = llama_8b_layer(devices[0])
     hidden = torch.randn(128, 2048, 4096, device=devices[0], dtype=torch.bfloat16)
-    rope = LlamaRotaryEmbedding(config).to(devices[0])
-    pos = rope(hidden[:1], torch.arange(2048, device=devices[0]).unsqueeze(0))
     acts = ShardedActivations(hidden, pos, devices, PipelineOptions())
     del hidden
     arch = ARCHITECTURES["LlamaForCausalLM"]
