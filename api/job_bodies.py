@@ -29,12 +29,14 @@ def validated_specs(
     matrix: Mapping[str, Any] | None,
     settings: Settings,
     *,
+    owner: str,
     reserved_labels: Mapping[str, str] | None = None,
 ) -> list[dict[str, Any]]:
     """Normalised request bodies (defaults filled in, as stored in jobs.spec), one per matrix cell.
 
-    `reserved_labels` are counted against the label limit but not stored (a schedule adds its id and fire
-    time only when it fires)."""
+    `owner`: whose jobs these will be (an output.uri must lie in that owner's folder). `reserved_labels`
+    are counted against the label limit but not stored (a schedule adds its id and fire time only when it
+    fires)."""
     try:
         cells = expand_matrix(
             template, matrix, extra_labels=reserved_labels, max_jobs=settings.max_matrix_jobs
@@ -53,7 +55,7 @@ def validated_specs(
             )
             raise _unprocessable(f"{_where(cell.cell)}: {problems}") from e
         try:
-            validate_submission(spec, settings)
+            validate_submission(spec, settings, owner=owner)
         except (InvalidSpecError, InputError) as e:
             raise _unprocessable(f"{_where(cell.cell)}: {e}") from e
         specs.append(spec)

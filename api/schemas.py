@@ -57,8 +57,10 @@ class EvalIn(Strict):
 class OutputIn(Strict):
     uri: str | None = Field(
         default=None,
-        description="Where to write the result (s3://bucket/prefix in an allowed bucket, or a local path "
-        "under an allowed output root). Default: jobs/{id}/ in the service's object store.",
+        max_length=1024,
+        description="A folder of your owner's own, under which the job writes to {uri}/{job id}/: "
+        "s3://bucket/{owner}/... in an allowed bucket, or {allowed output root}/{owner}/... (never inside "
+        "the service's object store). Default: jobs/{job id}/ in the service's object store.",
     )
     formats: list[FormatName] = Field(
         default_factory=default_formats, description="Checkpoint formats to write"

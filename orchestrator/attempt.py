@@ -28,13 +28,14 @@ from orchestrator.leases import (
     start_attempt,
     succeed_attempt,
 )
+from orchestrator.outputs import output_target
 from orchestrator.settings import Settings
 from orchestrator.specs import engine_spec
 from orchestrator.states import JobState
 from workers.errors import InputError, InvalidSpecError, JobCancelled
 from workers.progress import Progress
 from workers.storage import ObjectStore, open_store
-from workers.uris import InputPolicy, LocalInput, materialize, parse_input_uri
+from workers.uris import InputPolicy, materialize
 
 CANCEL_POLL_SECONDS = 1.0  # should_cancel reads the database at most this often
 PROGRESS_WRITE_SECONDS = 1.0  # progress within one layer is written at most this often
@@ -94,6 +95,7 @@ class AttemptTicket:
     attempt: int
     spec: dict[str, Any]
     config: WorkerConfig
+    owner: str  # whose job: output.uri must lie in this owner's folder (orchestrator.outputs)
 
 
 @cache
@@ -103,14 +105,17 @@ def _sessions(database_url: str) -> sessionmaker[Session]:
 
 
 def output_location(ticket: AttemptTicket) -> tuple[ObjectStore, str]:
-    """(store, key prefix): the job's own output.uri if it gave one, else jobs/{id}/ in the service store."""
+    """(store, key prefix): {output.uri}/{id}/ if the job gave an output.uri (checked again: it must lie in
+    the owner's folder), else jobs/{id}/ in the service store. Either way the job's own folder."""
     cfg = ticket.config
-    uri = (ticket.spec.get("output") or {}).get("uri")
-    if not uri:
-        return open_store(cfg.object_store, endpoint_url=cfg.s3_endpoint_url), f"jobs/{ticket.job_id}"
-    parsed = parse_input_uri(uri, cfg.output_policy, what="output")
-    target = str(parsed.path) if isinstance(parsed, LocalInput) else uri
-    return open_store(target, endpoint_url=cfg.s3_endpoint_url), ""
+    target, prefix = output_target(
+        (ticket.spec.get("output") or {}).get("uri"),
+        owner=ticket.owner,
+        job_id=ticket.job_id,
+        policy=cfg.output_policy,
+        object_store=cfg.object_store,
+    )
+    return open_store(target, endpoint_url=cfg.s3_endpoint_url), prefix
 
 
 class AttemptReporter:

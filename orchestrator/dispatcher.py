@@ -127,7 +127,7 @@ class Dispatcher:
         with transaction(self.sessions) as s:
             claims = claim_jobs(s, owner=self.name, limit=free, lease_seconds=self.settings.lease_seconds)
         for claim in claims:
-            ticket = AttemptTicket(claim.job_id, claim.attempt, claim.spec, self.worker_config)
+            ticket = AttemptTicket(claim.job_id, claim.attempt, claim.spec, self.worker_config, claim.owner)
             try:
                 self.executor.submit(ticket)
                 self.in_flight[claim.job_id] = claim.attempt

@@ -29,6 +29,7 @@ class Claim:
     attempt: int
     spec: dict[str, Any]
     output_uri: str | None
+    owner: str
 
 
 @dataclass(frozen=True)
@@ -82,10 +83,10 @@ def claim_jobs(
             started_at=now,
             error=None,
         )
-        .returning(Job.id, Job.attempts, Job.spec, Job.output_uri)
+        .returning(Job.id, Job.attempts, Job.spec, Job.output_uri, Job.owner)
         .execution_options(synchronize_session=False)
     ).all()
-    claims = [Claim(r.id, r.attempts, r.spec, r.output_uri) for r in rows]
+    claims = [Claim(r.id, r.attempts, r.spec, r.output_uri, r.owner) for r in rows]
     for c in claims:
         add_event(
             session, c.job_id, "state", c.attempt, state=JobState.RUNNING.value, data={"lease_owner": owner}

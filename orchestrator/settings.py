@@ -39,7 +39,8 @@ class Settings(BaseSettings):
         default_factory=list, description="S3 buckets jobs may read models and data from"
     )
     allowed_output_roots: Annotated[list[Path], NoDecode] = Field(
-        default_factory=list, description="local directories a job's output.uri may point into"
+        default_factory=list,
+        description="local directories a job's output.uri may point into (its owner's folder in them)",
     )
     cache_dir: Path = Field(default=Path("./var/cache"), description="downloaded S3 inputs")
     work_dir: Path = Field(default=Path("./var/work"), description="scratch space for running attempts")
@@ -137,7 +138,9 @@ class Settings(BaseSettings):
         )
 
     def output_policy(self) -> InputPolicy:
-        """Where output.uri may point: the allowed output roots (plus the local object store) and buckets."""
+        """Where output.uri may point: the allowed output roots and buckets, in the owner's folder
+        (orchestrator.outputs). The local object store is listed so that a path into it gets the clearer
+        refusal of orchestrator.outputs (no output.uri may lie inside the object store)."""
         roots = [Path(p).resolve() for p in self.allowed_output_roots]
         if "://" not in self.object_store:
             roots.append(Path(self.object_store).resolve())

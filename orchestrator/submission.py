@@ -1,5 +1,6 @@
 """Checks a submitted job before a row is written: URIs inside the allow-list and present, the engine's
-own spec rules, and the model-dependent rules of workers.validation (for local models).
+own spec rules, the model-dependent rules of workers.validation (for local models), and that an
+output.uri lies in the submitting owner's own folder (orchestrator.outputs).
 
 Raises InvalidSpecError / InputError with the engine's message; the API turns them into 422s.
 S3 models are only probed for config.json here (downloading a model to validate a request would make
@@ -11,13 +12,15 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from orchestrator.outputs import check_output_uri
 from orchestrator.settings import Settings
 from orchestrator.specs import engine_spec
 from workers.errors import InputError
-from workers.uris import LocalInput, check_input_exists, parse_input_uri
+from workers.uris import LocalInput, check_input_exists
 
 
-def validate_submission(spec: dict[str, Any], settings: Settings) -> None:
+def validate_submission(spec: dict[str, Any], settings: Settings, *, owner: str) -> None:
+    """`owner`: who the job will belong to (its output.uri must lie in that owner's folder)."""
     policy = settings.input_policy()
     model_is_local = True
 
@@ -32,7 +35,7 @@ def validate_submission(spec: dict[str, Any], settings: Settings) -> None:
 
     output_uri = (spec.get("output") or {}).get("uri")
     if output_uri:
-        parse_input_uri(output_uri, settings.output_policy(), what="output")
+        check_output_uri(output_uri, owner, settings.output_policy(), settings.object_store)
     job = engine_spec(spec, resolve)
     if model_is_local:
         _check_model_size(Path(job.model_dir), settings.max_model_bytes)

@@ -62,7 +62,7 @@ def create_batch(
     principal: Annotated[Principal, Depends(require("submit"))],
 ) -> BatchOut:
     """Queue one job per matrix cell (models × methods × bits × group sizes over the template)."""
-    specs = validated_specs(body.template, body.matrix, settings)
+    specs = validated_specs(body.template, body.matrix, settings, owner=principal.owner)
     with transaction(sessions) as session:
         active = crud.count_active_jobs(session, principal.owner)
         if active + len(specs) > settings.max_active_jobs_per_owner:

@@ -98,7 +98,7 @@ def submit_job(
                 response.headers["Location"] = str(request.url_for("get_job", job_id=job.id))
                 return job_out(job, request)
     try:
-        validate_submission(spec, settings)
+        validate_submission(spec, settings, owner=principal.owner)
     except (InvalidSpecError, InputError) as e:
         raise HTTPException(status.HTTP_422_UNPROCESSABLE_CONTENT, str(e)) from e
     try:

@@ -89,7 +89,9 @@ def create_schedule(
 ) -> ScheduleOut:
     """A cron schedule (in a time zone) that queues the template's jobs at every occurrence."""
     cron = _checked_timing(body.cron, body.tz)
-    specs = validated_specs(body.template, body.matrix, settings, reserved_labels=RESERVED)
+    specs = validated_specs(
+        body.template, body.matrix, settings, owner=principal.owner, reserved_labels=RESERVED
+    )
     now = utcnow()
     schedule = Schedule(
         id=uuid.uuid4().hex,
@@ -159,7 +161,9 @@ def update_schedule(
         if "template" in changes or "matrix" in changes:
             template = changes.get("template", schedule.template)
             matrix = changes.get("matrix", schedule.matrix)
-            schedule.job_specs = validated_specs(template, matrix, settings, reserved_labels=RESERVED)
+            schedule.job_specs = validated_specs(
+                template, matrix, settings, owner=schedule.owner, reserved_labels=RESERVED
+            )
             schedule.template, schedule.matrix = template, dict(matrix) if matrix else None
         for field in ("name", "tz", "missed_fire_policy"):
             if field in changes:
