@@ -184,8 +184,7 @@ class AttemptOut(BaseModel):
     duration_ms: int
     status_code: int | None
     ok: bool
-    error: str | None
-    response_excerpt: str | None
+    error: str | None = Field(description="Why the attempt failed (the receiver's reply is never kept)")
 
 
 class DeliveryOut(BaseModel):

@@ -118,7 +118,6 @@ def record_attempt(
             status_code=outcome.status_code,
             ok=outcome.ok,
             error=outcome.error,
-            response_excerpt=outcome.response_excerpt or None,
         )
     )
     return str(values.get("state", PENDING))
@@ -185,6 +184,7 @@ class DeliveryLoop:
                 attempt=claim.attempt,
                 timeout_s=self.policy.timeout_s,
                 allow_loopback=self.settings.webhook_allow_loopback,
+                allowed_networks=self.settings.webhook_allowed_networks,
                 client=self.http,
             )
             with transaction(self.sessions) as s:

@@ -4,12 +4,14 @@ SQLite under ./var, objects under ./var/objects, local Ray, inputs from the asse
 from __future__ import annotations
 
 import os
+from ipaddress import IPv4Network, IPv6Network
 from pathlib import Path
 from typing import Annotated, Literal
 
 from pydantic import AliasChoices, Field, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
+from orchestrator.webhooks import parse_networks
 from workers.uris import InputPolicy
 
 
@@ -83,6 +85,11 @@ class Settings(BaseSettings):
         default=False,
         description="let webhooks target loopback addresses (single-host installs and tests only)",
     )
+    webhook_allowed_networks: Annotated[list[IPv4Network | IPv6Network], NoDecode] = Field(
+        default_factory=list,
+        description="networks webhooks may target besides public addresses, as comma-separated CIDRs "
+        "(e.g. 10.20.0.0/16 for an internal registry); cloud metadata addresses stay refused",
+    )
     webhook_max_attempts: int = Field(default=6, ge=1)
     webhook_backoff_seconds: float = Field(
         default=2.0, ge=0, description="first webhook retry delay; doubles per attempt"
@@ -119,6 +126,13 @@ class Settings(BaseSettings):
     def _split_paths(cls, value: object) -> object:
         if isinstance(value, str):
             return [Path(p).expanduser().resolve() for p in value.split(",") if p.strip()]
+        return value
+
+    @field_validator("webhook_allowed_networks", mode="before")
+    @classmethod
+    def _split_networks(cls, value: object) -> object:
+        if isinstance(value, str):
+            return list(parse_networks(v for v in value.split(",") if v.strip()))
         return value
 
     @field_validator("allowed_buckets", mode="before")

@@ -9,11 +9,19 @@ with backoff for callers that can block. The service's delivery loop calls `atte
 keeps the schedule in the database (`next_backoff`), so a restart loses no retries. Every attempt is
 handed to a callback, so each one can be recorded and listed.
 
-Webhook URLs are user input pointing the service at the network, so only http(s) URLs are accepted and
-hosts that resolve to loopback, link-local (169.254.0.0/16: cloud metadata), multicast, reserved or
-unspecified addresses are refused, at registration and again before every attempt. Private networks are
-allowed: an internal model registry is the main receiver. Redirects are not followed (a redirect could
-point anywhere). Loopback is allowed only when the caller says so (tests, single-host installs).
+Webhook URLs are user input pointing the service at the network, so only http(s) URLs to public
+addresses are accepted: a host that resolves to a private network (10/8, 172.16/12, 192.168/16,
+100.64/10, fc00::/7, fec0::/10, ...), loopback, link-local (169.254.0.0/16: cloud metadata), multicast,
+reserved or unspecified address is refused, at registration and again before every attempt. An operator
+can allow networks (`allowed_networks`, QF_WEBHOOK_ALLOWED_NETWORKS: an internal model registry, say);
+cloud metadata addresses stay refused even then. Loopback is allowed only when the caller says so (tests,
+single-host installs).
+
+Each attempt resolves the host once, checks every address, and connects to the checked address itself
+(the Host header and the TLS server name stay the URL's, so virtual hosts and certificate checks work):
+a name that resolves to a public address for the check and to an internal one for the connection (DNS
+rebinding) reaches nothing. Redirects are not followed (a redirect could point anywhere), and the
+receiver's response body is never read or stored: only the status, the timing and an error are kept.
 """
 
 from __future__ import annotations
@@ -25,7 +33,7 @@ import json
 import socket
 import time
 import uuid
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
@@ -38,13 +46,16 @@ EVENT_HEADER = "X-QuantFleet-Event"
 DELIVERY_HEADER = "X-QuantFleet-Delivery"
 EVENTS = ("job.succeeded", "job.failed", "job.gate_failed")
 DEFAULT_TOLERANCE_S = 300
-MAX_RESPONSE_EXCERPT = 1024
 METADATA_HOSTS = frozenset(
     {"metadata", "metadata.google.internal", "metadata.azure.internal", "instance-data"}
 )
 METADATA_ADDRESSES = frozenset(
     ipaddress.ip_address(a) for a in ("100.100.100.200", "fd00:ec2::254", "169.254.169.254", "169.254.170.2")
 )
+NAT64 = ipaddress.ip_network("64:ff9b::/96")  # IPv4 addresses embedded in IPv6 by NAT64 gateways
+
+Address = ipaddress.IPv4Address | ipaddress.IPv6Address
+Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 
 
 class WebhookError(ValueError):
@@ -139,17 +150,49 @@ Resolve = Callable[[str, int], list[str]]
 
 
 def _resolve(host: str, port: int) -> list[str]:
+    """The host's addresses in the resolver's order of preference, without repeats."""
     infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
-    return sorted({str(info[4][0]) for info in infos})
+    return list(dict.fromkeys(str(info[4][0]) for info in infos))
 
 
-def _refusal(address: ipaddress.IPv4Address | ipaddress.IPv6Address, allow_loopback: bool) -> str | None:
+def parse_networks(values: Iterable[str | Network]) -> tuple[Network, ...]:
+    """CIDR strings (or networks) as networks; ValueError naming the one that is not a network."""
+    networks = []
+    for value in values:
+        try:
+            networks.append(
+                ipaddress.ip_network(value.strip() if isinstance(value, str) else value, strict=False)
+            )
+        except ValueError as e:
+            raise ValueError(f"{value!r} is not a network in CIDR form such as 10.20.0.0/16 ({e})") from e
+    return tuple(networks)
+
+
+def _embedded_ipv4(address: ipaddress.IPv6Address) -> ipaddress.IPv4Address | None:
+    """The IPv4 address an IPv6 address carries (mapped, 6to4, Teredo client, NAT64), if any."""
+    if address.ipv4_mapped:
+        return address.ipv4_mapped
+    if address.sixtofour:
+        return address.sixtofour
+    if address.teredo:
+        return address.teredo[1]
+    if address in NAT64:
+        return ipaddress.IPv4Address(int(address) & 0xFFFFFFFF)
+    return None
+
+
+def _refusal(
+    address: Address, allow_loopback: bool, allowed_networks: tuple[Network, ...] = ()
+) -> str | None:
+    """Why the service may not connect to `address`, or None if it may."""
     if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped:
         address = address.ipv4_mapped
     if address in METADATA_ADDRESSES:
         return "a cloud metadata address"
     if address.is_loopback:
         return None if allow_loopback else "loopback (this machine)"
+    if any(address in network for network in allowed_networks):
+        return None
     if address.is_link_local:
         return "link-local (cloud metadata lives there)"
     if address.is_multicast:
@@ -158,11 +201,39 @@ def _refusal(address: ipaddress.IPv4Address | ipaddress.IPv6Address, allow_loopb
         return "unspecified"
     if address.is_reserved:
         return "reserved"
+    if isinstance(address, ipaddress.IPv6Address):
+        if address.is_site_local:
+            return "a site-local (private) address"
+        inner = _embedded_ipv4(address)
+        if inner is not None:
+            reason = _refusal(inner, allow_loopback, allowed_networks)
+            if reason:
+                return f"an IPv6 form of {inner}, {reason}"
+    if address.is_private or not address.is_global:
+        return "a private or otherwise non-public address"
     return None
 
 
-def check_webhook_url(url: str, *, allow_loopback: bool = False, resolve: Resolve = _resolve) -> str:
-    """Return `url` if the service may POST to it; WebhookError saying why not otherwise."""
+@dataclass(frozen=True)
+class WebhookTarget:
+    """A checked webhook URL and the address the connection must go to (no second lookup)."""
+
+    url: str
+    host: str  # lower-case, no trailing dot; the TLS server name and the Host header's host
+    port: int
+    address: str  # the checked IP address
+
+
+def resolve_webhook_target(
+    url: str,
+    *,
+    allow_loopback: bool = False,
+    allowed_networks: Iterable[Network] = (),
+    resolve: Resolve = _resolve,
+) -> WebhookTarget:
+    """Resolve `url`'s host once and check every address it resolves to; WebhookError saying why the
+    service may not POST there. The connection is then made to `address` (see `pinned_request`)."""
+    networks = tuple(allowed_networks)
     parts = urlsplit(url.strip() if isinstance(url, str) else "")
     if parts.scheme not in ("http", "https") or not parts.hostname:
         raise WebhookError(f"webhook URL {url!r} must be an absolute http:// or https:// URL")
@@ -179,15 +250,41 @@ def check_webhook_url(url: str, *, allow_loopback: bool = False, resolve: Resolv
         raise WebhookError(f"webhook URL {url!r} has an invalid port") from e
     try:
         addresses = [host] if _is_ip(host) else resolve(host, port)
-    except OSError as e:
+    except (OSError, UnicodeError) as e:
         raise WebhookError(f"webhook host {host!r} does not resolve ({e}); check the URL") from e
+    if not addresses:
+        raise WebhookError(f"webhook host {host!r} has no address; check the URL")
     for text in addresses:
-        reason = _refusal(ipaddress.ip_address(text.split("%")[0]), allow_loopback)
+        reason = _refusal(ipaddress.ip_address(text.split("%")[0]), allow_loopback, networks)
         if reason:
             raise WebhookError(
-                f"webhook host {host!r} resolves to {text}, {reason}; webhooks may not target it"
+                f"webhook host {host!r} resolves to {text}, {reason}; webhooks may only target public "
+                "addresses (an operator can allow a network with QF_WEBHOOK_ALLOWED_NETWORKS)"
             )
-    return url.strip()
+    return WebhookTarget(url.strip(), host, port, addresses[0].split("%")[0])
+
+
+def check_webhook_url(
+    url: str,
+    *,
+    allow_loopback: bool = False,
+    allowed_networks: Iterable[Network] = (),
+    resolve: Resolve = _resolve,
+) -> str:
+    """Return `url` if the service may POST to it; WebhookError saying why not otherwise."""
+    return resolve_webhook_target(
+        url, allow_loopback=allow_loopback, allowed_networks=allowed_networks, resolve=resolve
+    ).url
+
+
+def pinned_request(target: WebhookTarget) -> tuple[httpx.URL, dict[str, str], dict[str, Any]]:
+    """(URL with the checked address as its host, Host header, request extensions): the request goes to
+    `target.address` while the receiver still sees its own name in Host and, for https, in the TLS server
+    name, against which its certificate is verified."""
+    original = httpx.URL(target.url)
+    pinned = original.copy_with(host=target.address)
+    extensions: dict[str, Any] = {"sni_hostname": original.host} if original.scheme == "https" else {}
+    return pinned, {"Host": original.netloc.decode("ascii")}, extensions
 
 
 def _is_ip(host: str) -> bool:
@@ -228,8 +325,7 @@ class DeliveryAttempt:
     duration_s: float
     status_code: int | None  # None when no HTTP response came back
     ok: bool  # a 2xx response
-    error: str | None  # why it failed, for people reading the delivery log
-    response_excerpt: str  # the first KiB of the response body
+    error: str | None  # why it failed, for people reading the delivery log (never the receiver's body)
     retry_after_s: float | None = None
 
 
@@ -249,14 +345,17 @@ def attempt_delivery(
     attempt: int,
     timeout_s: float = RetryPolicy.timeout_s,
     allow_loopback: bool = False,
+    allowed_networks: Iterable[Network] = (),
     client: httpx.Client | None = None,
+    resolve: Resolve = _resolve,
 ) -> DeliveryAttempt:
-    """One signed POST of `body`. Never raises for receiver or network trouble: that is the result."""
+    """One signed POST of `body` to the address checked just before (see `resolve_webhook_target`).
+    Never raises for receiver or network trouble: that is the result. The response body is not read."""
     started_at = datetime.now(UTC)
     start = time.perf_counter()
 
     def result(
-        status: int | None, ok: bool, error: str | None, excerpt: str = "", retry_after: float | None = None
+        status: int | None, ok: bool, error: str | None, retry_after: float | None = None
     ) -> DeliveryAttempt:
         return DeliveryAttempt(
             delivery_id,
@@ -267,17 +366,21 @@ def attempt_delivery(
             status,
             ok,
             error,
-            excerpt,
             retry_after,
         )
 
     try:
-        check_webhook_url(url, allow_loopback=allow_loopback)
-    except WebhookError as e:
+        target = resolve_webhook_target(
+            url, allow_loopback=allow_loopback, allowed_networks=allowed_networks, resolve=resolve
+        )
+        pinned, host_header, extensions = pinned_request(target)
+    except (WebhookError, httpx.InvalidURL) as e:
         return result(None, False, str(e))
     headers = {
+        **host_header,
         "Content-Type": "application/json",
         "User-Agent": "QuantFleet-Webhooks/1",
+        "Connection": "close",  # a connection verified for one name is never reused for another
         SIGNATURE_HEADER: sign(secret, body),
         EVENT_HEADER: event,
         DELIVERY_HEADER: delivery_id,
@@ -285,21 +388,26 @@ def attempt_delivery(
     own_client = client is None
     http = client or httpx.Client(timeout=timeout_s, follow_redirects=False)
     try:
-        response = http.post(url, content=body, headers=headers, timeout=timeout_s)
+        request = http.build_request(
+            "POST", pinned, content=body, headers=headers, timeout=timeout_s, extensions=extensions
+        )
+        response = http.send(request, stream=True, follow_redirects=False)
+        response.close()  # the body is never read: it is not ours to keep or show
     except httpx.TimeoutException as e:
         return result(None, False, f"timed out after {timeout_s:g} s ({type(e).__name__})")
+    except httpx.ProtocolError as e:  # its message may quote what the receiver sent: not shown
+        return result(None, False, f"{type(e).__name__}: the receiver's reply was not valid HTTP")
     except httpx.HTTPError as e:
         return result(None, False, f"{type(e).__name__}: {e}")
     finally:
         if own_client:
             http.close()
-    excerpt = response.text[:MAX_RESPONSE_EXCERPT]
     if response.is_success:
-        return result(response.status_code, True, None, excerpt)
+        return result(response.status_code, True, None)
     error = f"HTTP {response.status_code}"
     if response.is_redirect:
         error += " redirect (not followed: register the final URL)"
-    return result(response.status_code, False, error, excerpt, _retry_after(response))
+    return result(response.status_code, False, error, _retry_after(response))
 
 
 def _retry_after(response: httpx.Response) -> float | None:
@@ -320,7 +428,9 @@ def deliver(
     on_attempt: Callable[[DeliveryAttempt], None] = lambda _: None,
     delivery_id: str | None = None,
     allow_loopback: bool = False,
+    allowed_networks: Iterable[Network] = (),
     sleep: Callable[[float], None] = time.sleep,
+    resolve: Resolve = _resolve,
 ) -> DeliveryResult:
     """Deliver one event, retrying any non-2xx answer or network failure with exponential backoff until it
     succeeds or `policy.max_attempts` is spent. The body (and its id) is the same on every attempt, so
@@ -339,7 +449,9 @@ def deliver(
                 attempt=number,
                 timeout_s=policy.timeout_s,
                 allow_loopback=allow_loopback,
+                allowed_networks=allowed_networks,
                 client=client,
+                resolve=resolve,
             )
             attempts.append(outcome)
             on_attempt(outcome)

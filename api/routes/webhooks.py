@@ -47,7 +47,11 @@ def _checked(
 ) -> tuple[str | None, list[str] | None]:
     try:
         return (
-            check_webhook_url(url, allow_loopback=settings.webhook_allow_loopback)
+            check_webhook_url(
+                url,
+                allow_loopback=settings.webhook_allow_loopback,
+                allowed_networks=settings.webhook_allowed_networks,
+            )
             if url is not None
             else None,
             check_events(events) if events is not None else None,

@@ -284,14 +284,14 @@ def test_bad_schedules_say_what_to_fix(
 def test_webhook_crud_and_url_policy(client: TestClient, keys: dict, settings: Settings) -> None:
     r = client.post(
         "/v1/webhooks",
-        json={"url": "https://10.1.2.3/hooks", "events": ["job.gate_failed"]},
+        json={"url": "https://93.184.215.14/hooks", "events": ["job.gate_failed"]},
         headers=keys["alice"],
     )
     assert r.status_code == 201, r.text
     hook = r.json()
     assert hook["secret"].startswith("whsec_") and hook["events"] == ["job.gate_failed"]
     shown = client.get(f"/v1/webhooks/{hook['id']}", headers=keys["alice"]).json()
-    assert shown["secret"] is None and shown["url"] == "https://10.1.2.3/hooks"
+    assert shown["secret"] is None and shown["url"] == "https://93.184.215.14/hooks"
     with transaction(sessions_for(settings.database_url)) as s:
         stored = s.scalars(select(Webhook)).one()
         assert stored.secret == hook["secret"] and stored.owner == "alice"
@@ -314,19 +314,19 @@ def test_webhook_crud_and_url_policy(client: TestClient, keys: dict, settings: S
         assert bad.status_code == 422 and words in bad.json()["detail"]
     assert (
         client.post(
-            "/v1/webhooks", json={"url": "https://10.0.0.9/x", "events": ["job.done"]}, headers=keys["alice"]
+            "/v1/webhooks", json={"url": "https://93.184.215.14/x", "events": ["job.done"]}, headers=keys["alice"]
         ).status_code
         == 422
     )
     assert (
         client.post(
-            "/v1/webhooks", json={"url": "https://10.0.0.9/x", "all_owners": True}, headers=keys["alice"]
+            "/v1/webhooks", json={"url": "https://93.184.215.14/x", "all_owners": True}, headers=keys["alice"]
         ).status_code
         == 403
     )
     assert (
         client.post(
-            "/v1/webhooks", json={"url": "https://10.0.0.9/x", "all_owners": True}, headers=keys["admin"]
+            "/v1/webhooks", json={"url": "https://93.184.215.14/x", "all_owners": True}, headers=keys["admin"]
         ).status_code
         == 201
     )
@@ -343,7 +343,7 @@ def test_finished_jobs_queue_signed_deliveries_for_subscribers(
     ):
         assert (
             client.post(
-                "/v1/webhooks", json={"url": "https://10.1.2.3/h", "events": events}, headers=headers
+                "/v1/webhooks", json={"url": "https://93.184.215.14/h", "events": events}, headers=headers
             ).status_code
             == 201
         )

@@ -22,8 +22,8 @@ def test_upgrade_keeps_existing_jobs_and_downgrade_round_trips(tmp_path: Path) -
                 "'2026-01-01 00:00:00', '2026-01-01 00:00:00')"
             )
         )
-    migrate(url)
-    assert migration_status(engine) == ("0002", "0002")
+    migrate(url, "0002")
+    assert migration_status(engine)[0] == "0002"
     with engine.connect() as conn:
         row = conn.execute(text("SELECT id, state, batch_id, gate_passed, gate_result FROM jobs")).one()
     assert tuple(row) == ("j1", "succeeded", None, None, None)
@@ -41,7 +41,7 @@ def test_upgrade_keeps_existing_jobs_and_downgrade_round_trips(tmp_path: Path) -
     assert migration_status(engine)[0] == "0001"
     assert "schedules" not in inspect(engine).get_table_names()
     assert "batch_id" not in {c["name"] for c in inspect(engine).get_columns("jobs")}
-    migrate(url)
+    migrate(url, "0002")
     again = {
         t: sorted(c["name"] for c in inspect(engine).get_columns(t))
         for t in inspect(engine).get_table_names()
