@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
@@ -21,6 +22,9 @@ Submit a job with `POST /v1/jobs`, follow it with `GET /v1/jobs/{id}` (state, st
 events, and find the checkpoint, `eval.json`, model card and `manifest.json` under its artifacts.
 Authenticate with `Authorization: Bearer <API key>` (scopes: submit, read, admin).
 """
+
+
+log = logging.getLogger("quantfleet.api")
 
 
 def _location(loc: tuple[int | str, ...]) -> str:
@@ -48,6 +52,16 @@ async def validation_error(request: Request, exc: Exception) -> JSONResponse:
     )
 
 
+async def unexpected_error(request: Request, exc: Exception) -> JSONResponse:
+    """A JSON 500 for anything no route handled. The log line names the request and the error; database
+    errors in it carry no statement parameters (orchestrator.db hides them), so no secret reaches the log."""
+    log.error("unhandled %s in %s %s", type(exc).__name__, request.method, request.url.path, exc_info=exc)
+    return JSONResponse(
+        {"detail": "internal error; the server log has the details"},
+        status_code=status.HTTP_500_INTERNAL_SERVER_ERROR,
+    )
+
+
 @asynccontextmanager
 async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     yield
@@ -62,6 +76,7 @@ def create_app(settings: Settings | None = None, *, service_metrics: ServiceMetr
     app.state.engine = make_engine(settings.database_url)
     app.state.sessions = session_factory(app.state.engine)
     app.add_exception_handler(RequestValidationError, validation_error)
+    app.add_exception_handler(Exception, unexpected_error)
     app.state.metrics = metrics.watch_queue(service_metrics or ServiceMetrics(), app.state.sessions)
     app.include_router(health.router)
     app.include_router(jobs.router)

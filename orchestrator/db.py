@@ -3,6 +3,9 @@
 SQLite runs in WAL mode with a busy timeout, and every transaction starts with BEGIN IMMEDIATE: the
 writer lock is taken up front, so concurrent writers queue behind busy_timeout instead of failing
 with "database is locked" when a read transaction later tries to write.
+
+Engines hide statement parameters (`hide_parameters`): a failed statement's error, and so any log line or
+traceback that carries it, never shows the values it was sent (webhook secrets, key hashes, user input).
 """
 
 from __future__ import annotations
@@ -29,6 +32,7 @@ def absolute_url(url: str) -> str:
 
 
 def make_engine(url: str, **kwargs: Any) -> Engine:
+    kwargs.setdefault("hide_parameters", True)
     parsed = make_url(url)
     if parsed.get_backend_name() != "sqlite":
         return create_engine(url, pool_pre_ping=True, **kwargs)

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import logging
 import threading
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any
 
@@ -40,7 +40,7 @@ class ClaimedDelivery:
     id: str
     attempt: int
     url: str
-    secret: str
+    secret: str = field(repr=False)  # never in a log line, even by accident
     event: str
     body: bytes
 

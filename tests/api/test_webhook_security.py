@@ -3,17 +3,21 @@ registration and before each delivery, and the delivery log never shows what the
 
 from __future__ import annotations
 
+import logging
 import threading
 import uuid
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
 
 import pytest
 from fastapi.testclient import TestClient
+from sqlalchemy import event
 
 from api.main import create_app
 from orchestrator.db import transaction
-from orchestrator.delivery_loop import DeliveryLoop
+from orchestrator.delivery_loop import ClaimedDelivery, DeliveryLoop
+from orchestrator.logging_setup import JsonFormatter
 from orchestrator.models import WebhookDelivery, utcnow
 from orchestrator.settings import Settings
 from orchestrator.webhooks import parse_networks
@@ -107,3 +111,33 @@ def test_the_delivery_log_keeps_status_and_timing_but_not_the_reply(
     assert attempt["status_code"] == 500 and attempt["error"] == "HTTP 500" and attempt["duration_ms"] >= 0
     assert "response_excerpt" not in attempt
     assert "hunter2" not in r.text and "10.0.0.3" not in r.text
+
+
+@pytest.mark.parametrize("given", [True, False], ids=["secret given", "secret generated"])
+def test_a_failed_webhook_insert_logs_no_secret(
+    settings: Settings, keys: dict, caplog: pytest.LogCaptureFixture, given: bool
+) -> None:
+    """The insert fails in the database (its table is missing); the error is logged, with SQL statement
+    logging on at DEBUG as well, and no log line, traceback included, carries the secret."""
+    app = create_app(settings)
+
+    @event.listens_for(app.state.engine, "before_cursor_execute", retval=True)
+    def break_the_insert(
+        conn: Any, cursor: Any, statement: str, params: Any, context: Any, many: bool
+    ) -> Any:
+        return statement.replace("INSERT INTO webhooks ", "INSERT INTO no_such_webhooks ", 1), params
+
+    secret = "whsec_do-not-log-" + "s" * 24
+    body = {"url": "https://93.184.215.14/h", **({"secret": secret} if given else {})}
+    with caplog.at_level(logging.DEBUG), TestClient(app, raise_server_exceptions=False) as c:
+        r = c.post("/v1/webhooks", json=body, headers=keys["alice"])
+    assert r.status_code == 500 and r.json() == {"detail": "internal error; the server log has the details"}
+    lines = [JsonFormatter().format(record) for record in caplog.records]
+    assert any("POST /v1/webhooks" in line and "no_such_webhooks" in line for line in lines)
+    leaked = [line for line in lines if "whsec_" in line or secret in line]
+    assert leaked == []
+
+
+def test_a_claimed_delivery_does_not_show_its_secret() -> None:
+    claim = ClaimedDelivery("d1", 1, "https://hooks.example/x", "whsec_topsecret", "job.failed", b"{}")
+    assert "whsec_topsecret" not in repr(claim)
