@@ -115,7 +115,9 @@ class JobCreate(Strict):
         default=0.01, description="GPTQ Hessian dampening, as a fraction of mean(diag H)"
     )
     act_order: bool = Field(
-        default=False, description="GPTQ: quantize columns in order of decreasing activation"
+        default=True,
+        description="GPTQ: quantize columns in order of decreasing activation (Hessian diagonal), with group "
+        "scales fixed from the original weights (static groups: the checkpoint layout stays plain)",
     )
     gpus: int = Field(
         default=1,

@@ -8,7 +8,7 @@ threads of one process, then from one process per GPU (started together behind a
 * layer: a Llama-3-8B-shaped decoder layer forward over 16 chunks of 4×2048 tokens (the calibration
   forward: many kernels per chunk, launched from Python by transformers);
 * awq: AWQ's scale search for gate/up (4096 tokens, [28672, 4096] weights; many mid-size kernels);
-* capture / forward: the pipeline's own Hessian capture (`_hessians`) and quantized-layer forward
+* capture / forward: the pipeline's own Hessian capture (`input_statistics`) and quantized-layer forward
   (`Activations.forward`) of that layer over 64 windows of 2048 tokens: one device's shard of 128.
 
 Efficiency = alone / together (1.0: the GPUs do not slow each other down).
@@ -84,17 +84,18 @@ def make_workload(name: str, device: torch.device) -> Callable[[], None]:
         from workers.spec import QuantScheme
 
         x = torch.randn(4096, 4096, device=device)
+        sigma, mean_abs = x.T @ x / x.shape[0], x.abs().mean(dim=0)
         weights = [torch.randn(14336, 4096, device=device, dtype=bf16) * 0.02 for _ in range(2)]
         scheme = QuantScheme(bits=4, group_size=128, symmetric=True)
 
         def run() -> None:
-            search_scales(x, weights, scheme, grid=20)
+            search_scales(sigma, mean_abs, weights, scheme, grid=20)
             torch.cuda.synchronize(device)
 
         return run
     if name in ("capture", "forward"):
         from workers.architectures import ARCHITECTURES
-        from workers.pipeline import Activations, PipelineOptions, _hessians
+        from workers.pipeline import Activations, PipelineOptions, input_statistics
 
         layer, pos = llama_8b_layer(device)
         acts = Activations(torch.randn(64, 2048, 4096, device=device, dtype=bf16), device, PipelineOptions())
@@ -103,7 +104,7 @@ def make_workload(name: str, device: torch.device) -> Callable[[], None]:
         def run() -> None:
             with torch.no_grad():
                 if name == "capture":
-                    _hessians(layer, acts, pos, arch)
+                    input_statistics(layer, acts, pos, arch)
                 else:
                     acts.forward(layer, pos, update=False)
             torch.cuda.synchronize(device)

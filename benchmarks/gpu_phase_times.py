@@ -123,7 +123,7 @@ def instrument(clock: PhaseClock) -> Callable[[], None]:
 
     every = lambda *a, **k: sync_all()  # noqa: E731
     patch(loading.LayerwiseModel, "decoder_layer", clock.wrap("load layer", loading.LayerwiseModel.decoder_layer, every))
-    patch(pipeline, "_hessians", clock.wrap("hessians (capture)", pipeline._hessians, every))
+    patch(pipeline, "input_statistics", clock.wrap("input statistics (capture)", pipeline.input_statistics, every))
     patch(dp, "replicate", clock.wrap("replicate layer", dp.replicate, every))
     patch(dp, "sync_replicas", clock.wrap("sync replicas", dp.sync_replicas, every))
     patch(dp.DeviceThreads, "run", clock.wrap(lambda self, work: f"all devices: {work.__name__}", dp.DeviceThreads.run, every))

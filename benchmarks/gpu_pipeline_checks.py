@@ -7,8 +7,8 @@
    one-GPU machine: no speed-up there) against [cuda:0]. This exercises the multi-device code on CUDA (a thread per
    device, per-thread current device, Triton compiling from two threads, cross-replica copies) and
    measures how many codes the Hessian merge's different summation order changes.
-3. AWQ searches on the Llama-3-8B module shapes: the sync-free, budget-chunked `search_clip` and
-   `search_scales` against the frozen old versions (tests/workers/test_awq.py): equal choices, and time.
+3. AWQ searches on the Llama-3-8B module shapes: `search_clip` and `search_scales` on input statistics
+   against token-based searches over the same tokens (tests/workers/test_awq.py): equal choices, and time.
 
     python benchmarks/gpu_pipeline_checks.py --work /tmp/qfpc --results /tmp/pipeline-checks.json
 """
@@ -157,7 +157,8 @@ def timed(fn: Any) -> tuple[Any, float]:
 
 
 def check_awq_searches() -> dict[str, Any]:
-    from tests.workers.test_awq import _old_search_clip, _old_search_scales
+    """The statistics-based AWQ searches against token-based searches over the same (all) tokens."""
+    from tests.workers.test_awq import _token_search_clip, _token_search_scales
     from workers.quant.awq import search_clip, search_scales
 
     scheme = QuantScheme(4, 128, True)
@@ -169,16 +170,17 @@ def check_awq_searches() -> dict[str, Any]:
         channel_scale = torch.exp(torch.randn(cols, generator=g, device=DEVICE))
         x = torch.randn(4096 // shrink, cols, generator=g, device=DEVICE) * channel_scale
         w = torch.randn(rows, cols, generator=g, device=DEVICE) * 0.02
-        new_clip, t_new = timed(lambda x=x, w=w: search_clip(x, w, scheme))
-        old_clip, t_old = timed(lambda x=x, w=w: _old_search_clip(x, w, scheme).to(DEVICE))
-        (new_s, new_a, new_l), t_snew = timed(lambda x=x, w=w: search_scales(x, [w], scheme))
-        (old_s, old_a, old_l), t_sold = timed(lambda x=x, w=w: _old_search_scales(x, [w], scheme))
+        sigma, mean_abs = x.T @ x / x.shape[0], x.abs().mean(dim=0)
+        new_clip, t_new = timed(lambda sigma=sigma, w=w: search_clip(sigma, w, scheme))
+        old_clip, t_old = timed(lambda x=x, w=w: _token_search_clip(x, w, scheme)[0].to(DEVICE))
+        (new_s, new_a, new_l), t_snew = timed(lambda sigma=sigma, mean_abs=mean_abs, w=w: search_scales(sigma, mean_abs, [w], scheme))
+        (old_s, old_a, old_l), t_sold = timed(lambda x=x, w=w: _token_search_scales(x, [w], scheme))
         out[name] = {
             "clip_equal_fraction": float((new_clip == old_clip).all(dim=-1).float().mean()),
-            "clip_s_old": round(t_old, 4), "clip_s_new": round(t_new, 4),
-            "scales_equal": bool(torch.equal(new_s, old_s)) and new_a == old_a,
+            "clip_s_tokens": round(t_old, 4), "clip_s_statistics": round(t_new, 4),
+            "scales_alpha_equal": new_a == old_a,
             "scales_loss_rel_diff": abs(new_l / old_l - 1) if old_l else 0.0,
-            "scales_s_old": round(t_sold, 4), "scales_s_new": round(t_snew, 4),
+            "scales_s_tokens": round(t_sold, 4), "scales_s_statistics": round(t_snew, 4),
         }
         print(f"awq {name}: {out[name]}", flush=True)
     return out

@@ -14,7 +14,7 @@ import random
 from pathlib import Path
 
 import torch
-from tokenizers import Tokenizer, models, pre_tokenizers
+from tokenizers import Tokenizer, models, pre_tokenizers, processors
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
 SPECIAL_TOKENS = ("<unk>", "<s>", "</s>", "<pad>")
@@ -26,10 +26,16 @@ WORDS = tuple(
 )[:270] + (".", ",")
 
 
-def make_tokenizer() -> PreTrainedTokenizerFast:
+def make_tokenizer(*, add_bos: bool = True) -> PreTrainedTokenizerFast:
+    """A word-level tokenizer; like Llama's it puts BOS before a text (`add_special_tokens=True`) unless
+    `add_bos=False` (like GPT-2's, whose `bos_token` exists but is never added)."""
     vocab = {token: i for i, token in enumerate(SPECIAL_TOKENS + WORDS)}
     backend = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
     backend.pre_tokenizer = pre_tokenizers.Whitespace()
+    if add_bos:
+        backend.post_processor = processors.TemplateProcessing(
+            single="<s> $A", pair="<s> $A <s> $B", special_tokens=[("<s>", vocab["<s>"])]
+        )
     return PreTrainedTokenizerFast(
         tokenizer_object=backend, unk_token="<unk>", bos_token="<s>", eos_token="</s>", pad_token="<pad>"
     )

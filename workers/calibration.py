@@ -6,8 +6,11 @@ any other suffix is read as plain UTF-8 text. Both become one token stream.
 Calibration takes `num_samples` windows at random *non-overlapping* offsets of that stream, chosen
 deterministically from the seed, so the same job always sees the same tokens. A stream too short for
 that many disjoint windows is an error (overlapping windows would silently weight some text twice).
-When the tokenizer has a BOS token every window is `[BOS] + seq_len - 1` text tokens, as the model saw
-documents in training; otherwise `seq_len` text tokens.
+Every window starts with the special tokens the tokenizer itself puts before a text
+(`add_special_tokens=True`: BOS for Llama-2/3, Mistral, Gemma; nothing for GPT-2-style tokenizers such as
+SmolLM2's, whose `bos_token` is a chat marker it never adds to plain text), then text tokens up to
+`seq_len`. A token the model treats as an attention sink carries huge activations; putting one where the
+model never sees it in use would let it dominate the calibration statistics.
 """
 
 from __future__ import annotations
@@ -94,15 +97,30 @@ def tokenize(text: str, tokenizer: PreTrainedTokenizerBase, *, chunk_chars: int 
     return torch.cat(streams) if streams else torch.zeros(0, dtype=torch.long)
 
 
-def _with_bos(windows: Tensor, tokenizer: PreTrainedTokenizerBase) -> Tensor:
-    bos = tokenizer.bos_token_id
-    if bos is None:
+def special_prefix(tokenizer: PreTrainedTokenizerBase) -> list[int]:
+    """The token ids the tokenizer puts before a text when asked to add special tokens (often [BOS], often [])."""
+    probe = "Hello"
+    plain = tokenizer(probe, add_special_tokens=False)["input_ids"]
+    full = tokenizer(probe, add_special_tokens=True)["input_ids"]
+    for start in range(len(full) - len(plain) + 1):
+        if full[start : start + len(plain)] == plain:
+            return [int(t) for t in full[:start]]
+    return []
+
+
+def _with_prefix(windows: Tensor, tokenizer: PreTrainedTokenizerBase) -> Tensor:
+    prefix = special_prefix(tokenizer)
+    if not prefix:
         return windows
-    return torch.cat([torch.full((windows.shape[0], 1), int(bos), dtype=torch.long), windows], dim=1)
+    head = torch.tensor(prefix, dtype=torch.long).expand(windows.shape[0], len(prefix))
+    return torch.cat([head, windows], dim=1)
 
 
 def _body_length(seq_len: int, tokenizer: PreTrainedTokenizerBase) -> int:
-    return seq_len - 1 if tokenizer.bos_token_id is not None else seq_len
+    body = seq_len - len(special_prefix(tokenizer))
+    if body < 1:
+        raise InputError(f"seq_len {seq_len} leaves no room for text after the tokenizer's special tokens")
+    return body
 
 
 def sample_windows(stream: Tensor, num_samples: int, length: int, seed: int) -> Tensor:
@@ -130,11 +148,12 @@ def calibration_windows(spec: CalibrationSpec, tokenizer: PreTrainedTokenizerBas
         raise InputError("no calibration file was given")
     stream = tokenize(read_text(spec.path, "calibration"), tokenizer)
     body = sample_windows(stream, spec.num_samples, _body_length(spec.seq_len, tokenizer), spec.seed)
-    return _with_bos(body, tokenizer)
+    return _with_prefix(body, tokenizer)
 
 
 def eval_windows(text: str, tokenizer: PreTrainedTokenizerBase, seq_len: int, max_windows: int | None = None) -> Tensor:
-    """Consecutive non-overlapping windows `[n, seq_len]` (paper protocol), the short tail dropped."""
+    """Consecutive non-overlapping windows `[n, seq_len]` (paper protocol), the short tail dropped; each
+    starts with the tokenizer's own special prefix, as calibration windows do."""
     stream = tokenize(text, tokenizer)
     body = _body_length(seq_len, tokenizer)
     count = stream.numel() // body
@@ -142,4 +161,4 @@ def eval_windows(text: str, tokenizer: PreTrainedTokenizerBase, seq_len: int, ma
         raise InputError(f"evaluation text has {stream.numel()} tokens, fewer than one window of {body}")
     if max_windows is not None:
         count = min(count, max_windows)
-    return _with_bos(stream[: count * body].reshape(count, body), tokenizer)
+    return _with_prefix(stream[: count * body].reshape(count, body), tokenizer)

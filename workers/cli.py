@@ -39,7 +39,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--bits", type=int, default=defaults.bits, help="2, 3, 4 or 8 (default %(default)s)")
     parser.add_argument("--group-size", type=int, default=defaults.group_size, help="-1 (per channel), 32, 64 or 128")
     parser.add_argument("--asym", action="store_true", help="asymmetric grid (zero points); default symmetric")
-    parser.add_argument("--act-order", action="store_true", help="GPTQ: visit columns by decreasing Hessian diagonal")
+    parser.add_argument(
+        "--act-order", action=argparse.BooleanOptionalAction, default=True,
+        help="GPTQ: visit columns by decreasing Hessian diagonal, static groups (default: on)",
+    )
     parser.add_argument("--dampening", type=float, default=0.01, help="GPTQ relative dampening (default %(default)s)")
     parser.add_argument("--calibration", metavar="FILE", help=".txt or .jsonl ({\"text\": ...}); needed by gptq and awq")
     parser.add_argument("--num-samples", type=int, default=calibration.num_samples)

@@ -10,10 +10,9 @@ Per decoder layer, with `devices[0]` the primary (the model's device, which writ
     QuantizedTensors gathered on the primary → the primary's state (dequantized weights, AWQ-folded norms)
     copied to every replica → each device forwards its shard through its quantized replica.
 
-AWQ keeps, shard by shard, exactly the evenly spaced tokens of the whole calibration stream that the
-one-device pipeline keeps, concatenates them on the primary, then runs its scale searches (one per mapping)
-and its clip searches (one per Linear) spread over the devices; the scales are folded in mapping order on
-the primary. Measured on 2×H200 (benchmarks/gpu.md, runs 8–11): GPTQ 1.29×, AWQ 1.43× on an 8B shape.
+AWQ merges the same per-device statistics (Σ xᵀx and Σ|x| of every group), then runs its scale searches
+(one per mapping) and its clip searches (one per Linear) spread over the devices; the scales are folded in
+mapping order on the primary. Measured on 2×H200 (benchmarks/gpu.md, runs 8–11): GPTQ 1.29×, AWQ 1.43× on an 8B shape.
 
 Numerics against one device: partial sums are always unscaled ("half-operands" accumulation, which is what
 one CUDA device runs for bf16/fp16 activations), so the only difference is the order of the float32
@@ -39,15 +38,14 @@ from workers.errors import InvalidSpecError
 from workers.loading import resolve_device
 from workers.pipeline import (
     Activations,
+    AwqStatistics,
     GroupOutcome,
     LayerQuantizer,
     PipelineOptions,
     _deployed,
     _linear,
-    awq_stride,
     capture_inputs,
     output_error,
-    strided_tokens,
 )
 from workers.progress import Progress, ProgressCallback
 from workers.quant.gptq import GPTQResult, HessianAccumulator, PreparedHessian, gptq_solve, prepare_hessian
@@ -345,7 +343,7 @@ def solve_awq(
     quantizer: LayerQuantizer, index: int, replicas: Sequence[nn.Module], acts: ShardedActivations,
     on_progress: ProgressCallback,
 ) -> dict[str, QuantizedTensor]:
-    """AWQ with its searches spread over the devices; the same choices as `LayerQuantizer.solve_awq_inputs`.
+    """AWQ with its searches spread over the devices; the same choices as `LayerQuantizer.solve_awq_statistics`.
 
     Round one runs every mapping's scale search at once, each on the weights as they were before any
     folding. That is what the one-device order gives too, as long as no mapping reads a Linear or an input
@@ -353,7 +351,7 @@ def solve_awq(
     The scales are then folded in the mapping order on the primary, and round two runs every Linear's clip
     search and RTN, each on one device."""
     arch, model, devices, layer = quantizer.arch, quantizer.model, acts.devices, replicas[0]
-    inputs = awq_inputs(replicas, acts, arch, quantizer.options.awq_search_tokens)
+    stats = merged_statistics(replicas, acts, arch)
     mappings = quantizer.awq_mappings(layer)
     row_scale: dict[str, Tensor] = {}
     if _searches_independent(mappings, arch):
@@ -363,18 +361,21 @@ def solve_awq(
             on_progress(Progress("quantize", index, model.num_layers, m.prev, f"awq scale search on {devices[d]}"))
 
         def search(d: int) -> list[Tensor]:
-            return [
-                quantizer.awq_scales(replicas[d], m, inputs[arch.group_of(m.linears[0])].to(devices[d])).to(devices[0])
-                for m, o in zip(mappings, owner, strict=True) if o == d
-            ]
+            found = []
+            for m, o in zip(mappings, owner, strict=True):
+                if o == d:
+                    group = stats[arch.group_of(m.linears[0])]
+                    local = AwqStatistics(group.second_moment.to(devices[d]), group.mean_abs.to(devices[d]))
+                    found.append(quantizer.awq_scales(replicas[d], m, local).to(devices[0]))
+            return found
 
         found = acts.threads.run(search)
         scales = [found[d].pop(0) for d in owner]  # back in mapping order
     else:
         scales = []
     for i, m in enumerate(mappings):
-        x = inputs[arch.group_of(m.linears[0])]
-        quantizer.fold_awq_scales(layer, m, scales[i] if scales else quantizer.awq_scales(layer, m, x), x, row_scale)
+        group = stats[arch.group_of(m.linears[0])]
+        quantizer.fold_awq_scales(layer, m, scales[i] if scales else quantizer.awq_scales(layer, m, group), group, row_scale)
 
     names = list(arch.linears)
     owner = assign_groups([_linear(layer, n).weight.numel() for n in names], len(devices))
@@ -382,16 +383,15 @@ def solve_awq(
         on_progress(Progress("quantize", index, model.num_layers, name, f"awq clip search on {devices[d]}"))
 
     def clip(d: int) -> dict[str, tuple[QuantizedTensor, float, float]]:
-        device, mine, moments, xs = devices[d], {}, {}, {}
+        device, mine, moments = devices[d], {}, {}
         for name, o in zip(names, owner, strict=True):
             if o != d:
                 continue
             group = arch.group_of(name)
-            if group not in xs:
-                xs[group] = inputs[group].to(device)
-                moments[group] = xs[group].T @ xs[group] / xs[group].shape[0]
+            if group not in moments:
+                moments[group] = stats[group].second_moment.to(device)
             weight = _linear(layer, name).weight.to(device)
-            qt, mse, rel = quantizer.awq_clip_quantize(weight, xs[group], row_scale.get(name), moments[group])
+            qt, mse, rel = quantizer.awq_clip_quantize(name, weight, moments[group], row_scale.get(name))
             mine[name] = (_to(qt, devices[0]), mse, rel)
         return mine
 
@@ -414,18 +414,19 @@ def _searches_independent(mappings: Sequence[AwqMapping], arch: ArchitectureInfo
     return True
 
 
-def awq_inputs(
-    replicas: Sequence[nn.Module], acts: ShardedActivations, arch: ArchitectureInfo, search_tokens: int
-) -> dict[Group, Tensor]:
-    """Every stride-th token of the whole calibration stream per group, float32 on the primary: the same
-    tokens, in the same order, as the one-device pipeline keeps."""
-    stride = awq_stride(acts.num_tokens, search_tokens)
-
-    def capture(i: int) -> dict[Group, list[Tensor]]:
-        samples, collect = strided_tokens(arch.linear_groups, stride, acts.bounds[i][0] * acts.seq_len)
-        capture_inputs(replicas[i], acts.shards[i], acts.positions[i], arch, collect)
-        return samples
-
-    per_device = acts.threads.run(capture)
+def merged_statistics(
+    replicas: Sequence[nn.Module], acts: ShardedActivations, arch: ArchitectureInfo
+) -> dict[Group, AwqStatistics]:
+    """Σ = E[x xᵀ] and E|x| of every group's input over the whole calibration set, on the primary: the
+    per-device partial sums added in device order."""
+    partials = partial_hessians(replicas, acts, arch)
     primary = acts.devices[0]
-    return {g: torch.cat([x.to(primary) for samples in per_device for x in samples[g]]) for g in arch.linear_groups}
+    merged = {}
+    for group in arch.linear_groups:
+        parts = [part[group] for part in partials]
+        n = sum(acc.num_samples for acc in parts)
+        abs_sum = parts[0].abs_sum().to(primary, copy=True)
+        for acc in parts[1:]:
+            abs_sum.add_(acc.abs_sum().to(primary))
+        merged[group] = AwqStatistics(merge_hessians(parts, primary) / 2, abs_sum / max(n, 1))
+    return merged

@@ -1,8 +1,8 @@
 """The sequential ("true-sequential") quantization pipeline: one decoder layer at a time.
 
     calibration tokens → embeddings = inputs of layer 0
-    for each layer:  load weights → forward the fp layer with hooks (Hessians for GPTQ, input samples
-                     for AWQ, second moments for RTN's error report) → solve → swap in the dequantized
+    for each layer:  load weights → forward the fp layer with hooks (per Linear group: Σ xᵀx and Σ|x| over
+                     all calibration tokens, which serve GPTQ, AWQ and the error report) → solve → swap in the dequantized
                      weights → forward the *quantized* layer to make the next layer's inputs → write → free
 
 Because the next inputs come from the quantized layer, every layer is solved for the inputs it will see
@@ -39,7 +39,7 @@ from workers.loading import LayerwiseModel, WeightSource, run_decoder_layer
 from workers.memory import release_host_memory
 from workers.prefetch import LayerPrefetcher
 from workers.progress import CancelCheck, Progress, ProgressCallback, never_cancel, no_progress
-from workers.quant.awq import apply_clip, search_clip, search_scales
+from workers.quant.awq import apply_clip, scores_attention, search_clip, search_scales
 from workers.quant.gptq import HessianAccumulator, gptq_quantize_shared
 from workers.quant.grid import QuantizedTensor
 from workers.quant.rtn import rtn_quantize
@@ -57,8 +57,6 @@ class CheckpointSink(Protocol):
 @dataclass(frozen=True)
 class PipelineOptions:
     batch_tokens: int = 8192  # tokens per forward chunk: bounds the attention/MLP intermediates
-    awq_search_tokens: int = 4096  # evenly spaced calibration tokens kept per Linear group for AWQ
-    awq_clip_tokens: int = 512  # of those, tokens used by the clip search (llm-awq uses 512)
     awq_grid: int = 20
     gptq_block_size: int = 128
     device_activation_fraction: float = 0.5  # keep activations on the GPU if they fit in this share of free memory
@@ -199,38 +197,37 @@ def _solve_rtn(layer: nn.Module, arch: ArchitectureInfo, spec: JobSpec, dtype: t
     return {name: rtn_quantize(_linear(layer, name).weight, spec.scheme, scale_dtype=dtype) for name in arch.linears}
 
 
-def _hessians(
+def input_statistics(
     layer: nn.Module, activations: Activations, pos: tuple[Tensor, Tensor], arch: ArchitectureInfo
-) -> dict[tuple[str, ...], Tensor]:
-    """H = 2/n Σ xᵀx per Linear group, from one forward of the (not yet quantized) layer."""
+) -> dict[tuple[str, ...], HessianAccumulator]:
+    """Per Linear group, the statistics of its input over all calibration tokens (H = 2/n Σ xᵀx and Σ|x|),
+    from one forward of the (not yet quantized) layer."""
     accumulators = {
         group: HessianAccumulator(_linear(layer, group[0]).in_features, activations.device) for group in arch.linear_groups
     }
     capture_inputs(layer, activations, pos, arch, lambda group, x: accumulators[group].add(x))
-    return {group: acc.hessian for group, acc in accumulators.items()}
+    return accumulators
 
 
 GroupOutcome = tuple[str, QuantizedTensor, float, float, bool, str | None]  # name, result, mse, relative, fallback, note
 
 
-def awq_stride(total_tokens: int, search_tokens: int) -> int:
-    """Keep every stride-th calibration token for AWQ: at most `search_tokens` of them (ceil division)."""
-    return -(-total_tokens // search_tokens)
+@dataclass
+class AwqStatistics:
+    """What AWQ needs of one group's input: Σ = E[x xᵀ] and E|x|, divided by the scales as they are folded."""
 
+    second_moment: Tensor
+    mean_abs: Tensor
 
-def strided_tokens(
-    groups: Sequence[tuple[str, ...]], stride: int, first_token: int = 0
-) -> tuple[dict[tuple[str, ...], list[Tensor]], Callable[[tuple[str, ...], Tensor], None]]:
-    """(samples, collect): `collect(group, x)` keeps every stride-th token (float32) of the calibration
-    stream across chunk boundaries, `x` being the stream's next tokens from position `first_token` on."""
-    samples: dict[tuple[str, ...], list[Tensor]] = {group: [] for group in groups}
-    seen = dict.fromkeys(groups, first_token)
+    @classmethod
+    def of(cls, accumulator: HessianAccumulator) -> AwqStatistics:
+        return cls(accumulator.second_moment.clone(), accumulator.mean_abs.clone())
 
-    def collect(group: tuple[str, ...], x: Tensor) -> None:
-        samples[group].append(x[(-seen[group]) % stride :: stride].to(torch.float32))
-        seen[group] += x.shape[0]
-
-    return samples, collect
+    def divide(self, scales: Tensor) -> None:
+        """The statistics of x / s."""
+        s = scales.to(self.second_moment.device, torch.float32)
+        self.second_moment.div_(s.unsqueeze(1)).div_(s.unsqueeze(0))
+        self.mean_abs.div_(s)
 
 
 class LayerQuantizer:
@@ -258,7 +255,7 @@ class LayerQuantizer:
             return _solve_rtn(layer, self.arch, self.spec, self.model.model_dtype)
         if method is Method.AWQ:
             return self._solve_awq(index, layer, activations, pos, on_progress)
-        hessians = _hessians(layer, activations, pos, self.arch)
+        hessians = {group: acc.hessian for group, acc in input_statistics(layer, activations, pos, self.arch).items()}
         solved: dict[str, QuantizedTensor] = {}
         for group, hessian in hessians.items():
             on_progress(Progress("quantize", index, self.model.num_layers, ", ".join(group)))
@@ -291,30 +288,24 @@ class LayerQuantizer:
         self, index: int, layer: nn.Module, activations: Activations, pos: tuple[Tensor, Tensor], on_progress: ProgressCallback
     ) -> dict[str, QuantizedTensor]:
         """Scale search per mapping (folding 1/s into the previous op), then clip search and RTN per Linear."""
-        total_tokens = activations.hidden.shape[0] * activations.hidden.shape[1]
-        samples, collect = strided_tokens(self.arch.linear_groups, awq_stride(total_tokens, self.options.awq_search_tokens))
-        capture_inputs(layer, activations, pos, self.arch, collect)
-        return self.solve_awq_inputs(index, layer, {group: torch.cat(parts) for group, parts in samples.items()}, on_progress)
+        stats = input_statistics(layer, activations, pos, self.arch)
+        return self.solve_awq_statistics(index, layer, {g: AwqStatistics.of(acc) for g, acc in stats.items()}, on_progress)
 
-    def solve_awq_inputs(
-        self, index: int, layer: nn.Module, inputs: dict[tuple[str, ...], Tensor], on_progress: ProgressCallback
+    def solve_awq_statistics(
+        self, index: int, layer: nn.Module, stats: dict[tuple[str, ...], AwqStatistics], on_progress: ProgressCallback
     ) -> dict[str, QuantizedTensor]:
-        """AWQ given each group's sampled inputs (float32 `[tokens, in]`, divided by the scales in place)."""
+        """AWQ given each group's input statistics over all calibration tokens (updated in place as scales fold)."""
         row_scale: dict[str, Tensor] = {}  # Linears whose output rows were divided by AWQ scales
         for mapping in self.awq_mappings(layer):
             on_progress(Progress("quantize", index, self.model.num_layers, mapping.prev, "awq scale search"))
-            x = inputs[self.arch.group_of(mapping.linears[0])]
-            self.fold_awq_scales(layer, mapping, self.awq_scales(layer, mapping, x), x, row_scale)
+            group_stats = stats[self.arch.group_of(mapping.linears[0])]
+            self.fold_awq_scales(layer, mapping, self.awq_scales(layer, mapping, group_stats), group_stats, row_scale)
 
         solved: dict[str, QuantizedTensor] = {}
-        second_moments: dict[tuple[str, ...], Tensor] = {}  # E[x xᵀ] per group, once for all its modules
         for name in self.arch.linears:
             on_progress(Progress("quantize", index, self.model.num_layers, name))
-            group = self.arch.group_of(name)
-            x = inputs[group]
-            if group not in second_moments:
-                second_moments[group] = x.T @ x / x.shape[0]
-            qt, mse, rel = self.awq_clip_quantize(_linear(layer, name).weight, x, row_scale.get(name), second_moments[group])
+            sigma = stats[self.arch.group_of(name)].second_moment
+            qt, mse, rel = self.awq_clip_quantize(name, _linear(layer, name).weight, sigma, row_scale.get(name))
             self._record(index, name, mse, rel)
             solved[name] = qt
         return solved
@@ -329,35 +320,43 @@ class LayerQuantizer:
             usable.append(mapping)
         return usable
 
-    def awq_scales(self, layer: nn.Module, mapping: AwqMapping, x: Tensor) -> Tensor:
-        """The scale search of one mapping on its Linears' current weights and their inputs `x`."""
+    def awq_scales(self, layer: nn.Module, mapping: AwqMapping, stats: AwqStatistics) -> Tensor:
+        """The scale search of one mapping on its Linears' current weights and their input statistics."""
         weights = [_linear(layer, name).weight for name in mapping.linears]
-        return search_scales(x, weights, self.spec.scheme, grid=self.options.awq_grid)[0]
+        return search_scales(
+            stats.second_moment, stats.mean_abs, weights, self.spec.scheme, grid=self.options.awq_grid,
+            scale_dtype=self.model.model_dtype,
+        )[0]
 
     def fold_awq_scales(
-        self, layer: nn.Module, mapping: AwqMapping, scales: Tensor, x: Tensor, row_scale: dict[str, Tensor]
+        self, layer: nn.Module, mapping: AwqMapping, scales: Tensor, stats: AwqStatistics, row_scale: dict[str, Tensor]
     ) -> None:
-        """Fold 1/s into the previous op, s into the mapping's Linears and 1/s into their inputs `x` (in place)."""
+        """Fold 1/s into the previous op, s into the mapping's Linears and 1/s into their input statistics."""
         prev = layer.get_submodule(mapping.prev)
         _fold_scales(prev, scales)
         for name in mapping.linears:
             weight = _linear(layer, name).weight
             weight.mul_(scales.to(weight.device, weight.dtype))
-        x.div_(scales.to(x.device))
+        stats.divide(scales)
         if isinstance(prev, nn.Linear):
             row_scale[mapping.prev] = row_scale.get(mapping.prev, torch.ones_like(scales)) * scales
 
     def awq_clip_quantize(
-        self, weight: Tensor, x: Tensor, rows: Tensor | None, second_moment: Tensor
+        self, name: str, weight: Tensor, sigma: Tensor, rows: Tensor | None
     ) -> tuple[QuantizedTensor, float, float]:
-        """Clip search and RTN of one Linear (on `x`'s device); its output error in the original output
-        coordinates: `rows` undoes a division of its output rows by a later mapping's scales."""
-        clip = search_clip(x, weight, self.spec.scheme, grid=self.options.awq_grid, max_tokens=self.options.awq_clip_tokens)
-        qt = rtn_quantize(apply_clip(weight, clip), self.spec.scheme, scale_dtype=self.model.model_dtype)
-        row = (rows if rows is not None else torch.ones(weight.shape[0], device=x.device)).to(x.device).unsqueeze(1)
-        reference = weight.to(torch.float32) * row
-        quantized = _deployed(qt, self.model, x.device).to(torch.float32) * row
-        mse, rel = output_error(reference, quantized, second_moment)
+        """Clip search (not for attention queries/keys) and RTN of one Linear, on `sigma`'s device; its output
+        error in the original output coordinates: `rows` undoes a division of its output rows by a later
+        mapping's scales."""
+        dtype = self.model.model_dtype
+        if scores_attention(name):
+            qt = rtn_quantize(weight, self.spec.scheme, scale_dtype=dtype)
+        else:
+            clip = search_clip(sigma, weight, self.spec.scheme, grid=self.options.awq_grid, scale_dtype=dtype)
+            qt = rtn_quantize(apply_clip(weight, clip), self.spec.scheme, scale_dtype=dtype)
+        row = (rows if rows is not None else torch.ones(weight.shape[0], device=sigma.device)).to(sigma.device).unsqueeze(1)
+        reference = weight.to(sigma.device, torch.float32) * row
+        quantized = _deployed(qt, self.model, sigma.device).to(torch.float32) * row
+        mse, rel = output_error(reference, quantized, sigma)
         return qt, mse, rel
 
 

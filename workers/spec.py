@@ -88,7 +88,7 @@ class JobSpec:
     eval: EvalSpec | None = None
     formats: tuple[OutputFormat, ...] = (OutputFormat.COMPRESSED_TENSORS,)
     dampening: float = 0.01
-    act_order: bool = False
+    act_order: bool = True  # GPTQ: static-group act-order (llm-compressor's default; benchmarks/quality.md)
     allow_pickle: bool = False
     device: str = "auto"
     devices: int = 1  # accelerators for this one job: calibration split across them (data parallel)

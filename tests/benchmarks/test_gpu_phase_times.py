@@ -13,18 +13,18 @@ from benchmarks import gpu_concurrency, gpu_phase_times
 def test_phase_times_wrap_the_engine_and_restore_it(tmp_path: Path) -> None:
     from workers import data_parallel, pipeline
 
-    originals = (pipeline._hessians, pipeline.Activations.forward, data_parallel.DeviceThreads.run)
+    originals = (pipeline.input_statistics, pipeline.Activations.forward, data_parallel.DeviceThreads.run)
     out = tmp_path / "phases.json"
     assert gpu_phase_times.main(["--work", str(tmp_path), "--shape", "tiny", "--layers", "3", "--samples", "4",
                                  "--seq-len", "32", "--devices", "1", "--results", str(out)]) == 0
     run = json.loads(out.read_text())["runs"]["1"]
     phases = run["per_layer_ms"]
-    assert {"layer (wall)", "hessians (capture)", "load layer"} <= phases.keys()
+    assert {"layer (wall)", "input statistics (capture)", "load layer"} <= phases.keys()
     assert {"solve q_proj on cpu", "solve down_proj on cpu", "forward shard on cpu"} <= phases.keys()
     assert all(ms > 0 for ms in phases.values())
     # the layer's wall time holds its phases (layer 1 only: the last layer has no next start)
-    assert phases["layer (wall)"] >= 0.5 * (phases["hessians (capture)"] + phases["solve down_proj on cpu"])
-    assert (pipeline._hessians, pipeline.Activations.forward, data_parallel.DeviceThreads.run) == originals
+    assert phases["layer (wall)"] >= 0.5 * (phases["input statistics (capture)"] + phases["solve down_proj on cpu"])
+    assert (pipeline.input_statistics, pipeline.Activations.forward, data_parallel.DeviceThreads.run) == originals
 
 
 def test_trace_summary_counts_busy_time_once_per_device(tmp_path: Path) -> None:

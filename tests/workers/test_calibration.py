@@ -7,7 +7,14 @@ import pytest
 import torch
 
 from tests.helpers import make_tokenizer
-from workers.calibration import calibration_windows, eval_windows, read_text, sample_windows, tokenize
+from workers.calibration import (
+    calibration_windows,
+    eval_windows,
+    read_text,
+    sample_windows,
+    special_prefix,
+    tokenize,
+)
 from workers.errors import InputError
 from workers.spec import CalibrationSpec
 
@@ -99,10 +106,12 @@ def test_eval_windows_are_consecutive_and_drop_the_tail() -> None:
         eval_windows("ba be", TOKENIZER, seq_len=16)
 
 
-def test_without_bos_a_window_is_all_text() -> None:
-    tokenizer = make_tokenizer()
-    tokenizer.bos_token = None
-    assert tokenizer.bos_token_id is None
+def test_a_bos_the_tokenizer_never_adds_is_not_added() -> None:
+    """GPT-2-style tokenizers (SmolLM2's) define a bos_token but never put it before plain text: windows
+    follow what `add_special_tokens=True` does, not the attribute."""
+    tokenizer = make_tokenizer(add_bos=False)
+    assert tokenizer.bos_token_id is not None and special_prefix(tokenizer) == []
+    assert special_prefix(make_tokenizer()) == [BOS]
     text = " ".join(["ba", "be", "bi", "bo"] * 10)  # 40 tokens
     windows = eval_windows(text, tokenizer, seq_len=16)
     assert windows.shape == (2, 16)

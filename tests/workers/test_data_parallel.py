@@ -17,10 +17,10 @@ from workers.data_parallel import (
     ShardedActivations,
     _on_each,
     assign_groups,
-    awq_inputs,
     group_costs,
     merge_hessians,
     merge_sums,
+    merged_statistics,
     partial_hessians,
     replicate,
     resolve_devices,
@@ -37,7 +37,7 @@ from workers.pipeline import (
     PipelineOptions,
     PipelineResult,
     _deployed,
-    _hessians,
+    input_statistics,
     _linear,
     capture_inputs,
 )
@@ -261,7 +261,8 @@ def test_partial_hessians_of_a_real_layer_merge_to_the_pipeline_hessians(make_sp
     case = Layer0(make_spec(num_samples=9))  # shards of 5 and 4 windows
     layer = case.layer()
     with torch.no_grad():
-        single = _hessians(layer, Activations(case.hidden, CPU, OPTIONS), case.pos, case.model.arch)
+        stats = input_statistics(layer, Activations(case.hidden, CPU, OPTIONS), case.pos, case.model.arch)
+        single = {group: acc.hessian for group, acc in stats.items()}
         acts = ShardedActivations(case.hidden, case.pos, [CPU, CPU], OPTIONS)
         partials = partial_hessians(replicate(layer, acts.devices), acts, case.model.arch)
     assert [p[("mlp.down_proj",)].num_samples for p in partials] == [5 * 64, 4 * 64]
@@ -322,7 +323,9 @@ def test_spread_solves_give_the_same_codes_as_one_solve_given_the_same_hessian(m
         for group in arch.linear_groups:
             hessian = merge_hessians([p[group] for p in partials], CPU)
             weights = [_linear(layer, name).weight for name in group]
-            results = gptq_quantize_shared(weights, hessian, case.spec.scheme, scale_dtype=case.model.model_dtype)
+            results = gptq_quantize_shared(
+                weights, hessian, case.spec.scheme, scale_dtype=case.model.model_dtype, act_order=case.spec.act_order
+            )
             for name, r in zip(group, results, strict=True):
                 assert torch.equal(r.quantized.q, codes[name].q), name
                 assert torch.equal(r.quantized.scale, codes[name].scale), name
@@ -349,28 +352,22 @@ def test_three_devices_split_rows_and_searches_without_changing_a_code(make_spec
         assert messages.count("awq clip search on cpu") == len(case.model.arch.linears)
 
 
-def test_awq_on_two_devices_keeps_the_same_tokens_and_codes(make_spec: Callable[..., JobSpec]) -> None:
+def test_awq_on_two_devices_merges_the_same_statistics_and_codes(make_spec: Callable[..., JobSpec]) -> None:
     case = Layer0(make_spec("awq", num_samples=10))
-    arch, search = case.model.arch, 100  # 640 tokens, stride 7: kept tokens straddle shard and chunk borders
+    arch = case.model.arch
     layer = case.layer()
-    single: dict[tuple[str, ...], list[Tensor]] = {group: [] for group in arch.linear_groups}
-    seen = dict.fromkeys(arch.linear_groups, 0)
-
-    def collect(group: tuple[str, ...], x: Tensor) -> None:  # the pipeline's own selection rule, on one device
-        single[group].append(x[(-seen[group]) % 7 :: 7].float())
-        seen[group] += x.shape[0]
-
     with torch.no_grad():
-        capture_inputs(layer, Activations(case.hidden, CPU, OPTIONS), case.pos, arch, collect)
+        single = input_statistics(layer, Activations(case.hidden, CPU, OPTIONS), case.pos, arch)
         acts = ShardedActivations(case.hidden, case.pos, [CPU, CPU, CPU], OPTIONS)
-        inputs = awq_inputs(replicate(layer, acts.devices), acts, arch, search)
-    for group in arch.linear_groups:
-        expected = torch.cat(single[group])
-        assert inputs[group].shape == (-(-640 // 7), _linear(layer, group[0]).in_features)
-        assert torch.equal(inputs[group], expected), group  # per-window math: chunking changes no bit on CPU
+        merged = merged_statistics(replicate(layer, acts.devices), acts, arch)
+        acts.close()
+    for group in arch.linear_groups:  # the same sums, added in another order
+        assert torch.allclose(merged[group].second_moment, single[group].second_moment, rtol=1e-5, atol=1e-7), group
+        assert torch.allclose(merged[group].mean_abs, single[group].mean_abs, rtol=1e-5), group
 
     seq_codes, seq_hidden, _ = case.sequential()
     two_codes, two_hidden, two_result = case.parallel([CPU, CPU])
     assert code_mismatch(seq_codes, two_codes) == 0.0
-    assert torch.equal(two_hidden, seq_hidden)
+    # the folded scales differ in the last float32 bits (sums added in another order), the outputs by as little
+    torch.testing.assert_close(two_hidden, seq_hidden, rtol=1e-4, atol=1e-5)
     assert len(two_result.module_errors) == len(arch.linears)

@@ -207,7 +207,7 @@ CALIBRATION = ASSETS / "shakespeare-calibration.txt"
 EVAL_TEXT = ASSETS / "shakespeare-eval.txt"
 REAL_CALIBRATION = CalibrationSpec(path=str(CALIBRATION), num_samples=4, seq_len=512, seed=0)
 REAL_EVAL = EvalSpec(path=str(EVAL_TEXT), seq_len=512, max_windows=4)
-REAL_OPTIONS = PipelineOptions(awq_search_tokens=512, awq_clip_tokens=256)
+REAL_OPTIONS = PipelineOptions()
 
 requires_assets = pytest.mark.skipif(
     not ((SMOLLM2 / "model.safetensors").is_file() and CALIBRATION.is_file() and EVAL_TEXT.is_file()),

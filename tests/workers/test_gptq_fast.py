@@ -41,17 +41,20 @@ def interpreter_report() -> dict[str, dict[str, bool]]:  # noqa: C901 - one flat
     test process may already hold a compiled-mode Triton): triton vs reference sweep for every case."""
     hessian, weight = _hessian(), _weight()
     report: dict[str, dict[str, bool]] = {}
-    for case, (bits, group_size, symmetric, dtype) in CASES.items():
+    for name, (bits, group_size, symmetric, dtype), act_order in [
+        (case + suffix, params, act_order) for case, params in CASES.items()
+        for suffix, act_order in (("", False), ("-actorder", True))
+    ]:
         scheme = QuantScheme(bits=bits, group_size=group_size, symmetric=symmetric)
         scale_dtype = getattr(torch, dtype)
-        ref_result = gptq_quantize(weight, hessian, scheme, scale_dtype=scale_dtype, kernel="reference")
-        res = gptq_quantize(weight, hessian, scheme, scale_dtype=scale_dtype, kernel="triton")
+        ref_result = gptq_quantize(weight, hessian, scheme, scale_dtype=scale_dtype, kernel="reference", act_order=act_order)
+        res = gptq_quantize(weight, hessian, scheme, scale_dtype=scale_dtype, kernel="triton", act_order=act_order)
         ref, fast = ref_result.quantized, res.quantized
         zeros_equal = (fast.zero_point is None and ref.zero_point is None) or (
             fast.zero_point is not None and ref.zero_point is not None and torch.equal(fast.zero_point, ref.zero_point)
         )
         plain = gptq_quantize(weight, torch.eye(IN), scheme, scale_dtype=scale_dtype).quantized.q
-        report[case] = {
+        report[name] = {
             "codes": torch.equal(fast.q, ref.q), "scales": torch.equal(fast.scale, ref.scale), "zeros": zeros_equal,
             "loss": res.loss == ref_result.loss,
             "differs_from_rtn": bool((fast.q != plain).any()),
@@ -65,9 +68,9 @@ def interpreter_report() -> dict[str, dict[str, bool]]:  # noqa: C901 - one flat
         "codes": torch.equal(fast.q, ref.q), "scales": torch.equal(fast.scale, ref.scale),
         "dead_columns_zero": not bool(fast.q[:, [0, 77]].any()),
     }
-    # Group scales start just under float16's largest value; error feedback pushes one past it mid-sweep.
+    # A group scale just past float16's largest value (65506 > 65504): both sweeps must refuse it.
     huge = weight.clone()
-    huge[:, 64:] *= 5.8e6
+    huge[:, 64:] *= 6.226e6
     report["oversized-scale"] = {}
     for kernel in ("reference", "triton"):
         try:
@@ -115,9 +118,10 @@ def weight() -> torch.Tensor:
 
 
 @requires_triton
-@pytest.mark.parametrize("case", list(CASES))
+@pytest.mark.parametrize("case", [c + s for c in CASES for s in ("", "-actorder")])
 def test_triton_sweep_is_bit_identical_to_the_reference(interpreted, case: str) -> None:
-    """Codes, scales, zero points and loss equal the PyTorch loop's, and the sweep really moved codes."""
+    """Codes, scales, zero points and loss equal the PyTorch loop's (natural order and act_order with static
+    groups), and the sweep really moved codes."""
     assert interpreted[case] == {"codes": True, "scales": True, "zeros": True, "loss": True, "differs_from_rtn": True}
 
 
@@ -137,8 +141,6 @@ def test_auto_kernel_on_cpu_is_the_reference(weight, hessian) -> None:
 def test_bad_kernel_choices_say_what_to_do(weight, hessian) -> None:
     with pytest.raises(ValueError, match="choose 'auto', 'reference' or 'triton'"):
         gptq_quantize(weight, hessian, QuantScheme(group_size=64), kernel="cuda")  # type: ignore[arg-type]
-    with pytest.raises(ValueError, match="does not support act_order"):
-        gptq_quantize(weight, hessian, QuantScheme(group_size=64), act_order=True, kernel="triton")
 
 
 def test_triton_kernel_without_triton_says_how_to_get_it(weight, hessian, monkeypatch) -> None:

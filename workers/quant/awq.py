@@ -1,27 +1,34 @@
 """AWQ (Lin et al. 2023): protect the weights that meet large activations by scaling them up before
 rounding, and shrink each group's range where clipping outliers lowers the output error.
 
+Both searches score candidates on the statistics of *all* calibration tokens of a Linear's input x:
+Σ = E[x xᵀ] (`[in, in]`, the GPTQ Hessian / 2) and s_x = E|x| (`[in]`). For a weight error ΔW the mean
+squared output error over the tokens is exactly trace(ΔW Σ ΔWᵀ) / out, so no token sample is needed and
+the cost no longer grows with the number of tokens.
+
 The caller runs the recipe for each set of Linears that share one input x:
-    scales, alpha, loss = search_scales(x, [w_q, w_k, w_v], scheme)
-    fold 1/scales into the op that produces x (norm weight or previous Linear), multiply each W by scales
-    clip = search_clip(x / scales, w * scales, scheme);  w' = apply_clip(w * scales, clip)
+    scales, alpha, loss = search_scales(Σ, s_x, [w_q, w_k, w_v], scheme)
+    fold 1/scales into the op that produces x (norm weight or previous Linear), multiply each W by scales;
+    the input statistics become Σ / (s sᵀ) and s_x / s
+    clip = search_clip(Σ', w * scales, scheme);  w' = apply_clip(w * scales, clip)   (not for q/k: see
+    `scores_attention`)
     rtn_quantize(w', scheme)
 Since α = 0 gives s = 1 and a clip ratio of 1 is always a candidate, neither search can do worse than
-plain RTN on the calibration inputs it is given.
+plain RTN on the calibration statistics.
 
 Clip representation: a float32 tensor `[out, n_groups, 2]` of (lower, upper) bounds per group. For a
 symmetric grid the bounds are ±r·max|w|, for an asymmetric one (r·min, r·max), with the shrink ratio
-r ∈ (1 - max_shrink, 1] chosen per (out, group). `apply_clip` clamps every group to its bounds, after which
-min-max RTN rebuilds exactly the grid the search evaluated.
+r ∈ (1 - max_shrink, 1] chosen per (out, group). A group's error counts only its own block of Σ (the
+input channels of that group), as llm-awq's per-group clip objective does. `apply_clip` clamps every group
+to its bounds, after which min-max RTN rebuilds exactly the grid the search evaluated.
 
-GPU speed: neither search syncs the device with the host inside its loops. The grid's scale checks are
-recorded on the device (`grid.ScaleCheck`) and raised once at the end; the scale search keeps its losses on
-the device and picks the best α at the end; the clip search takes as many output channels per step as its
-memory budget allows. The choices are those of evaluating one candidate at a time, ties included (the
-first minimum wins).
+Candidates are scored with their scales rounded to `scale_dtype`, the dtype the checkpoint stores, so the
+search sees the grid that is written. Neither search syncs the device with the host inside its loops.
 """
 
 from __future__ import annotations
+
+import re
 
 import torch
 from torch import Tensor
@@ -31,112 +38,108 @@ from workers.quant.grid import ScaleCheck, check_group_size, fake_quantize, num_
 from workers.spec import QuantScheme
 
 MIN_SCALE = 1e-4  # floor for s_x^α, as in llm-awq: dead channels must not get a zero scale
-TOKEN_CHUNK = 4096  # rows of x per matmul while measuring output error, to bound memory
-# Memory budget of one clip-search step; sets its number of output channels. A GPU wants few, large steps
-# (each step is ~30 kernel launches); a CPU runs faster when a step's temporaries stay near its caches.
+# Memory budget of one clip-search step; sets its number of output channels.
 CLIP_CHUNK_BYTES = 1 << 30
 CPU_CLIP_CHUNK_BYTES = 64 << 20
+# llm-awq skips the clip search for the Linears that form attention scores: their output error is not what
+# the model's output sees (the softmax of q·k is), and clipping them measurably hurts.
+_ATTENTION_SCORE_NAMES = re.compile(r"(^|[._])(q_|k_|q$|k$|qkv|query|key|wqkv)", re.IGNORECASE)
 
 
-def _check_inputs(x: Tensor, weights: list[Tensor], scheme: QuantScheme) -> None:
+def scores_attention(name: str) -> bool:
+    """True for Linears that produce attention queries or keys (llm-awq's rule: q_, k_, query, key, Wqkv;
+    fused qkv too)."""
+    return bool(_ATTENTION_SCORE_NAMES.search(name.rsplit(".", 1)[-1]))
+
+
+def _check(sigma: Tensor, weights: list[Tensor], scheme: QuantScheme) -> None:
     scheme.validate()
-    if x.ndim != 2 or x.shape[0] == 0:
-        raise InvalidSpecError(
-            f"AWQ needs activations [tokens, in] with at least one token, got {tuple(x.shape)}"
-        )
+    if sigma.ndim != 2 or sigma.shape[0] != sigma.shape[1]:
+        raise InvalidSpecError(f"AWQ needs the input second moment [in, in], got {tuple(sigma.shape)}")
     for w in weights:
-        if w.ndim != 2 or w.shape[1] != x.shape[1]:
-            raise InvalidSpecError(
-                f"weight of shape {tuple(w.shape)} does not take inputs of {x.shape[1]} features"
-            )
+        if w.ndim != 2 or w.shape[1] != sigma.shape[0]:
+            raise InvalidSpecError(f"weight of shape {tuple(w.shape)} does not take inputs of {sigma.shape[0]} features")
         check_group_size(f"a weight of shape {tuple(w.shape)}", w.shape[1], scheme)
 
 
-def _output_square_sum(x: Tensor, weight_delta: Tensor) -> Tensor:
-    """Sum of (x @ ΔWᵀ)² over all tokens and outputs, a float64 0-dim tensor on x's device.
-
-    Token chunks' float32 sums are widened and added in order, exactly as a Python sum of floats.
-    """
-    total = torch.zeros((), dtype=torch.float64, device=x.device)
-    for chunk in x.split(TOKEN_CHUNK):
-        total = total + (chunk @ weight_delta.T).square().sum().to(torch.float64)
-    return total
+def output_mse(sigma: Tensor, delta: Tensor) -> Tensor:
+    """Mean over tokens and outputs of (x·ΔWᵀ)², i.e. trace(ΔW Σ ΔWᵀ) / out, a 0-dim float32 tensor."""
+    return ((delta @ sigma) * delta).sum() / delta.shape[0]
 
 
 def search_scales(
-    x: Tensor, weights: list[Tensor], scheme: QuantScheme, *, grid: int = 20
+    sigma: Tensor,
+    mean_abs: Tensor,
+    weights: list[Tensor],
+    scheme: QuantScheme,
+    *,
+    grid: int = 20,
+    scale_dtype: torch.dtype | None = None,
 ) -> tuple[Tensor, float, float]:
     """Per-input-channel scales s `[in]` minimising the output MSE of RTN(W·s)/s over all `weights`.
 
-    Returns (scales, best α, best loss). s = s_x^α with s_x = mean|x| per channel, normalised by
-    sqrt(max(s)·min(s)) so the scales stay centred around 1.
+    Returns (scales, best α, best loss). s = s_x^α with s_x = `mean_abs`, normalised by sqrt(max(s)·min(s))
+    so the scales stay centred around 1. Ties go to the smallest α.
     """
     if not weights:
         raise InvalidSpecError("search_scales needs at least one weight")
-    _check_inputs(x, weights, scheme)
-    x = x.detach().to(torch.float32)
-    w = torch.cat([wi.detach().to(x.device, torch.float32) for wi in weights])
-    s_x = x.abs().mean(dim=0)
+    _check(sigma, weights, scheme)
+    sigma = sigma.detach().to(torch.float32)
+    w = torch.cat([wi.detach().to(sigma.device, torch.float32) for wi in weights])
+    s_x = mean_abs.detach().to(sigma.device, torch.float32)
     check = ScaleCheck()
-    candidates: list[Tensor] = []
-    totals: list[Tensor] = []
+    candidates, losses = [], []
     for step in range(grid):
         s = s_x.pow(step / grid).clamp(min=MIN_SCALE)
         s = s / (s.max() * s.min()).sqrt()
         candidates.append(s)
-        totals.append(_output_square_sum(x, w - fake_quantize(w * s, scheme, check=check) / s))
+        losses.append(output_mse(sigma, w - fake_quantize(w * s, scheme, check=check, scale_dtype=scale_dtype) / s))
     check.raise_first()
-    best = (torch.ones_like(s_x), 0.0, float("inf"))
-    count = x.shape[0] * w.shape[0]
-    for step, total in enumerate(torch.stack(totals).tolist() if totals else []):  # one sync for all
-        loss = total / count
-        if loss < best[2]:
-            best = (candidates[step], step / grid, loss)
-    return best
+    values = torch.stack(losses).tolist()  # one sync for all candidates
+    best = min(range(grid), key=lambda i: (values[i], i))
+    return candidates[best], best / grid, values[best]
 
 
-def clip_bytes_per_channel(tokens: int, groups: int, in_features: int) -> int:
-    """Float32 temporaries of one output channel in a clip-search step: the reference and candidate outputs
-    `[tokens, groups]` (the candidate's error is formed in place), and ~8 weight-sized rows (the chunk, its
-    clipped copy and `fake_quantize`'s intermediates)."""
-    return 4 * (2 * tokens * groups + 8 * in_features)
+def group_blocks(sigma: Tensor, groups: int) -> Tensor:
+    """The diagonal blocks `[groups, k, k]` of Σ `[in, in]`, one per group of k = in / groups input channels."""
+    n = sigma.shape[0]
+    k = n // groups
+    return sigma.reshape(groups, k, groups, k).diagonal(dim1=0, dim2=2).permute(2, 0, 1)
 
 
-def clip_chunk(tokens: int, groups: int, in_features: int, budget: int = CLIP_CHUNK_BYTES) -> int:
-    """Output channels per clip-search step so that its temporaries stay within `budget` bytes."""
-    return max(1, budget // clip_bytes_per_channel(tokens, groups, in_features))
+def clip_chunk(groups: int, in_features: int, budget: int = CLIP_CHUNK_BYTES) -> int:
+    """Output channels per clip-search step: ~8 float32 weight-sized rows each (the chunk, its clipped and
+    quantized copies, the error and its product with Σ's blocks), within `budget` bytes."""
+    return max(1, budget // (4 * 8 * in_features))
 
 
 def search_clip(
-    x: Tensor,
+    sigma: Tensor,
     weight: Tensor,
     scheme: QuantScheme,
     *,
     grid: int = 20,
     max_shrink: float = 0.5,
-    max_tokens: int = 512,
+    scale_dtype: torch.dtype | None = None,
     chunk_bytes: int | None = None,
 ) -> Tensor:
-    """Per-(out, group) clip bounds `[out, n_groups, 2]` minimising each group's share of the output error.
+    """Per-(out, group) clip bounds `[out, n_groups, 2]` minimising each group's output error δ Σ_g δᵀ.
 
-    Like llm-awq's auto_clip: for ratios r = 1, 1 - 1/grid, … (down to 1 - max_shrink, exclusive), clamp
-    the group to the shrunk range, fake-quantize it and measure mean over tokens of (x_g·(w_g - q_g))²,
-    using at most `max_tokens` evenly spaced tokens. Output channels are searched in chunks sized by
-    `chunk_bytes` (see `clip_chunk`; default CLIP_CHUNK_BYTES on a GPU, CPU_CLIP_CHUNK_BYTES on a CPU); each
-    (out, group) is independent, so the chunking only sets speed and memory, never the result.
+    Ratios r = 1, 1 - 1/grid, … (down to 1 - max_shrink, exclusive); the first minimum wins. Output
+    channels are searched in chunks sized by `chunk_bytes` (default CLIP_CHUNK_BYTES on a GPU,
+    CPU_CLIP_CHUNK_BYTES on a CPU); each (out, group) is independent, so chunking never changes the result.
     """
-    _check_inputs(x, [weight], scheme)
+    _check(sigma, [weight], scheme)
     if not 0 <= max_shrink < 1:
         raise InvalidSpecError(f"max_shrink={max_shrink} must be in [0, 1)")
     out, n = weight.shape
     groups = num_groups(n, scheme)
-    x = x.detach().to(torch.float32)
-    x = x[:: max(1, x.shape[0] // max_tokens)][:max_tokens].reshape(-1, groups, n // groups)
-    w_all = weight.detach().to(x.device, torch.float32)
-    clip = torch.empty(out, groups, 2, dtype=torch.float32, device=x.device)
+    blocks = group_blocks(sigma.detach().to(torch.float32), groups)
+    w_all = weight.detach().to(sigma.device, torch.float32)
+    clip = torch.empty(out, groups, 2, dtype=torch.float32, device=sigma.device)
     if chunk_bytes is None:
-        chunk_bytes = CPU_CLIP_CHUNK_BYTES if x.device.type == "cpu" else CLIP_CHUNK_BYTES
-    chunk = clip_chunk(x.shape[0], groups, n, chunk_bytes)
+        chunk_bytes = CPU_CLIP_CHUNK_BYTES if sigma.device.type == "cpu" else CLIP_CHUNK_BYTES
+    chunk = clip_chunk(groups, n, chunk_bytes)
     check = ScaleCheck()
     for o1 in range(0, out, chunk):
         grouped = w_all[o1 : o1 + chunk].reshape(-1, groups, n // groups)
@@ -145,16 +148,15 @@ def search_clip(
         if scheme.symmetric:
             hi0 = torch.maximum(hi0, -lo0)
             lo0 = -hi0
-        reference = torch.einsum("tgk,ogk->otg", x, grouped)
         best_err = torch.full_like(hi0, float("inf"))
         best_lo, best_hi = lo0.clone(), hi0.clone()
         for step in range(max(1, int(max_shrink * grid))):
             ratio = 1 - step / grid
             lo, hi = lo0 * ratio, hi0 * ratio
             clipped = apply_clip(grouped.reshape(-1, n), torch.stack((lo, hi), dim=-1))
-            q = fake_quantize(clipped, scheme, max_val=hi, min_val=lo, check=check)
-            err = torch.einsum("tgk,ogk->otg", x, q.reshape(-1, groups, n // groups))
-            err = err.sub_(reference).square_().mean(dim=1)
+            q = fake_quantize(clipped, scheme, max_val=hi, min_val=lo, check=check, scale_dtype=scale_dtype)
+            delta = q.reshape(-1, groups, n // groups).sub_(grouped)
+            err = (torch.einsum("ogk,gkl->ogl", delta, blocks) * delta).sum(dim=2)
             better = err < best_err
             best_err = torch.where(better, err, best_err)
             best_lo, best_hi = torch.where(better, lo, best_lo), torch.where(better, hi, best_hi)

@@ -8,7 +8,7 @@ and `gptq_quantize` is a pure function of (weight, Hessian, scheme).
 Two implementations of the column sweep give bit-identical results:
 * `reference`: the plain PyTorch loop below (about 17 tiny kernels per column; the CPU path and the
   definition of the result);
-* `triton`: `workers.quant.gptq_triton`, one fused kernel per block of columns (CUDA only, without
+* `triton`: `workers.quant.gptq_triton`, one fused kernel per block of columns (CUDA; with or without
   act_order), launch-bound no more.
 `kernel="auto"` picks the fused one wherever it runs. Modules that share one input (q/k/v, gate/up) share
 one Hessian, hence one inverse: `gptq_quantize_shared` factors it once for all of them.
@@ -52,7 +52,8 @@ class HessianAccumulator:
       (~15× faster). Float32 rows (the CPU path) are accumulated with float32 products, also unscaled.
     * "auto": "half-operands" for half-precision rows on CUDA, "fp32" otherwise (chosen from the measured
       Δppl and packed-weight mismatch rate in benchmarks/gpu.md).
-    The mode is fixed by the first non-empty batch.
+    The mode is fixed by the first non-empty batch. The accumulator also keeps Σ|x| per input channel
+    (AWQ's activation magnitude `mean_abs`), so one capture serves GPTQ, AWQ and the error report.
     """
 
     def __init__(
@@ -65,6 +66,7 @@ class HessianAccumulator:
         self._h = torch.zeros(in_features, in_features, dtype=torch.float32, device=device)
         self._mode: Literal["fp32", "half-operands"] | None = None
         self._scaled: Tensor | None = None  # 2/n · S, cached until the next batch (half-operands mode)
+        self._abs = torch.zeros(in_features, dtype=torch.float32, device=device)
         self.num_samples = 0
 
     def _resolve(self, rows: Tensor) -> Literal["fp32", "half-operands"]:
@@ -81,6 +83,7 @@ class HessianAccumulator:
         if rows.shape[0] == 0:
             return
         self._mode = self._mode or self._resolve(rows)
+        self._abs.add_(rows.abs().sum(dim=0, dtype=torch.float32))
         total = self.num_samples + rows.shape[0]
         if self._mode == "fp32":
             rows = rows.to(torch.float32)
@@ -97,6 +100,20 @@ class HessianAccumulator:
         if self._mode == "fp32":
             raise ValueError("only unscaled (precision='half-operands') accumulators can be merged exactly")
         return self._h
+
+    def abs_sum(self) -> Tensor:
+        """Σ|x| per input channel (float32 `[in]`); partial sums of several devices add up."""
+        return self._abs
+
+    @property
+    def mean_abs(self) -> Tensor:
+        """E|x| per input channel: AWQ's activation magnitude."""
+        return self._abs / max(self.num_samples, 1)
+
+    @property
+    def second_moment(self) -> Tensor:
+        """Σ = E[x xᵀ] = H / 2."""
+        return self.hessian / 2
 
     @property
     def hessian(self) -> Tensor:
@@ -265,14 +282,17 @@ def gptq_solve(
 
     if kernel not in ("auto", "reference", "triton"):
         raise ValueError(f"kernel={kernel!r}: choose 'auto', 'reference' or 'triton'")
-    if kernel == "triton" and perm is not None:
-        raise ValueError("the triton sweep does not support act_order; use kernel='reference' or 'auto'")
     if kernel == "triton" and not triton_available():
         raise ValueError("kernel='triton' needs Triton (pip install triton); use kernel='reference' or 'auto'")
-    if kernel == "triton" or (kernel == "auto" and _triton_applies(w, perm)):
+    if kernel == "triton" or (kernel == "auto" and _triton_applies(w)):
         from workers.quant.gptq_triton import triton_sweep
 
-        q, losses = triton_sweep(w, hinv, scale, zero, scheme, block_size=block_size, scale_dtype=scale_dtype)
+        if perm is None:
+            q, losses = triton_sweep(w, hinv, scale, zero, scheme, block_size=block_size, scale_dtype=scale_dtype)
+        else:
+            q, losses = triton_sweep(w[:, perm], hinv, scale, zero, scheme, block_size=block_size,
+                                     scale_dtype=scale_dtype, column_groups=perm // group)
+            q = q[:, torch.argsort(perm)]
     else:
         q, losses = _reference_sweep(w, hinv, perm, scale, zero, scheme, block_size, scale_dtype)
 
@@ -288,8 +308,8 @@ def triton_available() -> bool:
     return importlib.util.find_spec("triton") is not None
 
 
-def _triton_applies(w: Tensor, perm: Tensor | None) -> bool:
-    return w.is_cuda and perm is None and triton_available()
+def _triton_applies(w: Tensor) -> bool:
+    return w.is_cuda and triton_available()
 
 
 def _reference_sweep(

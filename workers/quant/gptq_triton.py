@@ -43,15 +43,18 @@ _SCALE_ROUNDING = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
 
 
 def _sweep_block(  # type: ignore[no-untyped-def]
-    W, stride_w, HINV, stride_h, Q, stride_q, ERR, stride_e, SCALE, ZERO, stride_s, LOSS, rows, col0, tiny, inv_range,
+    W, stride_w, HINV, stride_h, Q, stride_q, ERR, stride_e, SCALE, ZERO, stride_s, LOSS, rows, col0, tiny, inv_range, levels,
     NCOLS: tl.constexpr, BLOCK: tl.constexpr, ROWS: tl.constexpr, GROUP: tl.constexpr, SYMMETRIC: tl.constexpr,
     QMIN: tl.constexpr, QMAX: tl.constexpr, SCALE_ROUND: tl.constexpr, RECIPROCAL: tl.constexpr,
+    PER_COLUMN: tl.constexpr,
 ):
     """Quantize columns [col0, col0 + NCOLS) of `ROWS` rows of W, updating the rest of the block in registers.
 
     GROUP > 0: a new group starts every GROUP columns (col0 is a multiple of GROUP); its scale (and zero
     point) come from the error-updated block and are written to SCALE/ZERO[:, group]. GROUP == 0: one
-    static per-row scale in SCALE/ZERO[:, 0] (group_size -1). Writes Q[:, col0 + i], ERR[:, i] and LOSS.
+    static per-row scale in SCALE/ZERO[:, 0] (group_size -1). PER_COLUMN (act_order, static groups): SCALE/
+    ZERO are `[rows, n]`, each column's fixed group parameters in sweep order. Writes Q[:, col0 + i],
+    ERR[:, i] and LOSS.
     """
     pid = tl.program_id(0)
     r = pid * ROWS + tl.arange(0, ROWS)
@@ -75,7 +78,7 @@ def _sweep_block(  # type: ignore[no-untyped-def]
                 if RECIPROCAL:  # PyTorch on CUDA divides by a Python number as x * (1/n)
                     raw = top * inv_range
                 else:
-                    raw = tl.math.div_rn(top, tl.full([ROWS], QMAX if SYMMETRIC else QMAX - QMIN, tl.float32))
+                    raw = tl.math.div_rn(top, tl.full([ROWS], levels, tl.float32))
                 if SCALE_ROUND == 1:  # to bf16 and back, half-to-even on the bits (as torch does)
                     bits = raw.to(tl.uint32, bitcast=True)
                     bits = ((bits + 0x7FFF + ((bits >> 16) & 1)) >> 16) << 16
@@ -89,6 +92,10 @@ def _sweep_block(  # type: ignore[no-untyped-def]
                     zq = (QMIN - tl.math.div_rn(lo, scale) + 12582912.0) - 12582912.0
                     zero = tl.minimum(tl.maximum(zq, QMIN), QMAX)
                     tl.store(ZERO + r * stride_s + g, zero.to(tl.int8), mask=rmask)
+        if PER_COLUMN:
+            scale = tl.load(SCALE + r * stride_s + col0 + i, mask=rmask, other=1.0)
+            if not SYMMETRIC:
+                zero = tl.load(ZERO + r * stride_s + col0 + i, mask=rmask, other=0).to(tl.float32)
         column = tl.sum(tl.where((c == i)[None, :], w, 0.0), axis=1)
         x = tl.math.div_rn(column, scale)
         if not SYMMETRIC:
@@ -126,21 +133,28 @@ def triton_sweep(
     block_size: int,
     scale_dtype: torch.dtype,
     rows_per_program: int = ROWS_PER_PROGRAM,
+    column_groups: Tensor | None = None,
 ) -> tuple[Tensor, Tensor]:
-    """Same contract as `gptq._reference_sweep` without act_order: updates `w` (float32 `[out, in]`), fills
-    `scale`/`zero` in place and returns (int8 codes `[out, in]`, per-row losses). CUDA tensors run the
-    compiled kernel; CPU tensors run Triton's interpreter (slow; for tests)."""
+    """Same contract as `gptq._reference_sweep`: updates `w` (float32 `[out, in]`, in sweep order), fills
+    `scale`/`zero` in place and returns (int8 codes `[out, in]` in sweep order, per-row losses). With
+    `column_groups` (act_order: the original group of each column in sweep order) the group parameters are
+    the static ones given in `scale`/`zero` and stay unchanged. CUDA tensors run the compiled kernel; CPU
+    tensors run Triton's interpreter (slow; for tests)."""
     out, n = w.shape
     if w.dtype != torch.float32 or hinv.dtype != torch.float32:
         raise ValueError(f"the sweep works in float32, got weight {w.dtype} and inverse {hinv.dtype}")
     if scale_dtype not in _SCALE_ROUNDING:
         raise ValueError(f"scales can be rounded to {list(_SCALE_ROUNDING)}, not {scale_dtype}")
-    group = 0 if scheme.group_size == -1 else scheme.group_size
+    group = 0 if scheme.group_size == -1 or column_groups is not None else scheme.group_size
     if group and block_size % group:
         raise ValueError(f"block_size {block_size} must be a multiple of group_size {group}")
     w, hinv = w.contiguous(), hinv.contiguous()
     scale_f = scale.to(torch.float32).contiguous()
     zero_i8 = zero.contiguous() if zero is not None else torch.zeros(1, dtype=torch.int8, device=w.device)
+    if column_groups is not None:  # static parameters, expanded to one per column in sweep order
+        cols = column_groups.to(w.device)
+        scale_f = scale_f[:, cols].contiguous()
+        zero_i8 = zero_i8[:, cols].contiguous() if zero is not None else zero_i8
     q = torch.empty(out, n, dtype=torch.int8, device=w.device)
     losses = torch.zeros(out, dtype=torch.float32, device=w.device)
     err = torch.empty(out, block_size, dtype=torch.float32, device=w.device)
@@ -149,10 +163,10 @@ def triton_sweep(
     block = triton.next_power_of_2(block_size)
     grid = (triton.cdiv(out, rows_per_program),)
     tiny = torch.finfo(scale_dtype).smallest_normal
-    # `grid.compute_qparams` divides the range by the Python int qmax (or qmax - qmin). PyTorch's CUDA kernel
+    # `grid.compute_qparams` divides the range by the Python number (qmax - qmin) / 2 (or qmax - qmin). PyTorch's CUDA kernel
     # turns division by a CPU scalar into multiplication by its float32 reciprocal, its CPU kernel divides:
     # the kernel mirrors whichever the reference runs on, so the scales agree to the last bit on both.
-    levels = qmax if scheme.symmetric else qmax - qmin
+    levels = (qmax - qmin) / 2 if scheme.symmetric else float(qmax - qmin)
     inv_range = float(torch.tensor(1.0, dtype=torch.float32) / torch.tensor(float(levels), dtype=torch.float32))
     for b1 in range(0, n, block_size):
         b2 = min(b1 + block_size, n)
@@ -160,14 +174,16 @@ def triton_sweep(
         err_block = err if b2 - b1 == block_size else torch.empty(out, b2 - b1, dtype=torch.float32, device=w.device)
         kernel[grid](
             w, w.stride(0), hinv, hinv.stride(0), q, q.stride(0), err_block, err_block.stride(0),
-            scale_f, zero_i8, scale_f.stride(0), losses, out, b1, tiny, inv_range,
+            scale_f, zero_i8, scale_f.stride(0), losses, out, b1, tiny, inv_range, levels,
             NCOLS=b2 - b1, BLOCK=block, ROWS=rows_per_program, GROUP=group, SYMMETRIC=scheme.symmetric,
             QMIN=qmin, QMAX=qmax, SCALE_ROUND=_SCALE_ROUNDING[scale_dtype], RECIPROCAL=w.is_cuda,
-            num_warps=4, enable_fp_fusion=False,
+            PER_COLUMN=column_groups is not None, num_warps=4, enable_fp_fusion=False,
         )
         if b2 < n:
             w[:, b2:] -= err_block @ hinv[b1:b2, b2:]
     _check_scales(scale_f, scale_dtype)
+    if column_groups is not None:
+        return q, losses
     if scale_f is not scale:
         scale.copy_(scale_f)
     if zero is not None and zero_i8 is not zero:

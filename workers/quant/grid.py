@@ -9,10 +9,10 @@ and, for asymmetric grids, an integer zero point. Integers live in the *signed* 
 
 Grid convention (the scale choice is ours; the dequantization rule above is the format's):
 
-* symmetric:  scale = max|w| / (2^(b-1) - 1), q = clamp(round(w / scale)). ±max|w| land exactly on
-  ±(2^(b-1) - 1), so nothing is clipped; the level -2^(b-1) stays unused. (compressed-tensors' own
-  observer divides by (2^b - 1) / 2 instead, which clips +max slightly; both dequantize with the same rule,
-  since the scale is stored.)
+* symmetric:  scale = 2·max|w| / (2^b - 1), q = clamp(round(w / scale), -2^(b-1), 2^(b-1) - 1): all 2^b
+  levels are used, as in GPTQ's reference code and compressed-tensors' `calculate_qparams`. -max|w| lands
+  on -(2^b - 1)/2 and rounds to -2^(b-1); +max|w| clips by half a step to 2^(b-1) - 1. (A grid of
+  max|w| / (2^(b-1) - 1) never uses -2^(b-1): 15 levels instead of 16 at 4 bits, 7 instead of 8 at 3.)
 * asymmetric: the range is widened to include 0 (so 0 is exactly representable, as compressed-tensors and
   GPTQ require), scale = (max - min) / (2^b - 1), zero_point = clamp(round(-2^(b-1) - min / scale)),
   q = clamp(round(w / scale + zero_point)). This is `calculate_qparams` of compressed-tensors 0.20.
@@ -156,7 +156,7 @@ def compute_qparams(
     lo, hi = torch.clamp(lo, max=0.0), torch.clamp(hi, min=0.0)
     qmin, qmax = qrange(scheme.bits)
     if scheme.symmetric:
-        scale = _round_scale(torch.maximum(-lo, hi) / qmax, scale_dtype, check)
+        scale = _round_scale(torch.maximum(-lo, hi) / ((qmax - qmin) / 2), scale_dtype, check)
         return scale, None
     scale = _round_scale((hi - lo) / (qmax - qmin), scale_dtype, check)
     zero_point = torch.clamp(torch.round(qmin - lo / scale), qmin, qmax).to(torch.int8)
@@ -180,12 +180,14 @@ def fake_quantize(
     max_val: Tensor | None = None,
     min_val: Tensor | None = None,
     check: ScaleCheck | None = None,
+    scale_dtype: torch.dtype | None = None,
 ) -> Tensor:
     """Quantize then dequantize `w` with min-max groups (float32); the search loops of AWQ use this.
 
     With `check`, invalid scales are recorded there instead of raising (no host sync; see `ScaleCheck`).
+    `scale_dtype`: round the scales as the checkpoint stores them (default float32).
     """
-    scale, zero_point = compute_qparams(w, scheme, max_val=max_val, min_val=min_val, check=check)
+    scale, zero_point = compute_qparams(w, scheme, max_val=max_val, min_val=min_val, check=check, scale_dtype=scale_dtype)
     return QuantizedTensor(
         quantize_values(w, scale, zero_point, scheme), scale, zero_point, scheme
     ).dequantize()
