@@ -6,7 +6,7 @@ CACHE  ?= .cache
 ASSETS := $(CACHE)/assets
 export QF_ASSETS_DIR ?= $(abspath $(ASSETS))
 
-.PHONY: venv assets test test-fast demo serve lint clean
+.PHONY: venv assets test test-fast demo serve lint clean quality
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -23,6 +23,11 @@ $(ASSETS)/.ready: $(VENV)/.installed workers/assets.py
 	touch $@
 
 assets: $(ASSETS)/.ready
+
+# Side-by-side quality vs llm-compressor 0.14.0.1 (CPU, hours on 2 cores; creates .cache/llmc-venv itself).
+# Results: benchmarks/results/quality-vs-llmcompressor/; e.g. make quality QUALITY_ARGS="--tools quantfleet".
+quality: venv assets
+	$(PY) benchmarks/quality_vs_llmcompressor.py $(QUALITY_ARGS)
 
 test: venv assets
 	$(PY) -m pytest -q -p no:cacheprovider
