@@ -6,12 +6,16 @@ import functools
 import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from typing import Any
 
-from fastapi import FastAPI, Request, status
+from fastapi import Depends, FastAPI, Request, Response, status
+from fastapi.exception_handlers import http_exception_handler
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from api.routes import artifacts, batches, health, jobs, metrics, schedules, webhooks
+from api.schemas import unstorable
 from orchestrator.db import make_engine, session_factory
 from orchestrator.metrics import ServiceMetrics
 from orchestrator.settings import Settings
@@ -27,9 +31,34 @@ Authenticate with `Authorization: Bearer <API key>` (scopes: submit, read, admin
 log = logging.getLogger("quantfleet.api")
 
 
+def _printable(value: Any) -> Any:
+    """`value` with any lone surrogate escaped, so that a message quoting bad input can be sent as JSON."""
+    if isinstance(value, str):
+        return value.encode("utf-8", "backslashreplace").decode("utf-8")
+    if isinstance(value, list | tuple):
+        return [_printable(v) for v in value]
+    return value
+
+
 def _location(loc: tuple[int | str, ...]) -> str:
     parts = [str(p) for p in loc if p not in ("body",)]
-    return ".".join(parts) or "body"
+    return _printable(".".join(parts)) or "body"
+
+
+def storable_parameters(request: Request) -> None:
+    """Every route's path and query parameters: no NUL characters (nor anything else a database cannot
+    store or compare), a 422 naming the parameter rather than a database error."""
+    problems = [
+        {"loc": (where, name), "msg": problem, "type": "value_error"}
+        for where, items in (
+            ("path", list(request.path_params.items())),
+            ("query", request.query_params.multi_items()),
+        )
+        for name, value in items
+        if isinstance(value, str) and (problem := unstorable(value) or unstorable(name))
+    ]
+    if problems:
+        raise RequestValidationError(problems)
 
 
 async def validation_error(request: Request, exc: Exception) -> JSONResponse:
@@ -42,14 +71,21 @@ async def validation_error(request: Request, exc: Exception) -> JSONResponse:
             {"detail": f"request body is not valid JSON ({reason}); send a JSON object"},
             status_code=status.HTTP_400_BAD_REQUEST,
         )
-    messages = [f"{_location(tuple(e.get('loc', ())))}: {e.get('msg')}" for e in errors]
+    messages = [f"{_location(tuple(e.get('loc', ())))}: {_printable(e.get('msg'))}" for e in errors]
     return JSONResponse(
         {
             "detail": "; ".join(messages) or "invalid request",
-            "errors": [{k: e.get(k) for k in ("loc", "msg", "type")} for e in errors],
+            "errors": [{k: _printable(e.get(k)) for k in ("loc", "msg", "type")} for e in errors],
         },
         status_code=status.HTTP_422_UNPROCESSABLE_CONTENT,
     )
+
+
+async def http_error(request: Request, exc: Exception) -> Response:
+    """FastAPI's own HTTPException answer, with a detail that quotes bad input made safe to encode."""
+    assert isinstance(exc, StarletteHTTPException)
+    exc.detail = _printable(exc.detail)
+    return await http_exception_handler(request, exc)
 
 
 async def unexpected_error(request: Request, exc: Exception) -> JSONResponse:
@@ -71,11 +107,18 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
 def create_app(settings: Settings | None = None, *, service_metrics: ServiceMetrics | None = None) -> FastAPI:
     """`service_metrics`: share one metrics registry with a dispatcher running in this process."""
     settings = settings or Settings()
-    app = FastAPI(title="QuantFleet", version="0.1.0", description=DESCRIPTION, lifespan=lifespan)
+    app = FastAPI(
+        title="QuantFleet",
+        version="0.1.0",
+        description=DESCRIPTION,
+        lifespan=lifespan,
+        dependencies=[Depends(storable_parameters)],
+    )
     app.state.settings = settings
     app.state.engine = make_engine(settings.database_url)
     app.state.sessions = session_factory(app.state.engine)
     app.add_exception_handler(RequestValidationError, validation_error)
+    app.add_exception_handler(StarletteHTTPException, http_error)
     app.add_exception_handler(Exception, unexpected_error)
     app.state.metrics = metrics.watch_queue(service_metrics or ServiceMetrics(), app.state.sessions)
     app.include_router(health.router)

@@ -4,6 +4,7 @@ calibration sizes, model compatibility) are checked after parsing, with the engi
 
 from __future__ import annotations
 
+import math
 import re
 from datetime import datetime
 from typing import Any, Literal, cast
@@ -35,22 +36,81 @@ def default_formats() -> list[FormatName]:
     return ["compressed-tensors"]
 
 
+MAX_INT64 = 2**63 - 1  # every integer a request carries fits a signed 64-bit column (and SQLite's INTEGER)
+MAX_URI = 4096  # PATH_MAX
+
+
+def unstorable(value: Any, where: str = "") -> str | None:
+    """Why `value` (any JSON value) cannot be stored and used as given, or None: text with a NUL character
+    or a lone surrogate (not valid Unicode), an integer beyond 64 bits, NaN or infinity. `where` locates
+    the problem inside nested dicts and lists."""
+    at = f" (at {where})" if where else ""
+    if isinstance(value, str):
+        if "\x00" in value:
+            return f"must not contain a NUL character (\\x00){at}"
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            return f"must be valid Unicode text: it has a lone surrogate such as \\ud800{at}"
+    elif isinstance(value, bool):
+        return None
+    elif isinstance(value, int):
+        if not -MAX_INT64 - 1 <= value <= MAX_INT64:
+            return f"integers must fit in 64 bits (-2**63 .. 2**63-1){at}"
+    elif isinstance(value, float):
+        if not math.isfinite(value):
+            return f"numbers must be finite (no NaN or Infinity){at}"
+    elif isinstance(value, dict):
+        for key, item in value.items():
+            inside = f"{where}[{key!r}]".encode("utf-8", "backslashreplace").decode()
+            problem = unstorable(key, inside + " (the key)") or unstorable(item, inside)
+            if problem:
+                return problem
+    elif isinstance(value, list | tuple):
+        for i, item in enumerate(value):
+            problem = unstorable(item, f"{where}[{i}]")
+            if problem:
+                return problem
+    return None
+
+
 class Strict(BaseModel):
+    """Base of every request body: unknown fields are refused, and so is any text with a NUL character or
+    a lone surrogate, any integer beyond 64 bits and NaN or infinity, in every field at any depth: a 422
+    naming the field instead of a database error."""
+
     model_config = ConfigDict(extra="forbid")
+
+    @field_validator("*", mode="after")
+    @classmethod
+    def _storable(cls, value: Any) -> Any:
+        if not isinstance(value, BaseModel):  # nested request models checked their own fields
+            problem = unstorable(value)
+            if problem:
+                raise ValueError(problem)
+        return value
 
 
 class CalibrationIn(Strict):
-    uri: str = Field(description="Calibration text: .txt or .jsonl of {'text': ...}; local path or s3:// URI")
+    uri: str = Field(
+        max_length=MAX_URI,
+        description="Calibration text: .txt or .jsonl of {'text': ...}; local path or s3:// URI",
+    )
     num_samples: int = Field(default=128, description="Number of calibration sequences (1..4096)")
     seq_len: int = Field(default=512, description="Tokens per calibration sequence (16..32768)")
-    seed: int = Field(default=0, description="Seed for picking the calibration windows")
+    seed: int = Field(
+        default=0, ge=0, le=MAX_INT64, description="Seed for picking the calibration windows (0..2**63-1)"
+    )
 
 
 class EvalIn(Strict):
-    uri: str = Field(description="Held-out text scored for perplexity, KL divergence and top-1 agreement")
+    uri: str = Field(
+        max_length=MAX_URI,
+        description="Held-out text scored for perplexity, KL divergence and top-1 agreement",
+    )
     seq_len: int = Field(default=512, description="Tokens per evaluation window (16..32768)")
     max_windows: int | None = Field(
-        default=None, description="Evaluate at most this many windows (default: all)"
+        default=None, ge=1, le=2**31 - 1, description="Evaluate at most this many windows (default: all)"
     )
 
 
@@ -94,7 +154,10 @@ class JobCreate(Strict):
 
     model_config = ConfigDict(extra="forbid", json_schema_extra={"examples": [cast(JsonValue, EXAMPLE_JOB)]})
 
-    model: str = Field(description="Model directory (safetensors + config.json): local path or s3:// URI")
+    model: str = Field(
+        max_length=MAX_URI,
+        description="Model directory (safetensors + config.json): local path or s3:// URI",
+    )
     base_model: str | None = Field(
         default=None,
         max_length=200,

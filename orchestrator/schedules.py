@@ -23,7 +23,7 @@ from pathlib import PurePosixPath
 from typing import Any
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
-from croniter import croniter
+from croniter import CroniterBadDateError, croniter
 
 from workers.errors import InvalidSpecError
 
@@ -76,6 +76,13 @@ def parse_cron(cron: str) -> str:
             f"cron {cron!r} is not a valid expression: check each field's range (minute 0-59, hour 0-23, "
             "day 1-31, month 1-12, weekday 0-6) and syntax (*, */n, a-b, a,b)"
         )
+    try:
+        croniter(expr, datetime.now(UTC)).get_next(datetime)
+    except (CroniterBadDateError, ValueError, OverflowError) as e:
+        raise ScheduleError(
+            f"cron {cron!r} never fires: no date matches its day-of-month and month fields together "
+            "(e.g. 31 February); check those two fields"
+        ) from e
     return expr
 
 

@@ -39,7 +39,12 @@ def decode_cursor(cursor: str) -> tuple[datetime, str]:
     """Raises ValueError when the cursor was not produced by encode_cursor."""
     try:
         created, row_id = json.loads(base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)))
-        return datetime.fromisoformat(created), str(row_id)
+        at = datetime.fromisoformat(created)
+        if at.tzinfo is None or at.utcoffset() is None or not isinstance(row_id, str):
+            raise ValueError("not a cursor this service made: no time zone, or no row id")
+        if len(row_id) > 64 or "\x00" in row_id or not row_id.isprintable():
+            raise ValueError("not a cursor this service made: a row id that cannot exist")
+        return at, row_id
     except Exception as e:
         raise ValueError("cursor is not valid; pass the next_cursor value of a previous page") from e
 

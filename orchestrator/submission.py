@@ -26,7 +26,10 @@ def validate_submission(spec: dict[str, Any], settings: Settings, *, owner: str)
 
     def resolve(uri: str, kind: str, what: str) -> str:
         nonlocal model_is_local
-        found = check_input_exists(uri, policy, kind=kind, what=what)
+        try:
+            found = check_input_exists(uri, policy, kind=kind, what=what)
+        except OSError as e:  # e.g. a path segment over 255 bytes: the file system's answer, as a 422
+            raise InputError(f"{what} path {uri!r} cannot be used: {e.strerror or e}") from e
         if isinstance(found, LocalInput):
             return str(found.path)
         if what == "model":
@@ -35,7 +38,10 @@ def validate_submission(spec: dict[str, Any], settings: Settings, *, owner: str)
 
     output_uri = (spec.get("output") or {}).get("uri")
     if output_uri:
-        check_output_uri(output_uri, owner, settings.output_policy(), settings.object_store)
+        try:
+            check_output_uri(output_uri, owner, settings.output_policy(), settings.object_store)
+        except OSError as e:
+            raise InputError(f"output path {output_uri!r} cannot be used: {e.strerror or e}") from e
     job = engine_spec(spec, resolve)
     if model_is_local:
         _check_model_size(Path(job.model_dir), settings.max_model_bytes)

@@ -53,9 +53,9 @@ def list_artifacts(
     sessions: Sessions,
     principal: Annotated[Principal, Depends(require("read"))],
     model: Annotated[str | None, Query(description="Model URI, its last path segment, or base_model")] = None,
-    method: Annotated[Literal["gptq", "awq", "rtn"] | None, Query()] = None,
-    bits: Annotated[int | None, Query()] = None,
-    group_size: Annotated[int | None, Query()] = None,
+    method: Annotated[Literal["gptq", "awq", "rtn", "awq-gptq"] | None, Query()] = None,
+    bits: Annotated[int | None, Query(ge=1, le=64)] = None,
+    group_size: Annotated[int | None, Query(ge=-1, le=2**31 - 1)] = None,
     gate: Annotated[
         Literal["passed", "failed", "none"] | None,
         Query(description="passed / failed: the job's quality gate verdict; none: jobs without a gate"),

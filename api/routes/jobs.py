@@ -13,7 +13,17 @@ from sqlalchemy.orm import Session, sessionmaker
 from api.deps import get_sessions, get_settings, require, visible_or_404
 from api.event_stream import HEADERS as SSE_HEADERS
 from api.event_stream import job_event_stream
-from api.schemas import ArtifactOut, EventOut, JobCreate, JobOut, JobPage, Problem, ProgressOut, ReportSummary
+from api.schemas import (
+    MAX_INT64,
+    ArtifactOut,
+    EventOut,
+    JobCreate,
+    JobOut,
+    JobPage,
+    Problem,
+    ProgressOut,
+    ReportSummary,
+)
 from orchestrator import crud
 from orchestrator.auth import Principal
 from orchestrator.db import transaction
@@ -85,7 +95,15 @@ def submit_job(
     sessions: Sessions,
     settings: AppSettings,
     principal: Annotated[Principal, Depends(require("submit"))],
-    idempotency_key: Annotated[str | None, Header(alias="Idempotency-Key", max_length=255)] = None,
+    idempotency_key: Annotated[
+        str | None,
+        Header(
+            alias="Idempotency-Key",
+            max_length=255,
+            pattern=r"^[\x20-\x7e]+$",
+            description="Printable ASCII, at most 255 characters",
+        ),
+    ] = None,
 ) -> JobOut:
     """Queue a quantization job. Same Idempotency-Key and body → the same job; same key, other body → 422."""
     spec = body.model_dump(mode="json")
@@ -210,12 +228,14 @@ def job_events(
     job_id: str,
     sessions: Sessions,
     principal: Annotated[Principal, Depends(require("read"))],
-    after: Annotated[int, Query(ge=0, description="Only events with a larger id (for polling)")] = 0,
+    after: Annotated[
+        int, Query(ge=0, le=MAX_INT64, description="Only events with a larger id (for polling)")
+    ] = 0,
     limit: Annotated[int, Query(ge=1, le=1000)] = 500,
     follow: Annotated[
         bool, Query(description="Stream as Server-Sent Events until the job ends (last event: `end`)")
     ] = False,
-    last_event_id: Annotated[int | None, Header(alias="Last-Event-ID", ge=0)] = None,
+    last_event_id: Annotated[int | None, Header(alias="Last-Event-ID", ge=0, le=MAX_INT64)] = None,
 ) -> list[EventOut] | Response:
     """State changes, attempt starts and progress, oldest first."""
     with transaction(sessions) as session:
