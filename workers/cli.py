@@ -24,7 +24,7 @@ from workers.engine import run_local
 from workers.errors import QuantFleetError
 from workers.progress import Progress
 from workers.report import EngineReport
-from workers.spec import CalibrationSpec, EvalSpec, JobSpec, Method, OutputFormat, QuantScheme
+from workers.spec import OBSERVERS, CalibrationSpec, EvalSpec, JobSpec, Method, OutputFormat, QuantScheme
 
 EXIT_BAD_INPUT = 2
 
@@ -39,6 +39,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--bits", type=int, default=defaults.bits, help="2, 3, 4 or 8 (default %(default)s)")
     parser.add_argument("--group-size", type=int, default=defaults.group_size, help="-1 (per channel), 32, 64 or 128")
     parser.add_argument("--asym", action="store_true", help="asymmetric grid (zero points); default symmetric")
+    parser.add_argument(
+        "--observer", choices=list(OBSERVERS), default="minmax",
+        help="group ranges: min-max, or 'mse' (the range with the least E[x²]-weighted rounding error)",
+    )
     parser.add_argument(
         "--act-order", action=argparse.BooleanOptionalAction, default=True,
         help="GPTQ: visit columns by decreasing Hessian diagonal, static groups (default: on)",
@@ -73,6 +77,7 @@ def spec_from_args(args: argparse.Namespace) -> JobSpec:
         formats=tuple(OutputFormat(f) for f in (args.formats or [OutputFormat.COMPRESSED_TENSORS.value])),
         dampening=args.dampening,
         act_order=args.act_order,
+        observer=args.observer,
         device=args.device,
     )
 

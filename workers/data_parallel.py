@@ -50,7 +50,6 @@ from workers.pipeline import (
 from workers.progress import Progress, ProgressCallback
 from workers.quant.gptq import GPTQResult, HessianAccumulator, PreparedHessian, gptq_solve, prepare_hessian
 from workers.quant.grid import QuantizedTensor
-from workers.spec import Method
 
 Group = tuple[str, ...]
 Positions = tuple[Tensor, Tensor]
@@ -252,7 +251,7 @@ def _cat_rows(parts: Sequence[QuantizedTensor]) -> QuantizedTensor:
 def _prepared_on(prepared: PreparedHessian, device: torch.device) -> PreparedHessian:
     hinv = prepared.hinv.to(device) if prepared.hinv is not None else None
     perm = prepared.perm.to(device) if prepared.perm is not None else None
-    return replace(prepared, hinv=hinv, perm=perm, dead=prepared.dead.to(device))
+    return replace(prepared, hinv=hinv, perm=perm, dead=prepared.dead.to(device), importance=prepared.importance.to(device))
 
 
 def solve_layer(
@@ -266,11 +265,11 @@ def solve_layer(
     of that group's output rows against the same factor. Rows are independent in GPTQ (a row's codes depend
     only on that row and H⁻¹), so the split changes no integer (tests/workers/test_data_parallel.py)."""
     arch, spec, model, devices = quantizer.arch, quantizer.spec, quantizer.model, acts.devices
-    if spec.method is Method.AWQ:
+    if spec.method.smooths:
         return solve_awq(quantizer, index, replicas, acts, on_progress)
     partials = partial_hessians(replicas, acts, arch)
     costs = group_costs(replicas[0], arch)
-    split = split_group(costs, len(devices)) if spec.method is Method.GPTQ else None
+    split = split_group(costs, len(devices)) if spec.method.sweeps else None
     if split is not None and min(_linear(replicas[0], n).out_features for n in arch.linear_groups[split]) < len(devices):
         split = None  # fewer rows than devices (tiny models)
     if split is not None:  # round 1 only factors its Hessian: n³ of its out·n² + n³
@@ -324,7 +323,8 @@ def _split_sweep(
         for name in group:
             weight = _linear(replicas[d], name).weight
             a, b = shard_bounds(weight.shape[0], len(devices))[d]
-            results.append(gptq_solve(weight[a:b], copies[d], spec.scheme, block_size=options.gptq_block_size, scale_dtype=dtype))
+            results.append(gptq_solve(weight[a:b], copies[d], spec.scheme, block_size=options.gptq_block_size,
+                                      scale_dtype=dtype, observer=spec.observer))
         return results
 
     per_device = threads.run(sweep)
@@ -377,6 +377,8 @@ def solve_awq(
         group = stats[arch.group_of(m.linears[0])]
         quantizer.fold_awq_scales(layer, m, scales[i] if scales else quantizer.awq_scales(layer, m, group), group, row_scale)
 
+    if quantizer.spec.method.sweeps:  # GPTQ on the scaled weights, with the scaled inputs' Hessians, on the primary
+        return quantizer.solve_groups_after_smoothing(index, layer, stats, on_progress)
     names = list(arch.linears)
     owner = assign_groups([_linear(layer, n).weight.numel() for n in names], len(devices))
     for name, d in zip(names, owner, strict=True):

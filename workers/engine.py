@@ -18,6 +18,8 @@ import shutil
 import threading
 import time
 import uuid
+from collections.abc import Callable
+from functools import partial
 from importlib import metadata
 from pathlib import Path
 
@@ -25,15 +27,16 @@ import compressed_tensors
 import torch
 import transformers
 
+from workers import auto
 from workers.calibration import calibration_windows
 from workers.calibration_cache import CalibrationProvider
 from workers.data_parallel import resolve_devices
 from workers.errors import InputError
-from workers.evaluate import evaluate
+from workers.evaluate import compare_on_windows, evaluate
 from workers.formats.writer import CheckpointWriter
 from workers.loading import CheckpointWeights, LayerwiseModel, load_tokenizer
 from workers.memory import PeakMemory
-from workers.pipeline import PipelineOptions, quantize_model
+from workers.pipeline import PipelineOptions, PipelineResult, quantize_model
 from workers.progress import CancelCheck, Progress, ProgressCallback, never_cancel, no_progress
 from workers.quant.gptq import warm_up
 from workers.report import EngineReport
@@ -135,7 +138,7 @@ log = logging.getLogger(__name__)
 
 def _start_warm_up(spec: JobSpec, devices: list[torch.device], dtype: torch.dtype) -> threading.Thread | None:
     """GPTQ on CUDA: compile the sweep and create solver handles on each device while the text is tokenized."""
-    if spec.method is not Method.GPTQ or devices[0].type != "cuda":
+    if not spec.method.sweeps or devices[0].type != "cuda":
         return None
 
     def run() -> None:
@@ -185,34 +188,31 @@ def _build(
         timings["load"] = time.perf_counter() - mark
 
         mark = time.perf_counter()
-        calibration = None
+        calibration, holdout = None, None
         if spec.calibration.path and tokenizer is not None:
             on_progress(Progress("calibrate", num_layers=info.num_layers, message="tokenizing calibration text"))
-            calibration = (calibration_provider or calibration_windows)(spec.calibration, tokenizer)
+            provide = calibration_provider or calibration_windows
+            if spec.method is Method.AUTO:
+                drawn = provide(auto.with_holdout(spec.calibration), tokenizer)
+                calibration, holdout = auto.split_holdout(drawn, spec.calibration.num_samples)
+            else:
+                calibration = provide(spec.calibration, tokenizer)
         timings["calibrate"] = time.perf_counter() - mark
 
         mark = time.perf_counter()
         if warming is not None:
             warming.join()
-        dirs = _checkpoint_dirs(spec, staging)
-        writers = [
-            CheckpointWriter(d, fmt, spec.scheme, info.dtype, act_order=spec.act_order and spec.method is Method.GPTQ)
-            for d, fmt in zip(dirs, spec.formats, strict=True)
-        ]
-        result = quantize_model(
-            model, weights, spec, writers, calibration,
-            on_progress=on_progress, should_cancel=should_cancel, options=options, devices=devices,
-        )
+        timings["write"] = 0.0  # the writes of `build`, inside the quantize step
+        build = partial(_quantize_into, model=model, weights=weights, info=info, calibration=calibration,
+                        devices=devices, on_progress=on_progress, should_cancel=should_cancel, options=options,
+                        timings=timings)
+        if spec.method is Method.AUTO and holdout is not None:
+            dirs, result = _choose_candidate(spec, staging, build, holdout, report, device, on_progress, should_cancel)
+        else:
+            dirs, result = build(spec, staging)
         report.module_errors, report.fallback_modules = result.module_errors, result.fallback_modules
-        timings["quantize"] = time.perf_counter() - mark
-
-        mark = time.perf_counter()
-        on_progress(Progress("write", message=str(staging)))
-        for writer, directory in zip(writers, dirs, strict=True):
-            writer.finalize(info.config)
-            _copy_tokenizer(info.model_dir, directory)
+        timings["quantize"] = time.perf_counter() - mark - timings["write"]
         report.bytes_quantized = _weights_bytes(dirs[0])
-        timings["write"] = time.perf_counter() - mark
 
         if spec.eval is not None and tokenizer is not None:
             mark = time.perf_counter()
@@ -224,3 +224,69 @@ def _build(
             timings["evaluate"] = time.perf_counter() - mark
     report.peak_memory_bytes = memory.result()
     return report
+
+
+def _quantize_into(
+    spec: JobSpec, root: Path, *, model: LayerwiseModel, weights: CheckpointWeights, info: ModelInfo,
+    calibration: torch.Tensor | None, devices: list[torch.device], on_progress: ProgressCallback,
+    should_cancel: CancelCheck, options: PipelineOptions | None, timings: dict[str, float],
+) -> tuple[list[Path], PipelineResult]:
+    """Quantize with `spec` and write every format of it under `root` (see the module docstring's layout)."""
+    dirs = _checkpoint_dirs(spec, root)
+    writers = [
+        CheckpointWriter(d, fmt, spec.scheme, info.dtype, act_order=spec.act_order and spec.method.sweeps)
+        for d, fmt in zip(dirs, spec.formats, strict=True)
+    ]
+    result = quantize_model(
+        model, weights, spec, writers, calibration,
+        on_progress=on_progress, should_cancel=should_cancel, options=options, devices=devices,
+    )
+    mark = time.perf_counter()
+    on_progress(Progress("write", message=str(root)))
+    for writer, directory in zip(writers, dirs, strict=True):
+        writer.finalize(info.config)
+        _copy_tokenizer(info.model_dir, directory)
+    timings["write"] += time.perf_counter() - mark
+    return dirs, result
+
+
+def _choose_candidate(
+    spec: JobSpec, staging: Path, build: Callable[[JobSpec, Path], tuple[list[Path], PipelineResult]],
+    holdout: torch.Tensor, report: EngineReport, device: torch.device, on_progress: ProgressCallback,
+    should_cancel: CancelCheck,
+) -> tuple[list[Path], PipelineResult]:
+    """Method auto (workers/auto.py): every candidate into a folder of its own, the best moved into `staging`."""
+    pool = staging / ".candidates"
+    built: dict[str, tuple[auto.Candidate, list[Path], PipelineResult, float]] = {}
+    started = time.perf_counter()
+    for candidate in auto.candidates(spec):
+        if not auto.fits_budget(time.perf_counter() - started, len(built), spec.auto_budget_s):
+            log.info("method auto: %s skipped, the time budget of %s s would be exceeded", candidate.name, spec.auto_budget_s)
+            continue
+        on_progress(Progress("quantize", message=f"auto candidate {candidate.name}"))
+        mark = time.perf_counter()
+        dirs, result = build(candidate.spec(spec), pool / str(len(built)))
+        built[candidate.name] = (candidate, dirs, result, time.perf_counter() - mark)
+    on_progress(Progress("evaluate", message=f"held-out KL of {len(built)} candidates on {holdout.shape[0]} windows"))
+    metrics = compare_on_windows(
+        spec.model_dir, [dirs[0] for _, dirs, _, _ in built.values()], holdout, device, should_cancel=should_cancel
+    )
+    kl = {name: m.kl_mean for name, m in zip(built, metrics, strict=True)}
+    chosen = auto.choose(kl)
+    candidate, dirs, result, _ = built[chosen]
+    for child in dirs[0].iterdir():
+        child.replace(staging / child.name)
+    shutil.rmtree(pool)
+    report.method = candidate.method.value
+    report.auto = {
+        "chosen": chosen,
+        "holdout_windows": int(holdout.shape[0]),
+        "budget_s": spec.auto_budget_s,
+        "candidates": [
+            {"name": name, "method": c.method.value, "observer": c.observer, "kl_mean": m.kl_mean,
+             "top1_agreement": m.top1_agreement, "delta_ppl_pct": m.delta_ppl_pct, "seconds": round(seconds, 2)}
+            for (name, (c, _, _, seconds)), m in zip(built.items(), metrics, strict=True)
+        ],
+        "skipped": [c.name for c in auto.candidates(spec) if c.name not in built],
+    }
+    return _checkpoint_dirs(spec, staging), result

@@ -99,8 +99,24 @@ def evaluate_many(
     Each entry of `quantized` is a checkpoint directory or any WeightSource (e.g. the original's own
     weights, which must give KL 0 and identical perplexity).
     """
-    model = LayerwiseModel(original_dir, device)
     windows = eval_windows(read_text(eval_spec.path, "evaluation"), tokenizer, eval_spec.seq_len, eval_spec.max_windows)
+    return compare_on_windows(
+        original_dir, quantized, windows, device, on_progress, batch_tokens=batch_tokens, should_cancel=should_cancel
+    )
+
+
+def compare_on_windows(
+    original_dir: str | Path,
+    quantized: Sequence[str | Path | WeightSource],
+    windows: Tensor,
+    device: torch.device,
+    on_progress: ProgressCallback = no_progress,
+    *,
+    batch_tokens: int = 8192,
+    should_cancel: CancelCheck = never_cancel,
+) -> list[EvalMetrics]:
+    """`evaluate_many` on given token windows `[n, seq_len]` (e.g. held-out calibration windows)."""
+    model = LayerwiseModel(original_dir, device)
     original: WeightSource = CheckpointWeights(TensorSource(original_dir))
     sources = [original] + [q if not isinstance(q, str | Path) else open_weights(q, model.model_dtype) for q in quantized]
     options = PipelineOptions(batch_tokens=batch_tokens)

@@ -194,7 +194,10 @@ def _linear(layer: nn.Module, name: str) -> nn.Linear:
 
 
 def _solve_rtn(layer: nn.Module, arch: ArchitectureInfo, spec: JobSpec, dtype: torch.dtype) -> dict[str, QuantizedTensor]:
-    return {name: rtn_quantize(_linear(layer, name).weight, spec.scheme, scale_dtype=dtype) for name in arch.linears}
+    return {
+        name: rtn_quantize(_linear(layer, name).weight, spec.scheme, scale_dtype=dtype, observer=spec.observer)
+        for name in arch.linears
+    }
 
 
 def input_statistics(
@@ -253,7 +256,7 @@ class LayerQuantizer:
         method = self.spec.method
         if activations is None or pos is None:
             return _solve_rtn(layer, self.arch, self.spec, self.model.model_dtype)
-        if method is Method.AWQ:
+        if method.smooths:
             return self._solve_awq(index, layer, activations, pos, on_progress)
         hessians = {group: acc.hessian for group, acc in input_statistics(layer, activations, pos, self.arch).items()}
         solved: dict[str, QuantizedTensor] = {}
@@ -269,14 +272,19 @@ class LayerQuantizer:
         with each module's output error; on the device of `layer` and `hessian`."""
         dtype = self.model.model_dtype
         weights = [_linear(layer, name).weight for name in group]
-        if self.spec.method is Method.GPTQ:
+        if self.spec.method.sweeps:
             results = gptq_quantize_shared(
                 weights, hessian, self.spec.scheme, dampening=self.spec.dampening,
                 block_size=self.options.gptq_block_size, act_order=self.spec.act_order, scale_dtype=dtype,
+                observer=self.spec.observer,
             )
             solved = [(r.quantized, r.fell_back_to_rtn, r.note) for r in results]
         else:
-            solved = [(rtn_quantize(w, self.spec.scheme, scale_dtype=dtype), False, None) for w in weights]
+            importance = hessian.diagonal()
+            solved = [
+                (rtn_quantize(w, self.spec.scheme, scale_dtype=dtype, observer=self.spec.observer, importance=importance), False, None)
+                for w in weights
+            ]
         second_moment = hessian / 2  # E[x xᵀ] of the group's input, shared by its modules
         outcomes: list[GroupOutcome] = []
         for name, weight, (qt, fallback, note) in zip(group, weights, solved, strict=True):
@@ -300,6 +308,8 @@ class LayerQuantizer:
             on_progress(Progress("quantize", index, self.model.num_layers, mapping.prev, "awq scale search"))
             group_stats = stats[self.arch.group_of(mapping.linears[0])]
             self.fold_awq_scales(layer, mapping, self.awq_scales(layer, mapping, group_stats), group_stats, row_scale)
+        if self.spec.method.sweeps:
+            return self.solve_groups_after_smoothing(index, layer, stats, on_progress)
 
         solved: dict[str, QuantizedTensor] = {}
         for name in self.arch.linears:
@@ -308,6 +318,18 @@ class LayerQuantizer:
             qt, mse, rel = self.awq_clip_quantize(name, _linear(layer, name).weight, sigma, row_scale.get(name))
             self._record(index, name, mse, rel)
             solved[name] = qt
+        return solved
+
+    def solve_groups_after_smoothing(
+        self, index: int, layer: nn.Module, stats: dict[tuple[str, ...], AwqStatistics], on_progress: ProgressCallback
+    ) -> dict[str, QuantizedTensor]:
+        """GPTQ of every group on the AWQ-scaled weights, with the Hessian of the scaled inputs (H = 2Σ')."""
+        solved: dict[str, QuantizedTensor] = {}
+        for group in self.arch.linear_groups:
+            on_progress(Progress("quantize", index, self.model.num_layers, ", ".join(group)))
+            for name, qt, mse, rel, fallback, note in self.solve_group(layer, group, 2 * stats[group].second_moment):
+                self._record(index, name, mse, rel, fallback, note)
+                solved[name] = qt
         return solved
 
     def awq_mappings(self, layer: nn.Module) -> list[AwqMapping]:

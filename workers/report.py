@@ -49,6 +49,7 @@ class EngineReport:
     module_errors: list[ModuleError] = field(default_factory=list)
     fallback_modules: list[str] = field(default_factory=list)  # "layers.3.mlp.down_proj: cholesky failed ..."
     eval: EvalMetrics | None = None
+    auto: dict[str, Any] | None = None  # method "auto": every candidate's held-out KL and time, and the choice
     versions: dict[str, str] = field(default_factory=dict)  # torch, transformers, compressed-tensors, quantfleet
 
     def to_dict(self) -> dict[str, Any]:

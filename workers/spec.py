@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
 from enum import StrEnum
-from typing import Any
+from typing import Any, Literal
 
 from workers.errors import InvalidSpecError
 
@@ -17,6 +17,37 @@ class Method(StrEnum):
     RTN = "rtn"
     GPTQ = "gptq"
     AWQ = "awq"
+    AWQ_GPTQ = "awq-gptq"  # AWQ's scales folded first, then GPTQ on the scaled weights (no clip search)
+    AUTO = "auto"  # try `JobSpec.auto_candidates`, keep the one with the lowest KL on held-out calibration windows
+
+    @property
+    def smooths(self) -> bool:
+        """Runs AWQ's scale search and folds the scales."""
+        return self in (Method.AWQ, Method.AWQ_GPTQ)
+
+    @property
+    def sweeps(self) -> bool:
+        """Solves the Linears with GPTQ."""
+        return self in (Method.GPTQ, Method.AWQ_GPTQ)
+
+
+Observer = Literal["minmax", "mse"]
+OBSERVERS: tuple[Observer, ...] = ("minmax", "mse")
+
+
+AUTO_CANDIDATES: tuple[str, ...] = ("gptq", "gptq:mse", "awq", "awq-gptq")
+
+
+def parse_candidate(text: str) -> tuple[Method, Observer]:
+    """"gptq:mse" → (Method.GPTQ, "mse"); "awq" → (Method.AWQ, "minmax"). Raises InvalidSpecError."""
+    name, _, observer = text.partition(":")
+    methods = [m.value for m in Method if m is not Method.AUTO]
+    if name not in methods:
+        raise InvalidSpecError(f"auto candidate {text!r}: method {name!r} is not one of {methods}")
+    observer = observer or "minmax"
+    if observer not in OBSERVERS:
+        raise InvalidSpecError(f"auto candidate {text!r}: observer {observer!r} is not one of {list(OBSERVERS)}")
+    return Method(name), observer  # type: ignore[return-value]
 
 
 class OutputFormat(StrEnum):
@@ -89,6 +120,9 @@ class JobSpec:
     formats: tuple[OutputFormat, ...] = (OutputFormat.COMPRESSED_TENSORS,)
     dampening: float = 0.01
     act_order: bool = True  # GPTQ: static-group act-order (llm-compressor's default; benchmarks/quality.md)
+    observer: Observer = "minmax"  # group ranges: min-max, or the importance-weighted range search (range_search.py)
+    auto_candidates: tuple[str, ...] = AUTO_CANDIDATES  # method "auto": "method" or "method:observer" each
+    auto_budget_s: float | None = None  # method "auto": start no candidate that would end past this many seconds
     allow_pickle: bool = False
     device: str = "auto"
     devices: int = 1  # accelerators for this one job: calibration split across them (data parallel)
@@ -99,7 +133,7 @@ class JobSpec:
         self.calibration.validate()
         if self.eval is not None:
             self.eval.validate()
-        if self.method in (Method.GPTQ, Method.AWQ) and not self.calibration.path:
+        if self.method is not Method.RTN and not self.calibration.path:
             raise InvalidSpecError(f"method {self.method.value} needs calibration data (calibration.path)")
         if not self.formats:
             raise InvalidSpecError("at least one output format is required")
@@ -112,6 +146,15 @@ class JobSpec:
                 f"devices={self.devices} exceeds calibration num_samples={self.calibration.num_samples}: each device"
                 " needs at least one calibration window; lower devices or raise num_samples"
             )
+        if self.method is Method.AUTO:
+            if not 1 <= len(self.auto_candidates) <= 8:
+                raise InvalidSpecError("method auto needs between 1 and 8 auto_candidates")
+            for candidate in self.auto_candidates:
+                parse_candidate(candidate)
+            if self.auto_budget_s is not None and self.auto_budget_s <= 0:
+                raise InvalidSpecError(f"auto_budget_s={self.auto_budget_s} must be positive (seconds)")
+        if self.observer not in OBSERVERS:
+            raise InvalidSpecError(f"observer={self.observer!r} is not known; choose one of {list(OBSERVERS)}")
         if not 0 < self.dampening < 1:
             raise InvalidSpecError(f"dampening={self.dampening} must be in (0, 1)")
 
@@ -119,4 +162,5 @@ class JobSpec:
         d = asdict(self)
         d["method"] = self.method.value
         d["formats"] = [f.value for f in self.formats]
+        d["auto_candidates"] = list(self.auto_candidates)
         return d

@@ -37,9 +37,8 @@ from workers.pipeline import (
     PipelineOptions,
     PipelineResult,
     _deployed,
-    input_statistics,
     _linear,
-    capture_inputs,
+    input_statistics,
 )
 from workers.progress import Progress, no_progress
 from workers.quant.gptq import HessianAccumulator, gptq_quantize_shared

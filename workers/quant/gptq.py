@@ -29,8 +29,8 @@ from torch import Tensor
 
 from workers.errors import InputError
 from workers.quant.grid import QuantizedTensor, compute_qparams, quantize_values
-from workers.quant.rtn import check_weight, rtn_quantize
-from workers.spec import QuantScheme
+from workers.quant.rtn import check_weight, group_qparams, rtn_quantize
+from workers.spec import Observer, QuantScheme
 
 DAMPENING_RETRIES = 3  # on Cholesky failure try λ·10, λ·100, λ·1000 before falling back to RTN
 
@@ -149,6 +149,7 @@ class PreparedHessian:
     hinv: Tensor | None  # upper Cholesky factor of the damped H⁻¹ (in sweep order); None if all retries failed
     perm: Tensor | None  # sweep order of the columns (act_order), None for the natural order
     dead: Tensor  # bool [in]: inputs that were always zero
+    importance: Tensor  # diag(H) [in], original order: the range search's weight per input column
     dampening: float  # the dampening that worked (or the last one tried)
     requested_dampening: float
 
@@ -180,7 +181,7 @@ def prepare_hessian(
     h.diagonal()[dead] = 1.0
     perm = torch.argsort(h.diagonal(), descending=True) if act_order else None
     hinv, damp = _upper_cholesky_of_inverse(h[perm][:, perm] if perm is not None else h, dampening)
-    return PreparedHessian(hinv, perm, dead, damp, dampening)
+    return PreparedHessian(hinv, perm, dead, hessian.diagonal().to(h.device, torch.float32), damp, dampening)
 
 
 def gptq_quantize(
@@ -193,13 +194,16 @@ def gptq_quantize(
     act_order: bool = False,
     scale_dtype: torch.dtype | None = None,
     kernel: SweepKernel = "auto",
+    observer: Observer = "minmax",
 ) -> GPTQResult:
     """Quantize `weight` `[out, in]` given the Hessian `[in, in]` of its inputs (not modified).
 
     Without act_order the scale/zero of each group are computed at the group's first column from the
     error-updated weights (original GPTQ). With act_order columns are visited by descending diag(H), with
     group parameters fixed beforehand from the original weight groups ("static" actorder), so the result
-    keeps the plain layout g_idx = j // group. The result is always in the original column order. A Hessian
+    keeps the plain layout g_idx = j // group. `observer="mse"` also fixes the group parameters beforehand,
+    from the range search weighted by diag(H) (`range_search.py`). The result is always in the original
+    column order. A Hessian
     that stays indefinite after raising the dampening gives an RTN result with `fell_back_to_rtn=True`.
     `scale_dtype` as in `rtn_quantize` (default: the weight's dtype). Math is float32 on the weight's device.
     `kernel` picks the sweep implementation (see the module docstring); all give the same integers.
@@ -211,7 +215,8 @@ def gptq_quantize(
     if block_size < 1:
         raise ValueError(f"block_size={block_size} must be positive")
     prepared = prepare_hessian(hessian, dampening=dampening, act_order=act_order, device=weight.device)
-    return gptq_solve(weight, prepared, scheme, block_size=block_size, scale_dtype=scale_dtype, kernel=kernel)
+    return gptq_solve(weight, prepared, scheme, block_size=block_size, scale_dtype=scale_dtype, kernel=kernel,
+                      observer=observer)
 
 
 def gptq_quantize_shared(
@@ -224,6 +229,7 @@ def gptq_quantize_shared(
     act_order: bool = False,
     scale_dtype: torch.dtype | None = None,
     kernel: SweepKernel = "auto",
+    observer: Observer = "minmax",
 ) -> list[GPTQResult]:
     """`gptq_quantize` for several weights that read the same input (q/k/v, gate/up): one inverse for all.
 
@@ -242,7 +248,7 @@ def gptq_quantize_shared(
         raise ValueError(f"block_size={block_size} must be positive")
     prepared = prepare_hessian(hessian, dampening=dampening, act_order=act_order, device=weights[0].device)
     return [
-        gptq_solve(w, prepared, scheme, block_size=block_size, scale_dtype=scale_dtype, kernel=kernel)
+        gptq_solve(w, prepared, scheme, block_size=block_size, scale_dtype=scale_dtype, kernel=kernel, observer=observer)
         for w in weights
     ]
 
@@ -255,6 +261,7 @@ def gptq_solve(
     block_size: int = 128,
     scale_dtype: torch.dtype | None = None,
     kernel: SweepKernel = "auto",
+    observer: Observer = "minmax",
 ) -> GPTQResult:
     """The sweep of one weight against an already factored Hessian (`prepare_hessian`)."""
     check_weight(weight, scheme)
@@ -269,16 +276,17 @@ def gptq_solve(
 
     if prepared.hinv is None:
         note = f"Cholesky of the Hessian failed up to dampening {prepared.dampening:g}; quantized with RTN instead"
-        fallback = rtn_quantize(w, scheme, scale_dtype=scale_dtype)
+        fallback = rtn_quantize(w, scheme, scale_dtype=scale_dtype, observer=observer, importance=prepared.importance)
         return GPTQResult(fallback, math.nan, prepared.dampening, fell_back_to_rtn=True, note=note)
 
     hinv = prepared.hinv.to(w.device)
     perm = prepared.perm.to(w.device) if prepared.perm is not None else None
     group = n if scheme.group_size == -1 else scheme.group_size
     block_size = math.ceil(block_size / group) * group if group < n else block_size
-    # Static parameters from the original weight: per channel always, per group only with act_order
-    # (the sweep then visits a group's columns out of order); otherwise replaced at each group start.
-    scale, zero = compute_qparams(w, scheme, scale_dtype=scale_dtype)
+    # Static parameters from the original weight: per channel always, per group with act_order (the sweep
+    # then visits a group's columns out of order) or the range search; otherwise replaced at each group start.
+    static = perm is not None or observer == "mse"
+    scale, zero = group_qparams(w, scheme, observer, prepared.importance.to(w.device), scale_dtype)
 
     if kernel not in ("auto", "reference", "triton"):
         raise ValueError(f"kernel={kernel!r}: choose 'auto', 'reference' or 'triton'")
@@ -287,14 +295,15 @@ def gptq_solve(
     if kernel == "triton" or (kernel == "auto" and _triton_applies(w)):
         from workers.quant.gptq_triton import triton_sweep
 
-        if perm is None:
+        if not static:
             q, losses = triton_sweep(w, hinv, scale, zero, scheme, block_size=block_size, scale_dtype=scale_dtype)
         else:
-            q, losses = triton_sweep(w[:, perm], hinv, scale, zero, scheme, block_size=block_size,
-                                     scale_dtype=scale_dtype, column_groups=perm // group)
-            q = q[:, torch.argsort(perm)]
+            order = perm if perm is not None else torch.arange(n, device=w.device)
+            q, losses = triton_sweep(w[:, order], hinv, scale, zero, scheme, block_size=block_size,
+                                     scale_dtype=scale_dtype, column_groups=order // group)
+            q = q[:, torch.argsort(order)]
     else:
-        q, losses = _reference_sweep(w, hinv, perm, scale, zero, scheme, block_size, scale_dtype)
+        q, losses = _reference_sweep(w, hinv, perm, scale, zero, scheme, block_size, scale_dtype, static)
 
     result = QuantizedTensor(q, scale, zero, scheme)
     damp = prepared.dampening
@@ -321,10 +330,11 @@ def _reference_sweep(
     scheme: QuantScheme,
     block_size: int,
     scale_dtype: torch.dtype,
+    static: bool,
 ) -> tuple[Tensor, Tensor]:
-    """The column loop in plain PyTorch; fills `scale`/`zero` in place, returns (codes, per-row losses)."""
+    """The column loop in plain PyTorch; with `static` False fills `scale`/`zero` in place at each group
+    start, returns (codes, per-row losses)."""
     out, n = w.shape
-    act_order = perm is not None
     group = n if scheme.group_size == -1 else scheme.group_size
     w = w[:, perm] if perm is not None else w
     order = perm if perm is not None else torch.arange(n, device=w.device)
@@ -340,7 +350,7 @@ def _reference_sweep(
         for i in range(b2 - b1):
             col = b1 + i
             g = group_of_col[col]
-            if not act_order and group < n and col % group == 0:
+            if not static and group < n and col % group == 0:
                 # the whole group lies in this block (block_size is a multiple of group): up to date
                 g_scale, g_zero = compute_qparams(w_block[:, i : i + group], scheme, scale_dtype=scale_dtype)
                 scale[:, g : g + 1] = g_scale

@@ -1,4 +1,6 @@
-"""Round-to-nearest: min-max groups, no calibration ("zero-shot" quantization) and the baseline to beat."""
+"""Round-to-nearest: each weight to the nearest level of its group's grid, no error feedback; the baseline to
+beat. The grid is min-max (`observer="minmax"`) or the range search of `range_search.py` (`"mse"`), weighted
+by the input's E[x²] when calibration statistics are given."""
 
 from __future__ import annotations
 
@@ -7,7 +9,8 @@ from torch import Tensor
 
 from workers.errors import InvalidSpecError
 from workers.quant.grid import QuantizedTensor, check_group_size, compute_qparams, quantize_values
-from workers.spec import QuantScheme
+from workers.quant.range_search import search_qparams
+from workers.spec import Observer, QuantScheme
 
 
 def check_weight(weight: Tensor, scheme: QuantScheme) -> None:
@@ -20,15 +23,30 @@ def check_weight(weight: Tensor, scheme: QuantScheme) -> None:
     check_group_size(f"a weight of shape {tuple(weight.shape)}", weight.shape[1], scheme)
 
 
+def group_qparams(
+    w: Tensor, scheme: QuantScheme, observer: Observer, importance: Tensor | None, scale_dtype: torch.dtype | None
+) -> tuple[Tensor, Tensor | None]:
+    """Each group's scale and zero point, by the job's observer (min-max or the weighted range search)."""
+    if observer == "mse":
+        return search_qparams(w, scheme, importance, scale_dtype=scale_dtype)
+    return compute_qparams(w, scheme, scale_dtype=scale_dtype)
+
+
 def rtn_quantize(
-    weight: Tensor, scheme: QuantScheme, *, scale_dtype: torch.dtype | None = None
+    weight: Tensor,
+    scheme: QuantScheme,
+    *,
+    scale_dtype: torch.dtype | None = None,
+    observer: Observer = "minmax",
+    importance: Tensor | None = None,
 ) -> QuantizedTensor:
-    """Quantize `weight` `[out, in]` (any float dtype) with per-group min-max parameters, in float32.
+    """Quantize `weight` `[out, in]` (any float dtype) with per-group parameters from `observer`, in float32.
 
     Scales are rounded to `scale_dtype` (default: the weight's own dtype, which is what the checkpoint
-    stores), so the written checkpoint dequantizes to exactly `result.dequantize()`.
+    stores), so the written checkpoint dequantizes to exactly `result.dequantize()`. `importance` `[in]`
+    weights the "mse" observer's error per input column (E[x²]; None: uniform).
     """
     check_weight(weight, scheme)
     w = weight.detach().to(torch.float32)
-    scale, zero_point = compute_qparams(w, scheme, scale_dtype=scale_dtype or weight.dtype)
+    scale, zero_point = group_qparams(w, scheme, observer, importance, scale_dtype or weight.dtype)
     return QuantizedTensor(quantize_values(w, scale, zero_point, scheme), scale, zero_point, scheme)
