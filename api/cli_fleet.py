@@ -390,7 +390,7 @@ def add_fleet_commands(sub: Any) -> None:
     submit = sub.add_parser("submit", help="submit a job to the service (QF_API_URL, QF_API_KEY)")
     submit.add_argument("-f", "--file", help="job request as JSON (- for stdin); flags override its fields")
     submit.add_argument("--model")
-    submit.add_argument("--method", choices=["gptq", "awq", "rtn"])
+    submit.add_argument("--method", choices=["gptq", "awq", "rtn", "awq-gptq", "auto"])
     submit.add_argument("--bits", type=int)
     submit.add_argument("--group-size", type=int)
     submit.add_argument("--calibration", help="calibration text URI")

@@ -7,7 +7,7 @@ from __future__ import annotations
 import math
 import re
 from datetime import datetime
-from typing import Any, Literal, cast
+from typing import Annotated, Any, Literal, cast
 
 from pydantic import BaseModel, ConfigDict, Field, JsonValue, field_validator, model_validator
 
@@ -30,6 +30,7 @@ EXAMPLE_JOB: dict[str, Any] = {
 MAX_GPUS_PER_JOB = 16  # the engine's limit on JobSpec.devices
 
 FormatName = Literal["compressed-tensors", "gptq"]
+MethodName = Literal["gptq", "awq", "rtn", "awq-gptq", "auto"]
 
 
 def default_formats() -> list[FormatName]:
@@ -163,7 +164,10 @@ class JobCreate(Strict):
         max_length=200,
         description="Name recorded as base_model in the model card (default: the model's name)",
     )
-    method: Literal["gptq", "awq", "rtn"] = Field(description="Quantization algorithm")
+    method: MethodName = Field(
+        description="Quantization algorithm: gptq, awq, rtn, awq-gptq (AWQ's scales folded, then GPTQ), or "
+        "auto (each of auto_candidates, keeping the one with the lowest KL on held-out calibration windows)"
+    )
     bits: int = Field(default=4, description="Weight bits: 2, 3, 4 or 8")
     group_size: int = Field(
         default=128, description="Columns per scale: 32, 64, 128, or -1 for one scale per row"
@@ -181,6 +185,23 @@ class JobCreate(Strict):
         default=True,
         description="GPTQ: quantize columns in order of decreasing activation (Hessian diagonal), with group "
         "scales fixed from the original weights (static groups: the checkpoint layout stays plain)",
+    )
+    observer: Literal["minmax", "mse"] = Field(
+        default="minmax",
+        description="How each group's range is chosen: min-max, or 'mse' (the range with the least "
+        "activation-weighted rounding error; GPTQ and RTN)",
+    )
+    auto_candidates: list[Annotated[str, Field(max_length=32)]] = Field(
+        default_factory=lambda: ["gptq", "gptq:mse", "awq", "awq-gptq"],
+        min_length=1,
+        max_length=8,
+        description="Method auto: the candidates tried, each METHOD or METHOD:OBSERVER (e.g. gptq:mse)",
+    )
+    auto_budget_s: float | None = Field(
+        default=None,
+        gt=0,
+        le=7 * 24 * 3600,
+        description="Method auto: start no further candidate that would end after this many seconds",
     )
     gpus: int = Field(
         default=1,

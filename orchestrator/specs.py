@@ -12,7 +12,15 @@ from collections.abc import Callable
 from typing import Any
 
 from workers.errors import InvalidSpecError
-from workers.spec import CalibrationSpec, EvalSpec, JobSpec, Method, OutputFormat, QuantScheme
+from workers.spec import (
+    AUTO_CANDIDATES,
+    CalibrationSpec,
+    EvalSpec,
+    JobSpec,
+    Method,
+    OutputFormat,
+    QuantScheme,
+)
 
 # (uri, kind "dir" | "file", what) -> local path
 Resolver = Callable[[str, str, str], str]
@@ -53,7 +61,10 @@ def engine_spec(spec: dict[str, Any], resolve: Resolver) -> JobSpec:
         else None,
         formats=formats,
         dampening=spec.get("dampening", 0.01),
-        act_order=spec.get("act_order", False),
+        act_order=spec.get("act_order", False),  # specs stored before act-order became the default asked for none
+        observer=spec.get("observer", "minmax"),
+        auto_candidates=tuple(spec.get("auto_candidates") or AUTO_CANDIDATES),
+        auto_budget_s=spec.get("auto_budget_s"),
         devices=spec.get("gpus", 1),  # specs stored before the field existed asked for one
     )
     job.validate()
