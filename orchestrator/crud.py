@@ -57,6 +57,15 @@ def find_by_idempotency_key(session: Session, owner: str, key: str) -> Job | Non
     return session.scalars(select(Job).where(Job.owner == owner, Job.idempotency_key == key)).one_or_none()
 
 
+def lock_owner(session: Session, owner: str) -> None:
+    """Serialise this transaction, until it ends, with every other that locks the same owner, so that a
+    per-owner limit is counted and used in one step (racing submits cannot both see room for one more).
+    PostgreSQL: a transaction-level advisory lock keyed by the owner's name. SQLite needs none: every
+    transaction begins IMMEDIATE there (orchestrator.db), one writer at a time."""
+    if session.get_bind().dialect.name == "postgresql":
+        session.execute(select(func.pg_advisory_xact_lock(func.hashtext(f"quantfleet.owner:{owner}"))))
+
+
 def count_active_jobs(session: Session, owner: str) -> int:
     states = [JobState.QUEUED.value, *(s.value for s in ACTIVE)]
     return session.scalar(select(func.count()).where(Job.owner == owner, Job.state.in_(states))) or 0

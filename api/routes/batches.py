@@ -64,6 +64,7 @@ def create_batch(
     """Queue one job per matrix cell (models × methods × bits × group sizes over the template)."""
     specs = validated_specs(body.template, body.matrix, settings, owner=principal.owner)
     with transaction(sessions) as session:
+        crud.lock_owner(session, principal.owner)  # counted and used atomically: no racing past the cap
         active = crud.count_active_jobs(session, principal.owner)
         if active + len(specs) > settings.max_active_jobs_per_owner:
             raise HTTPException(

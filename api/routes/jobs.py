@@ -121,6 +121,7 @@ def submit_job(
         raise HTTPException(status.HTTP_422_UNPROCESSABLE_CONTENT, str(e)) from e
     try:
         with transaction(sessions) as session:
+            crud.lock_owner(session, principal.owner)  # counted and used atomically: no racing past the cap
             if crud.count_active_jobs(session, principal.owner) >= settings.max_active_jobs_per_owner:
                 raise HTTPException(
                     status.HTTP_429_TOO_MANY_REQUESTS,
