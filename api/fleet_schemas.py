@@ -4,7 +4,7 @@ Like api/schemas.py, request models forbid unknown fields so a typo is a 422 nam
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, Field
 
@@ -23,11 +23,16 @@ EXAMPLE_MATRIX = {
     "group_size": [32, 64],
 }
 
-Matrix = dict[str, list[Any]]  # axes: model, method, bits, group_size (checked by orchestrator.schedules)
+MAX_AXIS_VALUES = 1024  # above any sensible QF_MAX_MATRIX_JOBS: the product is checked against that
+MAX_TEMPLATE_FIELDS = 64  # a job request has fewer fields; unknown ones are refused when it is checked
+# axes: model, method, bits, group_size (checked by orchestrator.schedules)
+Matrix = Annotated[dict[str, Annotated[list[Any], Field(max_length=MAX_AXIS_VALUES)]], Field(max_length=8)]
+Template = Annotated[dict[str, Any], Field(max_length=MAX_TEMPLATE_FIELDS)]
+EventName = Annotated[str, Field(max_length=64)]
 
 
 class MatrixIn(Strict):
-    template: dict[str, Any] = Field(
+    template: Template = Field(
         description="Fields of a job request (as for POST /v1/jobs) shared by every job; the matrix axes "
         "(model, method, bits, group_size) go in `matrix` instead",
         examples=[EXAMPLE_TEMPLATE],
@@ -107,7 +112,7 @@ class ScheduleUpdate(Strict):
     cron: str | None = Field(default=None, max_length=128)
     tz: str | None = Field(default=None, max_length=64)
     missed_fire_policy: Literal["skip", "run_once"] | None = None
-    template: dict[str, Any] | None = None
+    template: Template | None = None
     matrix: Matrix | None = None
 
 
@@ -144,8 +149,9 @@ class SchedulePage(BaseModel):
 
 class WebhookCreate(Strict):
     url: str = Field(description="http(s) URL that receives signed POSTs", max_length=2048)
-    events: list[str] = Field(
+    events: list[EventName] = Field(
         default_factory=lambda: ["job.succeeded", "job.failed", "job.gate_failed"],
+        max_length=16,
         description="Any of job.succeeded, job.failed, job.gate_failed",
     )
     secret: str | None = Field(
@@ -156,7 +162,7 @@ class WebhookCreate(Strict):
 
 class WebhookUpdate(Strict):
     url: str | None = Field(default=None, max_length=2048)
-    events: list[str] | None = None
+    events: list[EventName] | None = Field(default=None, max_length=16)
     active: bool | None = None
 
 

@@ -7,7 +7,7 @@ from __future__ import annotations
 import math
 import re
 from datetime import datetime
-from typing import Annotated, Any, Literal, cast
+from typing import Annotated, Any, Literal, cast, get_args
 
 from pydantic import BaseModel, ConfigDict, Field, JsonValue, field_validator, model_validator
 
@@ -124,8 +124,15 @@ class OutputIn(Strict):
         "the service's object store). Default: jobs/{job id}/ in the service's object store.",
     )
     formats: list[FormatName] = Field(
-        default_factory=default_formats, description="Checkpoint formats to write"
+        default_factory=default_formats,
+        max_length=len(get_args(FormatName)),
+        description="Checkpoint formats to write, each once (a repeated one is written once)",
     )
+
+    @field_validator("formats")
+    @classmethod
+    def _each_format_once(cls, formats: list[FormatName]) -> list[FormatName]:
+        return list(dict.fromkeys(formats))
 
 
 class GateIn(Strict):

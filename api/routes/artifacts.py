@@ -52,7 +52,10 @@ def list_artifacts(
     request: Request,
     sessions: Sessions,
     principal: Annotated[Principal, Depends(require("read"))],
-    model: Annotated[str | None, Query(description="Model URI, its last path segment, or base_model")] = None,
+    model: Annotated[
+        str | None,
+        Query(max_length=4096, description="Model URI, its last path segment, or base_model"),
+    ] = None,
     method: Annotated[Literal["gptq", "awq", "rtn", "awq-gptq"] | None, Query()] = None,
     bits: Annotated[int | None, Query(ge=1, le=64)] = None,
     group_size: Annotated[int | None, Query(ge=-1, le=2**31 - 1)] = None,
@@ -61,7 +64,9 @@ def list_artifacts(
         Query(description="passed / failed: the job's quality gate verdict; none: jobs without a gate"),
     ] = None,
     limit: Annotated[int, Query(ge=1, le=200)] = 50,
-    cursor: Annotated[str | None, Query(description="next_cursor of the previous page")] = None,
+    cursor: Annotated[
+        str | None, Query(max_length=512, description="next_cursor of the previous page")
+    ] = None,
 ) -> ArtifactPage:
     """Artifacts of succeeded jobs visible to this key, newest first."""
     query = owned_by(select(Job), Job, principal.visible_owner).where(Job.state == JobState.SUCCEEDED.value)

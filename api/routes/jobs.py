@@ -7,6 +7,7 @@ from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, Header, HTTPException, Query, Request, Response, status
 from fastapi.responses import StreamingResponse
+from pydantic import StringConstraints
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -154,10 +155,17 @@ def list_jobs(
     request: Request,
     sessions: Sessions,
     principal: Annotated[Principal, Depends(require("read"))],
-    state: Annotated[list[JobState] | None, Query(description="Only jobs in these states")] = None,
-    label: Annotated[list[str] | None, Query(description="key=value; repeat to require several")] = None,
+    state: Annotated[
+        list[JobState] | None, Query(max_length=len(JobState), description="Only jobs in these states")
+    ] = None,
+    label: Annotated[
+        list[Annotated[str, StringConstraints(max_length=320)]] | None,
+        Query(max_length=32, description="key=value; repeat to require several (at most 32)"),
+    ] = None,
     limit: Annotated[int, Query(ge=1, le=200)] = 50,
-    cursor: Annotated[str | None, Query(description="next_cursor of the previous page")] = None,
+    cursor: Annotated[
+        str | None, Query(max_length=512, description="next_cursor of the previous page")
+    ] = None,
 ) -> JobPage:
     """Jobs visible to this key, newest first."""
     labels: dict[str, str] = {}
