@@ -135,7 +135,7 @@ def _mutate(body: dict[str, Any], path: str, value: Any) -> dict[str, Any]:
 
 DELETE = object()
 BAD_INPUTS = [
-    ("method", "squeezellm", "method: Input should be 'gptq', 'awq' or 'rtn'"),
+    ("method", "squeezellm", "method: Input should be 'gptq', 'awq', 'rtn', 'awq-gptq' or 'auto'"),
     ("bits", 5, "bits=5 is not supported; choose one of [2, 3, 4, 8]"),
     ("bits", "four", "bits: Input should be a valid integer"),
     ("group_size", 48, "group_size=48 is not supported"),
