@@ -209,6 +209,8 @@ class QuantFleetClient:
                             detail = response.text
                         raise ApiError(response.status_code, str(detail))
                     for event in parse_sse(response.iter_lines()):
+                        if event.event == "error":  # the server could not go on (database): resume later
+                            break
                         failures = 0
                         if event.id is not None:
                             last = event.id
@@ -223,10 +225,12 @@ class QuantFleetClient:
                     ) from e
                 time.sleep(min(2.0**failures / 4, 5.0))
                 continue
-            # The server closed the stream without an `end` (restart, proxy timeout): resume after `last`.
+            # The server closed the stream without an `end` (restart, proxy timeout, an `error` event):
+            # resume after `last`.
             failures += 1
             if failures > reconnects:
                 raise ApiError(None, f"the event stream of job {job_id} keeps closing before the job ends")
+            time.sleep(min(2.0**failures / 8, 5.0))
 
     # --- schedules, batches, webhooks, artifacts ---------------------------------------------------------
 

@@ -14,6 +14,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from api.event_stream import EventHub, StreamSlots
 from api.routes import artifacts, batches, health, jobs, metrics, schedules, webhooks
 from api.schemas import unstorable
 from orchestrator.db import make_engine, session_factory
@@ -117,6 +118,8 @@ def create_app(settings: Settings | None = None, *, service_metrics: ServiceMetr
     app.state.settings = settings
     app.state.engine = make_engine(settings.database_url)
     app.state.sessions = session_factory(app.state.engine)
+    app.state.event_hub = EventHub(app.state.sessions)
+    app.state.stream_slots = StreamSlots(settings.max_streams_per_key)
     app.add_exception_handler(RequestValidationError, validation_error)
     app.add_exception_handler(StarletteHTTPException, http_error)
     app.add_exception_handler(Exception, unexpected_error)

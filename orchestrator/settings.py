@@ -119,6 +119,9 @@ class Settings(BaseSettings):
 
     no_auth: bool = False
     max_active_jobs_per_owner: int = Field(default=100, ge=1)
+    max_streams_per_key: int = Field(
+        default=20, ge=1, description="open event streams (events?follow=true) one API key may hold per API process"
+    )
     max_model_bytes: int = Field(default=200 * 1024**3, ge=1)
 
     @field_validator("allowed_roots", "allowed_output_roots", mode="before")

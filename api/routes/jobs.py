@@ -6,14 +6,12 @@ from __future__ import annotations
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, Header, HTTPException, Query, Request, Response, status
-from fastapi.responses import StreamingResponse
 from pydantic import StringConstraints
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
 
 from api.deps import get_sessions, get_settings, require, visible_or_404
-from api.event_stream import HEADERS as SSE_HEADERS
-from api.event_stream import job_event_stream
+from api.event_stream import EventHub, EventStreamResponse, StreamSlots, job_event_stream
 from api.schemas import (
     MAX_INT64,
     ArtifactOut,
@@ -231,10 +229,12 @@ def event_out(event: JobEvent) -> EventOut:
     responses={
         **ERRORS,
         200: {"content": {"text/event-stream": {}}, "description": "JSON list, or SSE with follow"},
+        429: {"model": Problem, "description": "This API key already holds its most open event streams"},
     },
 )
 def job_events(
     job_id: str,
+    request: Request,
     sessions: Sessions,
     principal: Annotated[Principal, Depends(require("read"))],
     after: Annotated[
@@ -242,7 +242,11 @@ def job_events(
     ] = 0,
     limit: Annotated[int, Query(ge=1, le=1000)] = 500,
     follow: Annotated[
-        bool, Query(description="Stream as Server-Sent Events until the job ends (last event: `end`)")
+        bool,
+        Query(
+            description="Stream as Server-Sent Events until the job ends (last event: `end`; `error` when "
+            "the stream cannot go on: reconnect with Last-Event-ID)"
+        ),
     ] = False,
     last_event_id: Annotated[int | None, Header(alias="Last-Event-ID", ge=0, le=MAX_INT64)] = None,
 ) -> list[EventOut] | Response:
@@ -251,11 +255,19 @@ def job_events(
         visible_or_404(session, Job, job_id, principal)
         if not follow:
             return [event_out(e) for e in crud.list_events(session, job_id, after=after, limit=limit)]
+    slots: StreamSlots = request.app.state.stream_slots
+    hub: EventHub = request.app.state.event_hub
+    key = principal.key_id or f"owner:{principal.owner}"
+    if not slots.take(key):
+        raise HTTPException(
+            status.HTTP_429_TOO_MANY_REQUESTS,
+            f"this API key already has {slots.limit} open event streams, the most one key may hold; "
+            "close one, or poll GET /v1/jobs/{id}/events?after=<last id> instead",
+            headers={"Retry-After": "5"},
+        )
     start = max(after, last_event_id or 0)
-    return StreamingResponse(
-        job_event_stream(sessions, job_id, start, event_out),
-        media_type="text/event-stream",
-        headers=SSE_HEADERS,
+    return EventStreamResponse(
+        job_event_stream(hub, job_id, start, event_out), release=lambda: slots.give_back(key)
     )
 
 
