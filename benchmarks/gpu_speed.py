@@ -561,6 +561,7 @@ def time_quantfleet(
     profile_layer: int | None = None,
     devices: int = 1,
     overlap: bool = True,
+    act_order: bool = True,
 ) -> Result:
     """Times `workers.engine.run_local(JobSpec(...), out_dir)` on the same checkpoint and token ids.
 
@@ -592,6 +593,7 @@ def time_quantfleet(
         ),
         device="cuda" if torch.cuda.is_available() else "cpu",
         devices=devices,
+        act_order=act_order,
     )
     spec.validate()
     clock = ProgressClock(profile_layer=profile_layer)
@@ -788,7 +790,7 @@ def run_child(args: argparse.Namespace) -> None:
     else:
         result = time_quantfleet(
             args.method, model_dir, out_dir, work / "calib.jsonl", ids, shape, args.layers, args.cold,
-            args.profile_layer, args.devices, not args.no_overlap,
+            args.profile_layer, args.devices, not args.no_overlap, args.act_order == "on",
         )
     Path(args.result_json).write_text(json.dumps(asdict(result), indent=1))
 
@@ -845,6 +847,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     p.add_argument("--child-timeout", type=int, default=900, help="seconds per (tool, method) child process")
     p.add_argument("--no-overlap", action="store_true", help="QuantFleet without prefetching and background writes")
+    p.add_argument("--act-order", choices=["on", "off"], default="on", help="QuantFleet GPTQ act-order (default on)")
     p.add_argument("--devices", type=int, default=1, help="GPUs given to each QuantFleet job (JobSpec.devices)")
     p.add_argument("--profile-layer", type=int, default=None, help="torch.profiler table of this QuantFleet layer")
     p.add_argument("--rates", action="store_true", help="also measure matmul/copy/Hessian/Cholesky rates")
@@ -937,6 +940,7 @@ def main(argv: list[str] | None = None) -> int:
                 cmd += ["--devices", str(args.devices)]
             if args.no_overlap:
                 cmd += ["--no-overlap"]
+            cmd += ["--act-order", args.act_order]
             print(f"=== {tool} {method} ({args.layers} layers)", flush=True)
             try:
                 rc = subprocess.run(cmd, timeout=args.child_timeout).returncode

@@ -39,7 +39,7 @@ from workers.loading import LayerwiseModel, WeightSource, run_decoder_layer
 from workers.memory import release_host_memory
 from workers.prefetch import LayerPrefetcher
 from workers.progress import CancelCheck, Progress, ProgressCallback, never_cancel, no_progress
-from workers.quant.awq import apply_clip, scores_attention, search_clip, search_scales
+from workers.quant.awq import apply_clip, search_clip, search_scales
 from workers.quant.gptq import HessianAccumulator, gptq_quantize_shared
 from workers.quant.grid import QuantizedTensor
 from workers.quant.rtn import rtn_quantize
@@ -366,15 +366,13 @@ class LayerQuantizer:
     def awq_clip_quantize(
         self, name: str, weight: Tensor, sigma: Tensor, rows: Tensor | None
     ) -> tuple[QuantizedTensor, float, float]:
-        """Clip search (not for attention queries/keys) and RTN of one Linear, on `sigma`'s device; its output
+        """Clip search and RTN of one Linear, on `sigma`'s device (also for q/k, which llm-awq skips: clipping
+        them measured better here, benchmarks/quality.md); its output
         error in the original output coordinates: `rows` undoes a division of its output rows by a later
         mapping's scales."""
         dtype = self.model.model_dtype
-        if scores_attention(name):
-            qt = rtn_quantize(weight, self.spec.scheme, scale_dtype=dtype)
-        else:
-            clip = search_clip(sigma, weight, self.spec.scheme, grid=self.options.awq_grid, scale_dtype=dtype)
-            qt = rtn_quantize(apply_clip(weight, clip), self.spec.scheme, scale_dtype=dtype)
+        clip = search_clip(sigma, weight, self.spec.scheme, grid=self.options.awq_grid, scale_dtype=dtype)
+        qt = rtn_quantize(apply_clip(weight, clip), self.spec.scheme, scale_dtype=dtype)
         row = (rows if rows is not None else torch.ones(weight.shape[0], device=sigma.device)).to(sigma.device).unsqueeze(1)
         reference = weight.to(sigma.device, torch.float32) * row
         quantized = _deployed(qt, self.model, sigma.device).to(torch.float32) * row

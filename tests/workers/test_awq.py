@@ -14,7 +14,6 @@ from workers.quant.awq import (
     apply_clip,
     clip_chunk,
     group_blocks,
-    scores_attention,
     search_clip,
     search_scales,
 )
@@ -162,13 +161,6 @@ def test_non_finite_weights_are_rejected_after_the_search() -> None:
     mean_abs[9] = float("inf")  # α > 0 turns the infinite channel mean into NaN scales
     with pytest.raises(InputError, match="non-finite"):
         search_scales(sigma, mean_abs, [torch.randn(4, IN)], scheme)
-
-
-def test_attention_score_projections_are_recognised() -> None:
-    for name in ("self_attn.q_proj", "self_attn.k_proj", "attention.query_key_value", "attn.Wqkv", "self_attn.qkv_proj"):
-        assert scores_attention(name), name
-    for name in ("self_attn.v_proj", "self_attn.o_proj", "mlp.down_proj", "mlp.gate_up_proj", "mlp.up_proj"):
-        assert not scores_attention(name), name
 
 
 # --- Token-based references over ALL tokens ------------------------------------------------------------

@@ -10,8 +10,7 @@ The caller runs the recipe for each set of Linears that share one input x:
     scales, alpha, loss = search_scales(Σ, s_x, [w_q, w_k, w_v], scheme)
     fold 1/scales into the op that produces x (norm weight or previous Linear), multiply each W by scales;
     the input statistics become Σ / (s sᵀ) and s_x / s
-    clip = search_clip(Σ', w * scales, scheme);  w' = apply_clip(w * scales, clip)   (not for q/k: see
-    `scores_attention`)
+    clip = search_clip(Σ', w * scales, scheme);  w' = apply_clip(w * scales, clip)
     rtn_quantize(w', scheme)
 Since α = 0 gives s = 1 and a clip ratio of 1 is always a candidate, neither search can do worse than
 plain RTN on the calibration statistics.
@@ -28,8 +27,6 @@ search sees the grid that is written. Neither search syncs the device with the h
 
 from __future__ import annotations
 
-import re
-
 import torch
 from torch import Tensor
 
@@ -41,17 +38,6 @@ MIN_SCALE = 1e-4  # floor for s_x^α, as in llm-awq: dead channels must not get 
 # Memory budget of one clip-search step; sets its number of output channels.
 CLIP_CHUNK_BYTES = 1 << 30
 CPU_CLIP_CHUNK_BYTES = 64 << 20
-# llm-awq skips the clip search for the Linears that form attention scores: their output error is not what
-# the model's output sees (the softmax of q·k is), and clipping them measurably hurts.
-_ATTENTION_SCORE_NAMES = re.compile(r"(^|[._])(q_|k_|q$|k$|qkv|query|key|wqkv)", re.IGNORECASE)
-
-
-def scores_attention(name: str) -> bool:
-    """True for Linears that produce attention queries or keys (llm-awq's rule: q_, k_, query, key, Wqkv;
-    fused qkv too)."""
-    return bool(_ATTENTION_SCORE_NAMES.search(name.rsplit(".", 1)[-1]))
-
-
 def _check(sigma: Tensor, weights: list[Tensor], scheme: QuantScheme) -> None:
     scheme.validate()
     if sigma.ndim != 2 or sigma.shape[0] != sigma.shape[1]:
