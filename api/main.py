@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import sqlite3
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
@@ -12,6 +13,8 @@ from fastapi import Depends, FastAPI, Request, Response, status
 from fastapi.exception_handlers import http_exception_handler
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError
+from sqlalchemy.exc import TimeoutError as PoolTimeout
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from api.event_stream import EventHub, StreamSlots
@@ -99,6 +102,36 @@ async def unexpected_error(request: Request, exc: Exception) -> JSONResponse:
     )
 
 
+RETRY_AFTER_SECONDS = 5
+SQLITE_UNAVAILABLE = ("locked", "busy", "unable to open", "disk i/o", "disk is full")
+
+
+def is_database_outage(exc: BaseException) -> bool:
+    """The database cannot be reached or used right now (refused or lost connection, no free pooled
+    connection, a server shutting down), as opposed to a statement that is wrong."""
+    if isinstance(exc, PoolTimeout | InterfaceError):
+        return True
+    if isinstance(exc, OperationalError):
+        if isinstance(exc.orig, sqlite3.Error):  # SQLite says "OperationalError" for a missing table too
+            return any(words in str(exc.orig).lower() for words in SQLITE_UNAVAILABLE)
+        return True
+    return isinstance(exc, DBAPIError) and exc.connection_invalidated
+
+
+async def database_error(request: Request, exc: Exception) -> JSONResponse:
+    """A JSON 503 with Retry-After while the database is unavailable; any other database error is a 500."""
+    if not is_database_outage(exc):
+        return await unexpected_error(request, exc)
+    log.warning(
+        "database unavailable in %s %s: %s", request.method, request.url.path, str(exc).splitlines()[0]
+    )
+    return JSONResponse(
+        {"detail": "the job database is unavailable; try again shortly"},
+        status_code=status.HTTP_503_SERVICE_UNAVAILABLE,
+        headers={"Retry-After": str(RETRY_AFTER_SECONDS)},
+    )
+
+
 @asynccontextmanager
 async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     yield
@@ -122,6 +155,8 @@ def create_app(settings: Settings | None = None, *, service_metrics: ServiceMetr
     app.state.stream_slots = StreamSlots(settings.max_streams_per_key)
     app.add_exception_handler(RequestValidationError, validation_error)
     app.add_exception_handler(StarletteHTTPException, http_error)
+    app.add_exception_handler(DBAPIError, database_error)
+    app.add_exception_handler(PoolTimeout, database_error)
     app.add_exception_handler(Exception, unexpected_error)
     app.state.metrics = metrics.watch_queue(service_metrics or ServiceMetrics(), app.state.sessions)
     app.include_router(health.router)
