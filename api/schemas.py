@@ -194,12 +194,12 @@ class JobCreate(Strict):
         "scales fixed from the original weights (static groups: the checkpoint layout stays plain)",
     )
     observer: Literal["minmax", "mse"] = Field(
-        default="minmax",
-        description="How each group's range is chosen: min-max, or 'mse' (the range with the least "
-        "activation-weighted rounding error; GPTQ and RTN)",
+        default="mse",
+        description="How each group's range is chosen (GPTQ and RTN): 'mse', the range with the least "
+        "activation-weighted rounding error (default; benchmarks/quality.md), or 'minmax'",
     )
     auto_candidates: list[Annotated[str, Field(max_length=32)]] = Field(
-        default_factory=lambda: ["gptq", "gptq:mse", "awq", "awq-gptq"],
+        default_factory=lambda: ["gptq:mse", "awq", "awq-gptq:mse"],
         min_length=1,
         max_length=8,
         description="Method auto: the candidates tried, each METHOD or METHOD:OBSERVER (e.g. gptq:mse)",

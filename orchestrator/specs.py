@@ -62,7 +62,7 @@ def engine_spec(spec: dict[str, Any], resolve: Resolver) -> JobSpec:
         formats=formats,
         dampening=spec.get("dampening", 0.01),
         act_order=spec.get("act_order", False),  # specs stored before act-order became the default asked for none
-        observer=spec.get("observer", "minmax"),
+        observer=spec.get("observer", "minmax"),  # specs stored before the field existed used min-max
         auto_candidates=tuple(spec.get("auto_candidates") or AUTO_CANDIDATES),
         auto_budget_s=spec.get("auto_budget_s"),
         devices=spec.get("gpus", 1),  # specs stored before the field existed asked for one

@@ -40,8 +40,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--group-size", type=int, default=defaults.group_size, help="-1 (per channel), 32, 64 or 128")
     parser.add_argument("--asym", action="store_true", help="asymmetric grid (zero points); default symmetric")
     parser.add_argument(
-        "--observer", choices=list(OBSERVERS), default="minmax",
-        help="group ranges: min-max, or 'mse' (the range with the least E[x²]-weighted rounding error)",
+        "--observer", choices=list(OBSERVERS), default="mse",
+        help="group ranges: 'mse', the range with the least E[x²]-weighted rounding error (default), or min-max",
     )
     parser.add_argument(
         "--act-order", action=argparse.BooleanOptionalAction, default=True,

@@ -35,7 +35,7 @@ Observer = Literal["minmax", "mse"]
 OBSERVERS: tuple[Observer, ...] = ("minmax", "mse")
 
 
-AUTO_CANDIDATES: tuple[str, ...] = ("gptq", "gptq:mse", "awq", "awq-gptq")
+AUTO_CANDIDATES: tuple[str, ...] = ("gptq:mse", "awq", "awq-gptq:mse")
 
 
 def parse_candidate(text: str) -> tuple[Method, Observer]:
@@ -120,7 +120,7 @@ class JobSpec:
     formats: tuple[OutputFormat, ...] = (OutputFormat.COMPRESSED_TENSORS,)
     dampening: float = 0.01
     act_order: bool = True  # GPTQ: static-group act-order (llm-compressor's default; benchmarks/quality.md)
-    observer: Observer = "minmax"  # group ranges: min-max, or the importance-weighted range search (range_search.py)
+    observer: Observer = "mse"  # group ranges: the activation-weighted range search (range_search.py) or min-max
     auto_candidates: tuple[str, ...] = AUTO_CANDIDATES  # method "auto": "method" or "method:observer" each
     auto_budget_s: float | None = None  # method "auto": start no candidate that would end past this many seconds
     allow_pickle: bool = False

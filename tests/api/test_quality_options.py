@@ -14,7 +14,7 @@ def test_defaults_are_stored_and_auto_is_accepted(client: TestClient, keys: dict
     r = client.post("/v1/jobs", json=job_body, headers=keys["alice"])
     assert r.status_code == 202, r.text
     spec = client.get(f"/v1/jobs/{r.json()['id']}", headers=keys["alice"]).json()["spec"]
-    assert spec["act_order"] is True and spec["observer"] == "minmax"
+    assert spec["act_order"] is True and spec["observer"] == "mse"
     body: dict[str, Any] = {**job_body, "method": "auto", "auto_candidates": ["gptq", "gptq:mse", "awq-gptq"],
                             "auto_budget_s": 600}
     r = client.post("/v1/jobs", json=body, headers=keys["alice"])

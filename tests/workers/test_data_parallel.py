@@ -31,6 +31,7 @@ from workers.data_parallel import (
 )
 from workers.errors import InvalidSpecError
 from workers.loading import CheckpointWeights, LayerwiseModel, load_tokenizer, run_decoder_layer
+from workers.model_graph import LayerPlan
 from workers.pipeline import (
     Activations,
     LayerQuantizer,
@@ -59,7 +60,11 @@ class Layer0:
         self.weights = CheckpointWeights(TensorSource(spec.model_dir))
         ids = calibration_windows(spec.calibration, load_tokenizer(spec.model_dir))
         self.hidden = self.model.embed(ids, self.weights)
-        self.pos = self.model.position_embeddings(ids.shape[1])
+        self.calls = self.model.layer_calls(ids.shape[1], self.weights)
+        self.pos = self.calls[0]
+
+    def plan(self) -> LayerPlan:
+        return self.model.layer_plan(self.layer(), self.hidden[:1], self.pos)
 
     def layer(self) -> nn.Module:
         return self.model.decoder_layer(0, self.weights)
@@ -77,7 +82,7 @@ class Layer0:
     def parallel(self, devices: list[torch.device]) -> tuple[dict[str, QuantizedTensor], Tensor, PipelineResult]:
         """The same through data_parallel: the lines the pipeline integration adds."""
         result, layer = PipelineResult(), self.layer()
-        acts = ShardedActivations(self.hidden, self.pos, devices, OPTIONS)
+        acts = ShardedActivations(self.hidden, self.calls, devices, OPTIONS)
         with torch.no_grad():
             replicas = replicate(layer, devices)
             solved = solve_layer(LayerQuantizer(self.model, self.spec, OPTIONS, result), 0, replicas, acts, no_progress)
@@ -120,7 +125,7 @@ def test_shards_are_contiguous_and_differ_by_at_most_one() -> None:
 
 
 def test_bad_device_lists_are_refused_with_a_reason() -> None:
-    hidden, pos = torch.zeros(3, 4, 8), (torch.zeros(1, 4, 2), torch.zeros(1, 4, 2))
+    hidden, pos = torch.zeros(3, 4, 8), []
     with pytest.raises(ValueError, match="at least one device"):
         ShardedActivations(hidden, pos, [], OPTIONS)
     with pytest.raises(InvalidSpecError, match="4 devices but only 3 calibration samples.*at most 3 devices"):
@@ -217,7 +222,7 @@ def test_only_a_group_larger_than_an_even_share_has_its_rows_split() -> None:
 
 def test_group_costs_of_the_tiny_llama(make_spec: Callable[..., JobSpec]) -> None:
     layer = Layer0(make_spec()).layer()  # hidden 64, intermediate 128, 4 heads, 2 KV heads (head dim 16)
-    assert group_costs(layer, LayerwiseModel(make_spec().model_dir, CPU).arch) == [
+    assert group_costs(layer, Layer0(make_spec()).plan()) == [
         (64 + 32 + 32) * 64**2 + 64**3, 64 * 64**2 + 64**3, 256 * 64**2 + 64**3, 64 * 128**2 + 128**3,
     ]
 
@@ -260,10 +265,10 @@ def test_partial_hessians_of_a_real_layer_merge_to_the_pipeline_hessians(make_sp
     case = Layer0(make_spec(num_samples=9))  # shards of 5 and 4 windows
     layer = case.layer()
     with torch.no_grad():
-        stats = input_statistics(layer, Activations(case.hidden, CPU, OPTIONS), case.pos, case.model.arch)
+        stats = input_statistics(layer, Activations(case.hidden, CPU, OPTIONS), case.pos, case.plan())
         single = {group: acc.hessian for group, acc in stats.items()}
-        acts = ShardedActivations(case.hidden, case.pos, [CPU, CPU], OPTIONS)
-        partials = partial_hessians(replicate(layer, acts.devices), acts, case.model.arch)
+        acts = ShardedActivations(case.hidden, case.calls, [CPU, CPU], OPTIONS)
+        partials = partial_hessians(replicate(layer, acts.devices), acts, case.plan())
     assert [p[("mlp.down_proj",)].num_samples for p in partials] == [5 * 64, 4 * 64]
     for group, hessian in single.items():
         merged = merge_hessians([p[group] for p in partials], CPU)
@@ -313,17 +318,18 @@ def test_gptq_on_two_devices_matches_one_device(make_spec: Callable[..., JobSpec
 
 def test_spread_solves_give_the_same_codes_as_one_solve_given_the_same_hessian(make_spec: Callable[..., JobSpec]) -> None:
     case = Layer0(make_spec(num_samples=16))
-    arch = case.model.arch
+    arch = case.plan()
     codes, _, _ = case.parallel([CPU, CPU])  # q/k/v, o and gate/up solved on replica 1, down on the primary
     layer = case.layer()
     with torch.no_grad():
-        acts = ShardedActivations(case.hidden, case.pos, [CPU, CPU], OPTIONS)
+        acts = ShardedActivations(case.hidden, case.calls, [CPU, CPU], OPTIONS)
         partials = partial_hessians(replicate(layer, acts.devices), acts, arch)
-        for group in arch.linear_groups:
+        for group in arch.groups:
             hessian = merge_hessians([p[group] for p in partials], CPU)
             weights = [_linear(layer, name).weight for name in group]
             results = gptq_quantize_shared(
-                weights, hessian, case.spec.scheme, scale_dtype=case.model.model_dtype, act_order=case.spec.act_order
+                weights, hessian, case.spec.scheme, scale_dtype=case.model.model_dtype, act_order=case.spec.act_order,
+                observer=case.spec.observer,
             )
             for name, r in zip(group, results, strict=True):
                 assert torch.equal(r.quantized.q, codes[name].q), name
@@ -337,7 +343,7 @@ def test_three_devices_split_rows_and_searches_without_changing_a_code(make_spec
     seen: list[Progress] = []
     layer = case.layer()
     with torch.no_grad():
-        acts = ShardedActivations(case.hidden, case.pos, [CPU] * 3, OPTIONS)
+        acts = ShardedActivations(case.hidden, case.calls, [CPU] * 3, OPTIONS)
         replicas = replicate(layer, acts.devices)
         solved = solve_layer(LayerQuantizer(case.model, case.spec, OPTIONS, PipelineResult()), 0, replicas, acts, seen.append)
     one, _, _ = case.parallel([CPU])
@@ -348,19 +354,19 @@ def test_three_devices_split_rows_and_searches_without_changing_a_code(make_spec
         assert "inverse on cpu, rows over 3 devices" in messages
     else:
         assert messages.count("awq scale search on cpu") == 3  # v_proj → o_proj is skipped (GQA shapes)
-        assert messages.count("awq clip search on cpu") == len(case.model.arch.linears)
+        assert messages.count("awq clip search on cpu") == len(case.plan().linears)
 
 
 def test_awq_on_two_devices_merges_the_same_statistics_and_codes(make_spec: Callable[..., JobSpec]) -> None:
     case = Layer0(make_spec("awq", num_samples=10))
-    arch = case.model.arch
+    arch = case.plan()
     layer = case.layer()
     with torch.no_grad():
         single = input_statistics(layer, Activations(case.hidden, CPU, OPTIONS), case.pos, arch)
-        acts = ShardedActivations(case.hidden, case.pos, [CPU, CPU, CPU], OPTIONS)
+        acts = ShardedActivations(case.hidden, case.calls, [CPU, CPU, CPU], OPTIONS)
         merged = merged_statistics(replicate(layer, acts.devices), acts, arch)
         acts.close()
-    for group in arch.linear_groups:  # the same sums, added in another order
+    for group in arch.groups:  # the same sums, added in another order
         assert torch.allclose(merged[group].second_moment, single[group].second_moment, rtol=1e-5, atol=1e-7), group
         assert torch.allclose(merged[group].mean_abs, single[group].mean_abs, rtol=1e-5), group
 

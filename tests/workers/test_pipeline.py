@@ -104,8 +104,8 @@ def test_later_layers_see_the_quantized_outputs_of_earlier_ones(make_spec: Calla
     assert len(model.seen) == 8  # calibration forward + forward of the quantized layer
 
     hidden = embeddings(spec, model)
-    pos = model.position_embeddings(hidden.shape[1])
     weights = CheckpointWeights(TensorSource(tiny_model_dir))
+    pos = model.layer_calls(hidden.shape[1], weights)[0]
     with torch.no_grad():
         through_quantized = run_decoder_layer(layer_with(model, 0, sink), hidden, pos)
         through_original = run_decoder_layer(model.decoder_layer(0, weights), hidden, pos)
@@ -118,7 +118,7 @@ def test_later_layers_see_the_quantized_outputs_of_earlier_ones(make_spec: Calla
 def test_gptq_and_awq_have_lower_output_error_than_rtn_in_every_layer(
     make_spec: Callable[..., JobSpec], method: str, bits: int
 ) -> None:
-    rtn = errors_by_layer(run(make_spec("rtn", bits=bits))[0])
+    rtn = errors_by_layer(run(make_spec("rtn", bits=bits, observer="minmax"))[0])  # the baseline: plain min-max RTN
     better = errors_by_layer(run(make_spec(method, bits=bits))[0])
     assert sorted(rtn) == sorted(better) == [0, 1]
     for layer in rtn:
@@ -156,10 +156,10 @@ def test_awq_folding_keeps_the_layer_function(tiny_mha_model_dir: Path) -> None:
     model = LayerwiseModel(tiny_mha_model_dir, CPU)
     layer = model.decoder_layer(0, CheckpointWeights(TensorSource(tiny_mha_model_dir)))
     hidden = torch.randn(2, 24, 64, generator=torch.Generator().manual_seed(0))
-    pos = model.position_embeddings(24)
+    pos = model.layer_calls(24, CheckpointWeights(TensorSource(tiny_mha_model_dir)))[0]
     with torch.no_grad():
         before = run_decoder_layer(layer, hidden, pos)
-        for i, mapping in enumerate(model.arch.awq_mappings):
+        for i, mapping in enumerate(model.layer_plan(layer, hidden[:1], pos).awq_mappings):
             linears: list[Any] = [layer.get_submodule(n) for n in mapping.linears]
             s = torch.exp(torch.randn(linears[0].in_features, generator=torch.Generator().manual_seed(i)))
             _fold_scales(layer.get_submodule(mapping.prev), s)
@@ -181,7 +181,7 @@ def test_awq_with_v_to_o_mapping_writes_an_equivalent_layer(make_spec: Callable[
     assert awq_sink.dense["model.layers.0.input_layernorm.weight"].dtype == torch.bfloat16
 
     hidden = embeddings(spec, model)  # layer 0's calibration inputs
-    pos = model.position_embeddings(hidden.shape[1])
+    pos = model.layer_calls(hidden.shape[1], CheckpointWeights(TensorSource(tiny_mha_model_dir)))[0]
     with torch.no_grad():
         reference = run_decoder_layer(model.decoder_layer(0, CheckpointWeights(TensorSource(tiny_mha_model_dir))), hidden, pos)
         awq_out = run_decoder_layer(layer_with(model, 0, awq_sink), hidden, pos)
@@ -196,7 +196,7 @@ def test_rtn_without_calibration_quantizes_the_stored_weights(make_spec: Callabl
     source = TensorSource(tiny_model_dir)
     assert len(sink.quantized) == 14
     for name, qt in sink.quantized.items():
-        expected = rtn_quantize(source.get(f"{name}.weight"), qt.scheme)  # fp16 weight → fp16-rounded scales
+        expected = rtn_quantize(source.get(f"{name}.weight"), qt.scheme, observer="mse")  # fp16-rounded scales
         assert torch.equal(qt.q, expected.q) and torch.equal(qt.scale, expected.scale)
         assert qt.zero_point is not None and expected.zero_point is not None
         assert torch.equal(qt.zero_point, expected.zero_point)
@@ -235,7 +235,7 @@ def test_gptq_cholesky_failure_falls_back_to_rtn_and_is_reported(
     make_spec: Callable[..., JobSpec], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setattr(gptq_module, "_upper_cholesky_of_inverse", lambda h, damp: (None, damp * 1000))
-    result, sink, _ = run(make_spec("gptq"))
+    result, sink, _ = run(make_spec("gptq", observer="minmax"))  # the fallback is then plain RTN
     assert len(result.fallback_modules) == 14
     assert result.fallback_modules[0].startswith("layers.0.self_attn.q_proj: Cholesky of the Hessian failed")
     assert all(e.fell_back_to_rtn and e.note for e in result.module_errors)
