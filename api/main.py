@@ -17,6 +17,7 @@ from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError
 from sqlalchemy.exc import TimeoutError as PoolTimeout
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from api.docs import add_docs
 from api.event_stream import EventHub, StreamSlots
 from api.routes import artifacts, batches, health, jobs, metrics, schedules, webhooks
 from api.schemas import unstorable
@@ -147,7 +148,10 @@ def create_app(settings: Settings | None = None, *, service_metrics: ServiceMetr
         description=DESCRIPTION,
         lifespan=lifespan,
         dependencies=[Depends(storable_parameters)],
+        docs_url=None,  # add_docs serves them with packaged assets instead of a CDN's
+        redoc_url=None,
     )
+    add_docs(app)
     app.state.settings = settings
     app.state.engine = make_engine(settings.database_url)
     app.state.sessions = session_factory(app.state.engine)

@@ -5,28 +5,98 @@ output.uri lies in the submitting owner's own folder (orchestrator.outputs).
 Raises InvalidSpecError / InputError with the engine's message; the API turns them into 422s.
 S3 models are only probed for config.json here (downloading a model to validate a request would make
 submission slow and expensive); the worker runs the full model check before quantizing.
+
+Messages name only what the caller sent: the allowed folders are not listed (only the setting that names
+them), and a server path the engine's message carries (a symlink's target, the object store, an allowed
+root the caller did not name) is shown as the caller's own URI or as a placeholder.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 from orchestrator.outputs import check_output_uri
 from orchestrator.settings import Settings
 from orchestrator.specs import engine_spec
-from workers.errors import InputError
-from workers.uris import LocalInput, check_input_exists
+from workers.errors import InputError, InvalidSpecError
+from workers.uris import InputPolicy, LocalInput, check_input_exists, parse_input_uri
+
+
+class _PublicPolicy(InputPolicy):
+    """The policy, described without the server's folders."""
+
+    setting: ClassVar[str] = "QF_ALLOWED_ROOTS"
+
+    def describe(self) -> str:
+        buckets = ", ".join(f"s3://{b}" for b in self.allowed_buckets) or "none"
+        return (
+            f"local paths must lie in a folder named by the service's {self.setting}, which its operator "
+            f"can tell you; allowed buckets: {buckets}"
+        )
+
+
+class _PublicOutputPolicy(_PublicPolicy):
+    setting: ClassVar[str] = "QF_ALLOWED_OUTPUT_ROOTS"
+
+
+def _public(policy: InputPolicy, kind: type[_PublicPolicy]) -> _PublicPolicy:
+    return kind(policy.allowed_roots, policy.allowed_buckets, policy.s3_endpoint_url)
+
+
+def _without_server_paths(
+    message: str, sent: list[str], resolved: dict[str, str], hidden: dict[str, str]
+) -> str:
+    """`message` with each resolved input path shown as the URI the caller gave for it, and each server
+    folder the caller did not name themselves as a placeholder."""
+    for path, given in sorted(resolved.items(), key=lambda kv: -len(kv[0])):
+        if path not in given:
+            message = message.replace(path, given)
+    for path, placeholder in sorted(hidden.items(), key=lambda kv: -len(kv[0])):
+        if path and path != "/" and not any(path in value for value in sent):
+            message = message.replace(path, placeholder)
+    return message
+
+
+def _server_folders(settings: Settings) -> dict[str, str]:
+    folders: dict[str, str] = {}
+    for placeholder, paths in (
+        ("<allowed folder>", [*settings.allowed_roots, *settings.allowed_output_roots]),
+        ("<object store>", [] if "://" in settings.object_store else [Path(settings.object_store)]),
+        ("<server folder>", [settings.cache_dir, settings.work_dir, Path.cwd()]),
+    ):
+        for path in paths:
+            folders[str(path)] = placeholder
+            folders[str(Path(path).resolve())] = placeholder
+    return folders
 
 
 def validate_submission(spec: dict[str, Any], settings: Settings, *, owner: str) -> None:
     """`owner`: who the job will belong to (its output.uri must lie in that owner's folder)."""
-    policy = settings.input_policy()
+    resolved: dict[str, str] = {}
+    sent: list[str] = []
+    try:
+        _validate(spec, settings, owner, resolved, sent)
+    except (InputError, InvalidSpecError) as e:
+        message = _without_server_paths(str(e), sent, resolved, _server_folders(settings))
+        if message == str(e):
+            raise
+        raise type(e)(message) from e
+
+
+def _validate(
+    spec: dict[str, Any], settings: Settings, owner: str, resolved: dict[str, str], sent: list[str]
+) -> None:
+    policy = _public(settings.input_policy(), _PublicPolicy)
     model_is_local = True
 
     def resolve(uri: str, kind: str, what: str) -> str:
         nonlocal model_is_local
+        sent.append(uri)
         try:
+            parsed = parse_input_uri(uri, policy, what=what)
+            if isinstance(parsed, LocalInput):
+                resolved[str(parsed.path)] = uri.removeprefix("file://")
             found = check_input_exists(uri, policy, kind=kind, what=what)
         except OSError as e:  # e.g. a path segment over 255 bytes: the file system's answer, as a 422
             raise InputError(f"{what} path {uri!r} cannot be used: {e.strerror or e}") from e
@@ -38,8 +108,10 @@ def validate_submission(spec: dict[str, Any], settings: Settings, *, owner: str)
 
     output_uri = (spec.get("output") or {}).get("uri")
     if output_uri:
+        sent.append(output_uri)
         try:
-            check_output_uri(output_uri, owner, settings.output_policy(), settings.object_store)
+            output_policy = _public(settings.output_policy(), _PublicOutputPolicy)
+            check_output_uri(output_uri, owner, output_policy, settings.object_store)
         except OSError as e:
             raise InputError(f"output path {output_uri!r} cannot be used: {e.strerror or e}") from e
     job = engine_spec(spec, resolve)
