@@ -33,9 +33,10 @@ from typing import Any, TypeVar
 import torch
 from torch import Tensor, nn
 
-from workers.architectures import ArchitectureInfo, AwqMapping
+from workers.awq_mappings import AwqMapping
 from workers.errors import InvalidSpecError
-from workers.loading import resolve_device
+from workers.loading import LayerCall, resolve_device
+from workers.model_graph import Group, LayerPlan
 from workers.pipeline import (
     Activations,
     AwqStatistics,
@@ -51,8 +52,6 @@ from workers.progress import Progress, ProgressCallback
 from workers.quant.gptq import GPTQResult, HessianAccumulator, PreparedHessian, gptq_solve, prepare_hessian
 from workers.quant.grid import QuantizedTensor
 
-Group = tuple[str, ...]
-Positions = tuple[Tensor, Tensor]
 T = TypeVar("T")
 
 
@@ -135,19 +134,29 @@ def _on_each(devices: Sequence[torch.device], work: Callable[[int], T]) -> list[
 
 
 class ShardedActivations:
-    """The calibration hidden states `[samples, seq, hidden]` split by samples, one `Activations` per device."""
+    """The calibration hidden states `[samples, seq, hidden]` split by samples, one `Activations` per device,
+    with every decoder layer's arguments on every device (`positions`: those of the layer set by `at_layer`)."""
 
-    def __init__(self, hidden: Tensor, pos: Positions, devices: Sequence[torch.device], options: PipelineOptions):
+    def __init__(self, hidden: Tensor, calls: Sequence[LayerCall], devices: Sequence[torch.device], options: PipelineOptions):
         self.devices = list(devices)
         self.bounds = shard_bounds(hidden.shape[0], len(self.devices))
         self.seq_len = hidden.shape[1]
         # clone: a view would keep the whole tensor alive on the primary
         self.shards = [Activations(hidden[a:b].clone(), d, options) for (a, b), d in zip(self.bounds, self.devices, strict=True)]
-        self.positions = [(pos[0].to(d), pos[1].to(d)) for d in self.devices]
+        self.calls = [[call.to(d) for call in calls] for d in self.devices]
+        self.positions = [per_device[0] for per_device in self.calls]
         self.threads = DeviceThreads(self.devices)  # every multi-device step of the job runs on these
 
     def close(self) -> None:
         self.threads.close()
+
+    def at_layer(self, index: int) -> None:
+        """Run the next steps with decoder layer `index`'s arguments."""
+        self.positions = [per_device[index] for per_device in self.calls]
+
+    def plan(self, quantizer: LayerQuantizer, layer: nn.Module) -> LayerPlan:
+        """The layer's plan, found on the primary's shard (see `LayerQuantizer.plan`)."""
+        return quantizer.plan(layer, self.shards[0], self.positions[0])
 
     @property
     def num_tokens(self) -> int:
@@ -182,16 +191,16 @@ def sync_replicas(replicas: Sequence[nn.Module]) -> None:
 
 
 def partial_hessians(
-    replicas: Sequence[nn.Module], acts: ShardedActivations, arch: ArchitectureInfo
+    replicas: Sequence[nn.Module], acts: ShardedActivations, plan: LayerPlan
 ) -> list[dict[Group, HessianAccumulator]]:
     """Per device, the unscaled Σ xᵀx of its shard for every Linear group (one capture forward each)."""
 
     def accumulate(i: int) -> dict[Group, HessianAccumulator]:
         accs = {
             group: HessianAccumulator(_linear(replicas[i], group[0]).in_features, acts.devices[i], precision="half-operands")
-            for group in arch.linear_groups
+            for group in plan.groups
         }
-        capture_inputs(replicas[i], acts.shards[i], acts.positions[i], arch, lambda group, x: accs[group].add(x))
+        capture_inputs(replicas[i], acts.shards[i], acts.positions[i], plan, lambda group, x: accs[group].add(x))
         return accs
 
     return acts.threads.run(accumulate)
@@ -210,10 +219,10 @@ def merge_hessians(parts: Sequence[HessianAccumulator], device: torch.device) ->
     return merge_sums([acc.unscaled_sum() for acc in parts], sum(acc.num_samples for acc in parts), device)
 
 
-def group_costs(layer: nn.Module, arch: ArchitectureInfo) -> list[int]:
+def group_costs(layer: nn.Module, plan: LayerPlan) -> list[int]:
     """Solve cost of each Linear group ≈ out·in² (the sweeps) + in³ (the one shared inverse)."""
     costs = []
-    for group in arch.linear_groups:
+    for group in plan.groups:
         n = _linear(layer, group[0]).in_features
         costs.append(sum(_linear(layer, name).out_features for name in group) * n * n + n**3)
     return costs
@@ -264,22 +273,24 @@ def solve_layer(
     (`split_group`) only has its inverse Hessian factored, on its device; (2) every device sweeps its share
     of that group's output rows against the same factor. Rows are independent in GPTQ (a row's codes depend
     only on that row and H⁻¹), so the split changes no integer (tests/workers/test_data_parallel.py)."""
-    arch, spec, model, devices = quantizer.arch, quantizer.spec, quantizer.model, acts.devices
+    spec, model, devices = quantizer.spec, quantizer.model, acts.devices
+    plan = acts.plan(quantizer, replicas[0])
     if spec.method.smooths:
-        return solve_awq(quantizer, index, replicas, acts, on_progress)
-    partials = partial_hessians(replicas, acts, arch)
-    costs = group_costs(replicas[0], arch)
+        return solve_awq(quantizer, index, replicas, acts, plan, on_progress)
+    groups = plan.groups
+    partials = partial_hessians(replicas, acts, plan)
+    costs = group_costs(replicas[0], plan)
     split = split_group(costs, len(devices)) if spec.method.sweeps else None
-    if split is not None and min(_linear(replicas[0], n).out_features for n in arch.linear_groups[split]) < len(devices):
+    if split is not None and min(_linear(replicas[0], n).out_features for n in groups[split]) < len(devices):
         split = None  # fewer rows than devices (tiny models)
     if split is not None:  # round 1 only factors its Hessian: n³ of its out·n² + n³
-        n = _linear(replicas[0], arch.linear_groups[split][0]).in_features
+        n = _linear(replicas[0], groups[split][0]).in_features
         costs[split] = n**3
     owner = assign_groups(costs, len(devices))
     # Every cross-device copy is queued before any solve: a copy waits for the work already queued on its
     # source device, so a merge inside the solve threads would wait for another device's solve.
-    hessians = [merge_hessians([part[g] for part in partials], devices[d]) for g, d in zip(arch.linear_groups, owner, strict=True)]
-    for g, (group, d) in enumerate(zip(arch.linear_groups, owner, strict=True)):
+    hessians = [merge_hessians([part[g] for part in partials], devices[d]) for g, d in zip(groups, owner, strict=True)]
+    for g, (group, d) in enumerate(zip(groups, owner, strict=True)):
         where = f"inverse on {devices[d]}, rows over {len(devices)} devices" if g == split else f"on {devices[d]}"
         on_progress(Progress("quantize", index, model.num_layers, ", ".join(group), where))
 
@@ -287,7 +298,7 @@ def solve_layer(
 
     def round_one(d: int) -> dict[int, list[GroupOutcome]]:
         solved = {}
-        for g, group in enumerate(arch.linear_groups):
+        for g, group in enumerate(groups):
             if owner[g] != d:
                 continue
             if g == split:
@@ -301,9 +312,9 @@ def solve_layer(
 
     by_group = {g: out for per_device in acts.threads.run(round_one) for g, out in per_device.items()}
     if split is not None:
-        by_group[split] = _split_sweep(quantizer, replicas, acts.threads, arch.linear_groups[split], prepared[0], hessians[split])
+        by_group[split] = _split_sweep(quantizer, replicas, acts.threads, groups[split], prepared[0], hessians[split])
     result: dict[str, QuantizedTensor] = {}
-    for g in range(len(arch.linear_groups)):  # recorded in the one-device order
+    for g in range(len(groups)):  # recorded in the one-device order
         for name, qt, mse, rel, fallback, note in by_group[g]:
             quantizer._record(index, name, mse, rel, fallback, note)
             result[name] = qt
@@ -340,7 +351,7 @@ def _split_sweep(
 
 
 def solve_awq(
-    quantizer: LayerQuantizer, index: int, replicas: Sequence[nn.Module], acts: ShardedActivations,
+    quantizer: LayerQuantizer, index: int, replicas: Sequence[nn.Module], acts: ShardedActivations, plan: LayerPlan,
     on_progress: ProgressCallback,
 ) -> dict[str, QuantizedTensor]:
     """AWQ with its searches spread over the devices; the same choices as `LayerQuantizer.solve_awq_statistics`.
@@ -350,11 +361,11 @@ def solve_awq(
     that an earlier mapping folds into (checked; otherwise the searches run in order on the primary).
     The scales are then folded in the mapping order on the primary, and round two runs every Linear's clip
     search and RTN, each on one device."""
-    arch, model, devices, layer = quantizer.arch, quantizer.model, acts.devices, replicas[0]
-    stats = merged_statistics(replicas, acts, arch)
-    mappings = quantizer.awq_mappings(layer)
+    model, devices, layer = quantizer.model, acts.devices, replicas[0]
+    stats = merged_statistics(replicas, acts, plan)
+    mappings = quantizer.awq_mappings(layer, plan)
     row_scale: dict[str, Tensor] = {}
-    if _searches_independent(mappings, arch):
+    if _searches_independent(mappings, plan):
         costs = [sum(_linear(layer, n).weight.numel() for n in m.linears) for m in mappings]
         owner = assign_groups(costs, len(devices))
         for m, d in zip(mappings, owner, strict=True):
@@ -364,7 +375,7 @@ def solve_awq(
             found = []
             for m, o in zip(mappings, owner, strict=True):
                 if o == d:
-                    group = stats[arch.group_of(m.linears[0])]
+                    group = stats[plan.group_of(m.linears[0])]
                     local = AwqStatistics(group.second_moment.to(devices[d]), group.mean_abs.to(devices[d]))
                     found.append(quantizer.awq_scales(replicas[d], m, local).to(devices[0]))
             return found
@@ -374,12 +385,12 @@ def solve_awq(
     else:
         scales = []
     for i, m in enumerate(mappings):
-        group = stats[arch.group_of(m.linears[0])]
+        group = stats[plan.group_of(m.linears[0])]
         quantizer.fold_awq_scales(layer, m, scales[i] if scales else quantizer.awq_scales(layer, m, group), group, row_scale)
 
     if quantizer.spec.method.sweeps:  # GPTQ on the scaled weights, with the scaled inputs' Hessians, on the primary
-        return quantizer.solve_groups_after_smoothing(index, layer, stats, on_progress)
-    names = list(arch.linears)
+        return quantizer.solve_groups_after_smoothing(index, layer, stats, plan, on_progress)
+    names = list(plan.linears)
     owner = assign_groups([_linear(layer, n).weight.numel() for n in names], len(devices))
     for name, d in zip(names, owner, strict=True):
         on_progress(Progress("quantize", index, model.num_layers, name, f"awq clip search on {devices[d]}"))
@@ -389,7 +400,7 @@ def solve_awq(
         for name, o in zip(names, owner, strict=True):
             if o != d:
                 continue
-            group = arch.group_of(name)
+            group = plan.group_of(name)
             if group not in moments:
                 moments[group] = stats[group].second_moment.to(device)
             weight = _linear(layer, name).weight.to(device)
@@ -406,25 +417,25 @@ def solve_awq(
     return result
 
 
-def _searches_independent(mappings: Sequence[AwqMapping], arch: ArchitectureInfo) -> bool:
+def _searches_independent(mappings: Sequence[AwqMapping], plan: LayerPlan) -> bool:
     """No mapping reads a Linear, or a group input, that an earlier mapping's folding changes."""
     changed: set[str] = set()
     for m in mappings:
-        if changed & {*m.linears, "input:" + ",".join(arch.group_of(m.linears[0]))}:
+        if changed & {*m.linears, "input:" + ",".join(plan.group_of(m.linears[0]))}:
             return False
-        changed |= {m.prev, *m.linears, "input:" + ",".join(arch.group_of(m.linears[0]))}
+        changed |= {m.prev, *m.linears, "input:" + ",".join(plan.group_of(m.linears[0]))}
     return True
 
 
 def merged_statistics(
-    replicas: Sequence[nn.Module], acts: ShardedActivations, arch: ArchitectureInfo
+    replicas: Sequence[nn.Module], acts: ShardedActivations, plan: LayerPlan
 ) -> dict[Group, AwqStatistics]:
     """Σ = E[x xᵀ] and E|x| of every group's input over the whole calibration set, on the primary: the
     per-device partial sums added in device order."""
-    partials = partial_hessians(replicas, acts, arch)
+    partials = partial_hessians(replicas, acts, plan)
     primary = acts.devices[0]
     merged = {}
-    for group in arch.linear_groups:
+    for group in plan.groups:
         parts = [part[group] for part in partials]
         n = sum(acc.num_samples for acc in parts)
         abs_sum = parts[0].abs_sum().to(primary, copy=True)

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import torch
@@ -52,11 +52,6 @@ def open_weights(path: str | Path, dtype: torch.dtype) -> WeightSource:
     if "quantization_config" in config:
         return QuantizedWeights(path, dtype)
     return CheckpointWeights(TensorSource(path))
-
-
-def _output_head(model: LayerwiseModel, weights: WeightSource) -> tuple[torch.nn.Module, Tensor]:
-    """(final norm, lm_head weight) of one model."""
-    return model.final_norm(weights), model.lm_head_weight(weights)
 
 
 def percentile(values: Tensor, q: float) -> float:
@@ -122,24 +117,24 @@ def compare_on_windows(
     options = PipelineOptions(batch_tokens=batch_tokens)
 
     with torch.no_grad():
-        streams = [Activations(model.embed(windows, src), device, options) for src in sources]
-        pos = model.position_embeddings(windows.shape[1])
+        streams = [Activations(model.embed(windows, src, batch_tokens=batch_tokens), device, options) for src in sources]
+        calls = model.layer_calls(windows.shape[1], original)
         for index in range(model.num_layers):
             if should_cancel():
                 raise JobCancelled(f"cancelled during evaluation, before decoder layer {index}")
             on_progress(Progress("evaluate", index, model.num_layers))
             for src, stream in zip(sources, streams, strict=True):
                 layer = model.decoder_layer(index, src)
-                stream.forward(layer, pos, update=True)
+                stream.forward(layer, calls[index], update=True)
                 del layer
             release_host_memory()
         on_progress(Progress("evaluate", model.num_layers, model.num_layers, message="scoring"))
-        heads = [_output_head(model, src) for src in sources]
-        return _score(windows, streams, heads)
+        heads = [model.head(src) for src in sources]
+        return _score(windows, streams, heads, device)
 
 
 def _score(
-    windows: Tensor, streams: list[Activations], heads: list[tuple[torch.nn.Module, Tensor]]
+    windows: Tensor, streams: list[Activations], heads: list[Callable[[Tensor], Tensor]], device: torch.device
 ) -> list[EvalMetrics]:
     """NLL of every next token for each model, and KL / top-1 of each quantized model against the original."""
     n_windows, seq_len = windows.shape
@@ -150,13 +145,12 @@ def _score(
     agree = [0] * (len(streams) - 1)
 
     def logprobs(k: int, a: int, b: int) -> Tensor:
-        norm, head = heads[k]
-        h = hidden[k][a:b].to(head.device)
-        return torch.log_softmax((norm(h) @ head.T).to(torch.float32), dim=-1)
+        """The model's own head (final norm, lm_head, logit scaling or soft-capping) on a chunk of tokens."""
+        return torch.log_softmax(heads[k](hidden[k][a:b].to(device)).to(torch.float32), dim=-1)
 
     for a in range(0, targets.numel(), HEAD_TOKENS):
         b = min(a + HEAD_TOKENS, targets.numel())
-        tgt = targets[a:b].to(heads[0][1].device).unsqueeze(1)
+        tgt = targets[a:b].to(device).unsqueeze(1)
         ref = logprobs(0, a, b)
         nll[0] += float(-ref.gather(1, tgt).to(torch.float64).sum())
         ref_probs, ref_top = ref.exp(), ref.argmax(dim=-1)

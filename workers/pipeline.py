@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import copy
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from functools import partial
@@ -32,11 +33,12 @@ from typing import Protocol
 import torch
 from torch import Tensor, nn
 
-from workers.architectures import ArchitectureInfo, AwqMapping
+from workers.awq_mappings import AwqMapping
 from workers.background_writer import BackgroundWriter
 from workers.errors import JobCancelled
-from workers.loading import LayerwiseModel, WeightSource, run_decoder_layer
+from workers.loading import LayerCall, LayerwiseModel, WeightSource, run_decoder_layer
 from workers.memory import release_host_memory
+from workers.model_graph import Group, LayerPlan, linear_names
 from workers.prefetch import LayerPrefetcher
 from workers.progress import CancelCheck, Progress, ProgressCallback, never_cancel, no_progress
 from workers.quant.awq import apply_clip, search_clip, search_scales
@@ -95,17 +97,21 @@ class Activations:
         n = self.hidden.shape[0]
         return [(a, min(a + self.rows_per_chunk, n)) for a in range(0, n, self.rows_per_chunk)]
 
-    def forward(self, layer: nn.Module, position_embeddings: tuple[Tensor, Tensor], *, update: bool) -> None:
+    def probe(self) -> Tensor:
+        """One window on the device: enough for a forward that only looks at the layer's structure."""
+        return self.hidden[:1].to(self.device)
+
+    def forward(self, layer: nn.Module, call: LayerCall, *, update: bool) -> None:
         """Run `layer` over all windows; with `update`, its outputs replace the stored hidden states."""
         for a, b in self.chunks():
-            out = run_decoder_layer(layer, self.hidden[a:b].to(self.device), position_embeddings)
+            out = run_decoder_layer(layer, self.hidden[a:b].to(self.device), call)
             if update:
                 self.hidden[a:b] = out.to(self.hidden.device)
 
 
-def _first_linears(arch: ArchitectureInfo) -> dict[str, tuple[str, ...]]:
+def _first_linears(plan: LayerPlan) -> dict[str, Group]:
     """Each group's first Linear (whose input is the group's input) → the group."""
-    return {group[0]: group for group in arch.linear_groups}
+    return {group[0]: group for group in plan.groups}
 
 
 class _InputsCaptured(Exception):
@@ -115,18 +121,18 @@ class _InputsCaptured(Exception):
 def capture_inputs(
     layer: nn.Module,
     activations: Activations,
-    position_embeddings: tuple[Tensor, Tensor],
-    arch: ArchitectureInfo,
-    collect: Callable[[tuple[str, ...], Tensor], None],
+    call: LayerCall,
+    plan: LayerPlan,
+    collect: Callable[[Group, Tensor], None],
 ) -> None:
     """Forward the layer over all windows, handing each Linear group's input `[tokens, in]` to `collect`.
 
     The forward of each chunk stops once the last group's input is seen (saving its matmul, a quarter of
     a Llama layer's work): only inputs are wanted here, the outputs come from the quantized layer later.
     """
-    last = arch.linear_groups[-1]
+    last = plan.groups[-1]
     handles = []
-    for name, group in _first_linears(arch).items():
+    for name, group in _first_linears(plan).items():
 
         def hook(_module: nn.Module, args: tuple[Tensor, ...], group: tuple[str, ...] = group) -> None:
             collect(group, args[0].detach().reshape(-1, args[0].shape[-1]))
@@ -137,7 +143,7 @@ def capture_inputs(
     try:
         for a, b in activations.chunks():
             with contextlib.suppress(_InputsCaptured):
-                run_decoder_layer(layer, activations.hidden[a:b].to(activations.device), position_embeddings)
+                run_decoder_layer(layer, activations.hidden[a:b].to(activations.device), call)
     finally:
         for handle in handles:
             handle.remove()
@@ -193,22 +199,22 @@ def _linear(layer: nn.Module, name: str) -> nn.Linear:
     return module
 
 
-def _solve_rtn(layer: nn.Module, arch: ArchitectureInfo, spec: JobSpec, dtype: torch.dtype) -> dict[str, QuantizedTensor]:
+def _solve_rtn(layer: nn.Module, spec: JobSpec, dtype: torch.dtype) -> dict[str, QuantizedTensor]:
     return {
         name: rtn_quantize(_linear(layer, name).weight, spec.scheme, scale_dtype=dtype, observer=spec.observer)
-        for name in arch.linears
+        for name in linear_names(layer)
     }
 
 
 def input_statistics(
-    layer: nn.Module, activations: Activations, pos: tuple[Tensor, Tensor], arch: ArchitectureInfo
-) -> dict[tuple[str, ...], HessianAccumulator]:
+    layer: nn.Module, activations: Activations, call: LayerCall, plan: LayerPlan
+) -> dict[Group, HessianAccumulator]:
     """Per Linear group, the statistics of its input over all calibration tokens (H = 2/n Σ xᵀx and Σ|x|),
     from one forward of the (not yet quantized) layer."""
     accumulators = {
-        group: HessianAccumulator(_linear(layer, group[0]).in_features, activations.device) for group in arch.linear_groups
+        group: HessianAccumulator(_linear(layer, group[0]).in_features, activations.device) for group in plan.groups
     }
-    capture_inputs(layer, activations, pos, arch, lambda group, x: accumulators[group].add(x))
+    capture_inputs(layer, activations, call, plan, lambda group, x: accumulators[group].add(x))
     return accumulators
 
 
@@ -238,7 +244,10 @@ class LayerQuantizer:
 
     def __init__(self, model: LayerwiseModel, spec: JobSpec, options: PipelineOptions, result: PipelineResult) -> None:
         self.model, self.spec, self.options, self.result = model, spec, options, result
-        self.arch = model.arch
+
+    def plan(self, layer: nn.Module, activations: Activations, call: LayerCall) -> LayerPlan:
+        """The layer's Linear groups and AWQ mappings (found on one window of its calibration inputs)."""
+        return self.model.layer_plan(layer, activations.probe(), call)
 
     def _record(self, index: int, name: str, mse: float, relative: float, fallback: bool = False, note: str | None = None) -> None:
         self.result.module_errors.append(ModuleError(index, name, mse, relative, fallback, note))
@@ -250,15 +259,18 @@ class LayerQuantizer:
         index: int,
         layer: nn.Module,
         activations: Activations | None,
-        pos: tuple[Tensor, Tensor] | None,
+        call: LayerCall | None,
         on_progress: ProgressCallback,
     ) -> dict[str, QuantizedTensor]:
         method = self.spec.method
-        if activations is None or pos is None:
-            return _solve_rtn(layer, self.arch, self.spec, self.model.model_dtype)
+        if activations is None or call is None:
+            return _solve_rtn(layer, self.spec, self.model.model_dtype)
+        plan = self.plan(layer, activations, call)
         if method.smooths:
-            return self._solve_awq(index, layer, activations, pos, on_progress)
-        hessians = {group: acc.hessian for group, acc in input_statistics(layer, activations, pos, self.arch).items()}
+            stats = input_statistics(layer, activations, call, plan)
+            awq_stats = {g: AwqStatistics.of(acc) for g, acc in stats.items()}
+            return self.solve_awq_statistics(index, layer, awq_stats, plan, on_progress)
+        hessians = {group: acc.hessian for group, acc in input_statistics(layer, activations, call, plan).items()}
         solved: dict[str, QuantizedTensor] = {}
         for group, hessian in hessians.items():
             on_progress(Progress("quantize", index, self.model.num_layers, ", ".join(group)))
@@ -292,52 +304,48 @@ class LayerQuantizer:
             outcomes.append((name, qt, mse, rel, fallback, note))
         return outcomes
 
-    def _solve_awq(
-        self, index: int, layer: nn.Module, activations: Activations, pos: tuple[Tensor, Tensor], on_progress: ProgressCallback
-    ) -> dict[str, QuantizedTensor]:
-        """Scale search per mapping (folding 1/s into the previous op), then clip search and RTN per Linear."""
-        stats = input_statistics(layer, activations, pos, self.arch)
-        return self.solve_awq_statistics(index, layer, {g: AwqStatistics.of(acc) for g, acc in stats.items()}, on_progress)
-
     def solve_awq_statistics(
-        self, index: int, layer: nn.Module, stats: dict[tuple[str, ...], AwqStatistics], on_progress: ProgressCallback
+        self, index: int, layer: nn.Module, stats: dict[Group, AwqStatistics], plan: LayerPlan, on_progress: ProgressCallback
     ) -> dict[str, QuantizedTensor]:
-        """AWQ given each group's input statistics over all calibration tokens (updated in place as scales fold)."""
+        """AWQ given each group's input statistics over all calibration tokens (updated in place as scales fold):
+        scale search per mapping (folding 1/s into the previous op), then clip search and RTN per Linear."""
         row_scale: dict[str, Tensor] = {}  # Linears whose output rows were divided by AWQ scales
-        for mapping in self.awq_mappings(layer):
+        for mapping in self.awq_mappings(layer, plan):
             on_progress(Progress("quantize", index, self.model.num_layers, mapping.prev, "awq scale search"))
-            group_stats = stats[self.arch.group_of(mapping.linears[0])]
+            group_stats = stats[plan.group_of(mapping.linears[0])]
             self.fold_awq_scales(layer, mapping, self.awq_scales(layer, mapping, group_stats), group_stats, row_scale)
         if self.spec.method.sweeps:
-            return self.solve_groups_after_smoothing(index, layer, stats, on_progress)
+            return self.solve_groups_after_smoothing(index, layer, stats, plan, on_progress)
 
         solved: dict[str, QuantizedTensor] = {}
-        for name in self.arch.linears:
+        for name in plan.linears:
             on_progress(Progress("quantize", index, self.model.num_layers, name))
-            sigma = stats[self.arch.group_of(name)].second_moment
+            sigma = stats[plan.group_of(name)].second_moment
             qt, mse, rel = self.awq_clip_quantize(name, _linear(layer, name).weight, sigma, row_scale.get(name))
             self._record(index, name, mse, rel)
             solved[name] = qt
         return solved
 
     def solve_groups_after_smoothing(
-        self, index: int, layer: nn.Module, stats: dict[tuple[str, ...], AwqStatistics], on_progress: ProgressCallback
+        self, index: int, layer: nn.Module, stats: dict[Group, AwqStatistics], plan: LayerPlan, on_progress: ProgressCallback
     ) -> dict[str, QuantizedTensor]:
         """GPTQ of every group on the AWQ-scaled weights, with the Hessian of the scaled inputs (H = 2Σ')."""
         solved: dict[str, QuantizedTensor] = {}
-        for group in self.arch.linear_groups:
+        for group in plan.groups:
             on_progress(Progress("quantize", index, self.model.num_layers, ", ".join(group)))
             for name, qt, mse, rel, fallback, note in self.solve_group(layer, group, 2 * stats[group].second_moment):
                 self._record(index, name, mse, rel, fallback, note)
                 solved[name] = qt
         return solved
 
-    def awq_mappings(self, layer: nn.Module) -> list[AwqMapping]:
-        """The layer's AWQ mappings whose shapes line up (v_proj → o_proj does not under grouped-query attention)."""
+    def awq_mappings(self, layer: nn.Module, plan: LayerPlan) -> list[AwqMapping]:
+        """The layer's AWQ mappings whose shapes line up (v_proj → o_proj does not under grouped-query attention,
+        nor a fused qkv_proj → o_proj unless q, k and v have one size)."""
         usable = []
-        for mapping in self.arch.awq_mappings:
+        for mapping in plan.awq_mappings:
             prev = layer.get_submodule(mapping.prev)
-            if isinstance(prev, nn.Linear) and prev.out_features != _linear(layer, mapping.linears[0]).in_features:
+            width = _linear(layer, mapping.linears[0]).in_features
+            if isinstance(prev, nn.Linear) and prev.out_features != mapping.parts * width:
                 continue
             usable.append(mapping)
         return usable
@@ -360,8 +368,10 @@ class LayerQuantizer:
             weight = _linear(layer, name).weight
             weight.mul_(scales.to(weight.device, weight.dtype))
         stats.divide(scales)
-        if isinstance(prev, nn.Linear):
-            row_scale[mapping.prev] = row_scale.get(mapping.prev, torch.ones_like(scales)) * scales
+        if isinstance(prev, nn.Linear):  # only the last `scales.numel()` output rows were divided (fused: one slice)
+            rows = row_scale.get(mapping.prev, torch.ones(prev.out_features, device=scales.device, dtype=scales.dtype))
+            rows[prev.out_features - scales.numel() :] *= scales
+            row_scale[mapping.prev] = rows
 
     def awq_clip_quantize(
         self, name: str, weight: Tensor, sigma: Tensor, rows: Tensor | None
@@ -380,17 +390,41 @@ class LayerQuantizer:
         return qt, mse, rel
 
 
+_WEIGHT_OFFSETS: dict[type, float] = {}
+
+
+def _weight_offset(norm: nn.Module) -> float:
+    """0 for norms computing x̂·w (+ b), 1 for those computing x̂·(1 + w) (Gemma): read off the module by
+    running a copy with its weight and bias zeroed; once per class (one host sync)."""
+    kind = type(norm)
+    if kind not in _WEIGHT_OFFSETS:
+        probe = copy.deepcopy(norm)
+        weight = probe.weight
+        assert isinstance(weight, Tensor)
+        for tensor in (weight, getattr(probe, "bias", None)):
+            if isinstance(tensor, Tensor):
+                tensor.data.zero_()
+        x = torch.linspace(-1.0, 2.0, weight.shape[-1], device=weight.device, dtype=weight.dtype).unsqueeze(0)
+        _WEIGHT_OFFSETS[kind] = 0.0 if bool(probe(x).abs().max() == 0) else 1.0
+    return _WEIGHT_OFFSETS[kind]
+
+
 def _fold_scales(prev: nn.Module, scales: Tensor) -> None:
-    """Divide the output of `prev` (a norm's weight/bias or a Linear's output rows) by `scales`."""
+    """Divide the output of `prev` by `scales`: a norm's weight/bias, or a Linear's output rows (the last
+    `scales.numel()` of them: the slice of a fused projection that feeds the scaled Linears)."""
     weight = getattr(prev, "weight", None)
     if not isinstance(weight, Tensor):
         raise TypeError(f"cannot fold AWQ scales into {type(prev).__name__}: it has no weight")
     s = scales.to(weight.device, weight.dtype)
-    if isinstance(prev, nn.Linear):
-        weight.div_(s.unsqueeze(1))
-    else:
-        weight.div_(s)
     bias = getattr(prev, "bias", None)
+    if isinstance(prev, nn.Linear):
+        tail = slice(weight.shape[0] - s.numel(), weight.shape[0])
+        weight[tail].div_(s.unsqueeze(1))
+        if isinstance(bias, Tensor):
+            bias[tail].div_(s)
+        return
+    offset = _weight_offset(prev)
+    weight.add_(offset).div_(s).sub_(offset)
     if isinstance(bias, Tensor):
         bias.div_(s)
 
@@ -437,12 +471,12 @@ def quantize_model(
     from workers.data_parallel import ShardedActivations, replicate, solve_layer, sync_replicas
 
     options = options or PipelineOptions()
-    arch, num_layers, dtype = model.arch, model.num_layers, model.model_dtype
+    num_layers, dtype = model.num_layers, model.model_dtype
     if spec.method is not Method.RTN and calibration is None:
         raise ValueError(f"method {spec.method.value} needs calibration tokens")
     result = PipelineResult()
     cpu = torch.device("cpu")
-    prefixes = [arch.layer_prefix(index) for index in range(num_layers)]
+    prefixes = [model.graph.layer_prefix(index) for index in range(num_layers)]
     with (
         BackgroundWriter(model.device, max_pending=options.max_pending_writes, enabled=options.background_writes) as writer,
         LayerPrefetcher(weights, prefixes, model.device, enabled=options.prefetch_weights) as layers,
@@ -450,18 +484,18 @@ def quantize_model(
         torch.no_grad(),
         contextlib.ExitStack() as cleanup,
     ):
-        for piece in (arch.embed_tokens, arch.final_norm, arch.lm_head):
-            writer.submit(partial(_write_dense, sinks, f"{piece}.", weights.tensors(f"{piece}.", cpu), dtype))
+        for piece in model.dense_pieces():  # under the names the checkpoint uses
+            writer.submit(partial(_write_dense, sinks, *model.stored(piece, weights, cpu), dtype))
 
         activations: Activations | None = None
         sharded: ShardedActivations | None = None
-        pos: tuple[Tensor, Tensor] | None = None
+        calls: list[LayerCall] | None = None
         if calibration is not None:
             on_progress(Progress("calibrate", 0, num_layers, message=f"embedding {calibration.shape[0]} windows"))
-            hidden = model.embed(calibration, weights)
-            pos = model.position_embeddings(calibration.shape[1])
+            hidden = model.embed(calibration, weights, batch_tokens=options.batch_tokens)
+            calls = model.layer_calls(calibration.shape[1], weights)
             if devices is not None and len(devices) > 1:
-                sharded = ShardedActivations(hidden, pos, devices, options)
+                sharded = ShardedActivations(hidden, calls, devices, options)
                 cleanup.callback(sharded.close)  # its per-device threads
             else:
                 activations = Activations(hidden, model.device, options)
@@ -474,18 +508,20 @@ def quantize_model(
             on_progress(Progress("quantize", index, num_layers))
             layer = model.decoder_layer(index, layers.source(index))
             replicas = replicate(layer, sharded.devices) if sharded is not None else [layer]
+            call = calls[index] if calls is not None else None
             if sharded is not None:
+                sharded.at_layer(index)
                 solved = solve_layer(quantizer, index, replicas, sharded, on_progress)
             else:
-                solved = quantizer.solve(index, layer, activations, pos, on_progress)
+                solved = quantizer.solve(index, layer, activations, call, on_progress)
             for name, qt in solved.items():
                 linear = _linear(layer, name)
                 linear.weight.data = _deployed(qt, model, linear.weight.device)
             if sharded is not None:
                 sync_replicas(replicas)
                 sharded.forward(replicas, update=True)
-            elif activations is not None and pos is not None:
-                activations.forward(layer, pos, update=True)
+            elif activations is not None and call is not None:
+                activations.forward(layer, call, update=True)
             quantized_names = {f"{name}.weight" for name in solved}
             dense = {n: t for n, t in layer.state_dict().items() if n not in quantized_names}
             writer.submit(partial(_write_layer, sinks, prefixes[index], dense, solved, dtype))

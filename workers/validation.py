@@ -1,7 +1,9 @@
 """Checks of a job against the model it names, cheap enough to run when the job is submitted.
 
-`check_against_model` reads config.json and the safetensors headers (never tensor data), so the service
-can answer a bad request with a 422 in milliseconds instead of failing an hour into a GPU job. Checks that
+`check_against_model` reads config.json and the safetensors headers (never tensor data), and builds the
+model on the `meta` device to learn its decoder layers and their Linears (any decoder-only causal LM of
+transformers; others are refused), so the service can answer a bad request with a 422 in about a second
+instead of failing an hour into a GPU job. Checks that
 need no model at all live in `JobSpec.validate`; checks that depend on the worker's hardware (is CUDA
 there?) happen in the engine, because the API host may have no GPU.
 """
@@ -15,9 +17,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from transformers import AutoConfig
 
-from workers.architectures import ArchitectureInfo, architecture_info
+from workers.architectures import ArchitectureInfo
 from workers.errors import InputError, InvalidSpecError
+from workers.model_graph import build_skeleton, stored_prefixes
 from workers.quant.grid import check_group_size
 from workers.spec import JobSpec
 from workers.tensor_source import TensorSource
@@ -73,30 +77,27 @@ def _check_text_file(path: str, role: str) -> None:
         raise InputError(f"{role} file {file} is empty; give it some text")
 
 
-def _check_sliding_window(spec: JobSpec, config: dict[str, Any]) -> None:
-    """Layers run with a plain causal mask, which equals a sliding-window mask only inside the window."""
-    window = config.get("sliding_window")
-    if not window or config.get("use_sliding_window") is False:
-        return
-    for role, seq_len in (("calibration", spec.calibration.seq_len), ("eval", spec.eval.seq_len if spec.eval else 0)):
-        if seq_len > window:
-            raise InvalidSpecError(
-                f"{role} seq_len {seq_len} exceeds the model's sliding window {window}; use seq_len <= {window}"
-            )
+def load_config(model_dir: str | Path) -> Any:
+    """The transformers config of a model directory (remote code never runs), with the KV cache off."""
+    try:
+        config = AutoConfig.from_pretrained(str(model_dir), trust_remote_code=False)
+    except Exception as exc:  # transformers raises many types here; the user needs the reason, not the type
+        raise InputError(f"cannot read the model config in {model_dir}: {exc}") from exc
+    config.use_cache = False
+    return config
 
 
-def _linear_shapes(
-    source: TensorSource, arch: ArchitectureInfo, num_layers: int
-) -> dict[str, tuple[int, int]]:
+def _linear_shapes(source: TensorSource, arch: ArchitectureInfo, num_layers: int) -> dict[str, tuple[int, int]]:
+    """Every decoder layer's Linears as the checkpoint stores them, checked against the model's shapes."""
     shapes: dict[str, tuple[int, int]] = {}
     for layer in range(num_layers):
-        for linear in arch.linears:
+        for linear, expected in arch.linear_shapes.items():
             name = f"{arch.layer_prefix(layer)}{linear}.weight"
             if name not in source:
                 raise InputError(f"the checkpoint in {source.dir} lacks {name}; is it complete?")
-            shape = source.shape(name)
-            if len(shape) != 2:
-                raise InputError(f"{name} has shape {list(shape)}; expected a 2-D Linear weight")
+            shape = tuple(source.shape(name))
+            if shape != expected:
+                raise InputError(f"{name} has shape {list(shape)}; the model's config gives {list(expected)}")
             shapes[f"layers.{layer}.{linear}"] = (shape[0], shape[1])
     return shapes
 
@@ -105,21 +106,24 @@ def check_against_model(spec: JobSpec) -> ModelInfo:
     """Validate `spec` against its model directory and data files; raise a QuantFleetError saying what to fix."""
     model_dir = Path(spec.model_dir)
     config = read_config(model_dir)
-    arch = architecture_info(config.get("architectures"))
     dtype = config_dtype(config)
     num_layers = config.get("num_hidden_layers")
     if not isinstance(num_layers, int) or num_layers < 1:
         raise InputError(f"{model_dir}/config.json has no valid num_hidden_layers")
     if not DEVICE_PATTERN.match(spec.device):
         raise InvalidSpecError(f"device {spec.device!r} is not understood; use auto, cpu, cuda or cuda:N")
-    _check_sliding_window(spec, config)
+    skeleton = build_skeleton(load_config(model_dir))
+    arch = ArchitectureInfo.of(skeleton)
+    if spec.method.smooths:
+        arch.check_awq()
 
     source = TensorSource(model_dir, allow_pickle=spec.allow_pickle)
-    if f"{arch.embed_tokens}.weight" not in source:
-        raise InputError(f"the checkpoint in {model_dir} lacks {arch.embed_tokens}.weight")
-    tied = f"{arch.lm_head}.weight" not in source
+    embed, head = arch.graph.embed_tokens, arch.graph.lm_head
+    if not any(f"{p}weight" in source for p in stored_prefixes(skeleton, embed)):
+        raise InputError(f"the checkpoint in {model_dir} lacks {embed}.weight")
+    tied = not any(f"{p}weight" in source for p in stored_prefixes(skeleton, head))
     if tied and config.get("tie_word_embeddings") is False:
-        raise InputError(f"the checkpoint in {model_dir} lacks {arch.lm_head}.weight and its embeddings are not tied")
+        raise InputError(f"the checkpoint in {model_dir} lacks {head}.weight and its embeddings are not tied")
     shapes = _linear_shapes(source, arch, num_layers)
     for module, (_, in_features) in shapes.items():
         check_group_size(module, in_features, spec.scheme)

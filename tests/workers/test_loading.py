@@ -27,10 +27,11 @@ def layerwise_logits(model: LayerwiseModel, weights: CheckpointWeights, ids: tor
     embed = model.embed_weight(weights)
     hidden = model.embed(ids, weights)
     assert torch.equal(hidden, F.embedding(ids, embed))  # lookup in fp16 then cast == lookup in fp32
-    pos = model.position_embeddings(ids.shape[1])
+    calls = model.layer_calls(ids.shape[1], weights)
     for index in range(model.num_layers):
-        hidden = run_decoder_layer(model.decoder_layer(index, weights), hidden, pos)
-    return model.final_norm(weights)(hidden) @ model.lm_head_weight(weights, embed).T
+        hidden = run_decoder_layer(model.decoder_layer(index, weights), hidden, calls[index])
+    head = model.head(weights, embed)
+    return torch.stack([head(h) for h in hidden])
 
 
 @pytest.mark.parametrize("fixture", ["tiny_model_dir", "tiny_mha_model_dir"])
