@@ -19,6 +19,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from api.docs import add_docs
 from api.event_stream import EventHub, StreamSlots
+from api.openapi_errors import document_error_bodies
 from api.routes import artifacts, batches, health, jobs, metrics, schedules, webhooks
 from api.schemas import unstorable
 from orchestrator.db import make_engine, session_factory
@@ -170,6 +171,7 @@ def create_app(settings: Settings | None = None, *, service_metrics: ServiceMetr
     app.include_router(webhooks.router)
     app.include_router(artifacts.router)
     app.include_router(metrics.router)
+    document_error_bodies(app)
     return app
 
 
