@@ -71,7 +71,7 @@ import torch
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 TOOLS = ("llmcompressor", "quantfleet")
-METHODS = ("rtn", "gptq", "awq")
+METHODS = ("rtn", "gptq", "awq")  # both tools; QuantFleet-only methods (e.g. awq-gptq, auto) are accepted too
 LLMC_VERSION = "0.14.0.1"
 LLMC_REQUIREMENTS = (("torch==2.13.0",), (f"llmcompressor=={LLMC_VERSION}",))  # torch first: the CPU wheel
 DEFAULT_WORK = REPO_ROOT / ".cache" / "quality-bench"
@@ -697,8 +697,10 @@ def fmt_table(rows: list[Row], results: dict[str, Any], eval_hash: str) -> str:
         tool = row.tool if row.seed == rows[0].seed or row.tool != "quantfleet" else f"{row.tool} [seed {row.seed}]"
         if e is None and row.tool == "quantfleet":  # measured with an earlier engine source: show it, marked
             e = latest_other_engine(row, results, eval_hash)
-            if e is not None:
-                tool += f" (engine {e['options']['engine']})"
+        if e is not None and row.tool == "quantfleet":
+            ran = e.get("engine_at_run", e["options"]["engine"])  # workers/ may change during a long run
+            if ran != row.options["engine"]:
+                tool += f" (engine {ran})"
         label = config_label(row.asked, row.scheme)
         if e is None:
             lines.append(f"| {label} | {row.method} | {tool} | not run | | | | |")
@@ -748,7 +750,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--calib-text", default=None, help="calibration text (default: the Shakespeare calibration split)")
     p.add_argument("--eval-text", default=None, help="held-out text (default: the Shakespeare evaluation split)")
     p.add_argument("--tools", default="llmcompressor,quantfleet", help="comma list of llmcompressor, quantfleet (or both)")
-    p.add_argument("--methods", default=",".join(METHODS), help="comma list of rtn, gptq, awq")
+    p.add_argument("--methods", default=",".join(METHODS),
+                   help="comma list of rtn, gptq, awq (both tools) and QuantFleet-only methods such as awq-gptq, auto")
     p.add_argument("--configs", default=",".join(CONFIGS), help=f"comma list of {', '.join(CONFIGS)}")
     p.add_argument("--num-samples", type=int, default=128)
     p.add_argument("--seq-len", type=int, default=512)
@@ -767,6 +770,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, default=0, help="torch threads per process (0: torch's default)")
     p.add_argument("--work", default=str(DEFAULT_WORK), help="windows, checkpoints, logs, reference cache")
     p.add_argument("--out", default=str(DEFAULT_OUT), help="directory for results.json and table.md")
+    p.add_argument("--table-only", action="store_true", help="run nothing: print and write the table of what is in results.json")
     p.add_argument("--force", action="store_true", help="recompute the selected rows even if cached")
     p.add_argument("--child-timeout", type=int, default=6 * 3600)
     # child-only
@@ -794,12 +798,15 @@ def main(argv: list[str] | None = None) -> int:
     for path in (args.model, args.calib_text, args.eval_text):
         if not Path(path).exists():
             p.error(f"{path} does not exist (run `make assets`, or pass --model/--calib-text/--eval-text)")
-    tools = list(TOOLS) if args.tools == "both" else [t for t in args.tools.split(",") if t]
+    tools = [] if args.table_only else list(TOOLS) if args.tools == "both" else [t for t in args.tools.split(",") if t]
     methods = [m for m in args.methods.split(",") if m]
     configs = [c for c in args.configs.split(",") if c]
-    bad = [x for x in tools if x not in TOOLS] + [x for x in methods if x not in METHODS] + [x for x in configs if x not in CONFIGS]
+    from workers.spec import Method
+
+    qf_methods = [m.value for m in Method]
+    bad = [x for x in tools if x not in TOOLS] + [x for x in methods if x not in qf_methods] + [x for x in configs if x not in CONFIGS]
     if bad:
-        p.error(f"unknown {bad}; tools {TOOLS}, methods {METHODS}, configs {list(CONFIGS)}")
+        p.error(f"unknown {bad}; tools {TOOLS}, methods {qf_methods} (llm-compressor: {METHODS}), configs {list(CONFIGS)}")
     qf_opts = {k: parse_value(v) for k, _, v in (o.partition("=") for o in args.qf_opt)}
     if args.qf_act_order:
         qf_opts["act_order"] = args.qf_act_order == "on"
@@ -834,6 +841,8 @@ def main(argv: list[str] | None = None) -> int:
             scheme, note = effective_scheme(asked, dims, args.substitute_group)
             for method in methods:
                 for tool in tool_list:
+                    if tool == "llmcompressor" and method not in METHODS:
+                        continue  # a QuantFleet-only method: no llm-compressor row
                     for s in seed_list if tool == "quantfleet" else [args.seed]:
                         opts = llmc_opts if tool == "llmcompressor" else qf_all
                         out_rows.append(Row(tool, method, cfg, asked, scheme, s, windows[s], opts, note))
@@ -864,7 +873,7 @@ def main(argv: list[str] | None = None) -> int:
         "",
     ]
     spread = seed_spread(shown, results, w0.eval_hash)
-    text = "\n".join(header) + table + ("\n\nQuantFleet calibration-seed spread:\n" + "\n".join(spread) if spread else "") + "\n"
+    text = "\n".join(header) + "\n" + table + ("\n\nQuantFleet calibration-seed spread:\n" + "\n".join(spread) if spread else "") + "\n"
     (out / "table.md").write_text(text)
     print(text, flush=True)
     failed = [r for r in todo if results["rows"].get(r.key, {}).get("status") == "failed"]
