@@ -13,6 +13,8 @@ root the caller did not name) is shown as the caller's own URI or as a placehold
 
 from __future__ import annotations
 
+import threading
+from collections import OrderedDict
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -117,9 +119,44 @@ def _validate(
     job = engine_spec(spec, resolve)
     if model_is_local:
         _check_model_size(Path(job.model_dir), settings.max_model_bytes)
-        from workers.validation import check_against_model
+        _checked_against_model(job)
 
-        check_against_model(job)
+
+MODEL_CHECKS_KEPT = 256
+_passed_model_checks: OrderedDict[tuple[str, tuple[Any, ...]], None] = OrderedDict()
+_passed_lock = threading.Lock()
+
+
+def _files_signature(job: Any) -> tuple[Any, ...]:
+    """What the model check reads, as (name, size, mtime) of every file of the model folder and the text
+    inputs: a changed, added or removed file gives another signature."""
+    model_dir = Path(job.model_dir)
+    files = sorted(p for p in model_dir.iterdir() if p.is_file())
+    texts = [Path(p) for p in (job.calibration.path, job.eval.path if job.eval else None) if p]
+    return tuple((str(p), (st := p.stat()).st_size, st.st_mtime_ns) for p in [*files, *texts])
+
+
+def _checked_against_model(job: Any) -> None:
+    """workers.validation.check_against_model, skipped when the same spec already passed it against the
+    same files (a batch or a nightly schedule submits one model many times). Building the model's skeleton
+    takes tens of milliseconds of CPU, which would otherwise bound the submit rate. Only passes are kept;
+    the worker checks the model again before quantizing."""
+    from workers.validation import check_against_model
+
+    try:
+        key = (repr(job), _files_signature(job))
+    except OSError:
+        check_against_model(job)  # let the check itself say what is missing
+        return
+    with _passed_lock:
+        if key in _passed_model_checks:
+            _passed_model_checks.move_to_end(key)
+            return
+    check_against_model(job)
+    with _passed_lock:
+        _passed_model_checks[key] = None
+        while len(_passed_model_checks) > MODEL_CHECKS_KEPT:
+            _passed_model_checks.popitem(last=False)
 
 
 def _check_model_size(model_dir: Path, limit: int) -> None:
