@@ -7,8 +7,10 @@ whose lease was rescued stops at its next progress report and can no longer chan
 
 from __future__ import annotations
 
+import logging
 import os
 import socket
+import threading
 import time
 import traceback
 from dataclasses import dataclass
@@ -27,6 +29,7 @@ from orchestrator.leases import (
     record_progress,
     start_attempt,
     succeed_attempt,
+    worker_heartbeat,
 )
 from orchestrator.outputs import output_target
 from orchestrator.settings import Settings
@@ -36,6 +39,8 @@ from workers.errors import InputError, InvalidSpecError, JobCancelled
 from workers.progress import Progress
 from workers.storage import ObjectStore, open_store
 from workers.uris import InputPolicy, materialize
+
+log = logging.getLogger("quantfleet.attempt")
 
 CANCEL_POLL_SECONDS = 1.0  # should_cancel reads the database at most this often
 PROGRESS_WRITE_SECONDS = 1.0  # progress within one layer is written at most this often
@@ -55,6 +60,7 @@ class WorkerConfig:
     work_dir: str
     retry_backoff_seconds: float
     retry_backoff_max_seconds: float
+    heartbeat_seconds: float = 20.0  # how often the worker writes its own heartbeat (a third of a lease)
 
     @classmethod
     def from_settings(cls, s: Settings) -> WorkerConfig:
@@ -70,6 +76,7 @@ class WorkerConfig:
             work_dir=str(Path(s.work_dir).resolve()),
             retry_backoff_seconds=s.retry_backoff_seconds,
             retry_backoff_max_seconds=s.retry_backoff_max_seconds,
+            heartbeat_seconds=s.heartbeat_interval,
         )
 
     @property
@@ -156,6 +163,35 @@ class AttemptReporter:
         return self.lost or self.cancel_requested
 
 
+class WorkerHeartbeat:
+    """While the attempt runs, its worker writes the job's heartbeat_at every `interval` seconds, from a
+    thread of its own (a layer may take minutes). A dispatcher that adopted the attempt's lease after the
+    one that started it stopped (a rolling deploy) renews the lease only while this heartbeat is fresh, so
+    an attempt whose worker died is still rescued."""
+
+    def __init__(self, sessions: sessionmaker[Session], job_id: str, attempt: int, interval: float) -> None:
+        self.sessions, self.job_id, self.attempt, self.interval = sessions, job_id, attempt, interval
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name=f"qf-heartbeat-{job_id[:8]}", daemon=True)
+
+    def __enter__(self) -> WorkerHeartbeat:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join(timeout=10)
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.interval):
+            try:
+                with transaction(self.sessions) as s:
+                    if not worker_heartbeat(s, self.job_id, self.attempt):
+                        return  # fenced off or finished
+            except Exception as e:  # the database may be back by the next beat
+                log.warning("job %s attempt %d: heartbeat failed: %s", self.job_id, self.attempt, e)
+
+
 def base_model_name(spec: dict[str, Any]) -> str:
     """The model card's base_model: as given, else the last segment of the model URI."""
     return spec.get("base_model") or spec["model"].rstrip("/").rsplit("/", 1)[-1]
@@ -179,6 +215,12 @@ def run_attempt(ticket: AttemptTicket, placement: dict[str, Any] | None = None) 
         where = {"host": socket.gethostname(), "pid": os.getpid(), **(placement or {})}
         if start_attempt(s, job_id, attempt, where) is None:
             return "fenced"
+    with WorkerHeartbeat(sessions, job_id, attempt, cfg.heartbeat_seconds):
+        return _run(ticket, sessions, run_job)
+
+
+def _run(ticket: AttemptTicket, sessions: sessionmaker[Session], run_job: Any) -> str:
+    job_id, attempt, cfg = ticket.job_id, ticket.attempt, ticket.config
     reporter = AttemptReporter(sessions, job_id, attempt)
     try:
         spec = engine_spec(ticket.spec, _resolver(cfg))

@@ -20,7 +20,16 @@ from sqlalchemy.orm import Session, sessionmaker
 from orchestrator.attempt import AttemptTicket, WorkerConfig
 from orchestrator.db import transaction
 from orchestrator.executor import Executor, Unschedulable
-from orchestrator.leases import RetryPolicy, claim_jobs, fail_attempt, renew_leases, rescue_expired
+from orchestrator.leases import (
+    RetryPolicy,
+    adopt_leases,
+    claim_jobs,
+    fail_attempt,
+    hand_off,
+    renew_adopted,
+    renew_leases,
+    rescue_expired,
+)
 from orchestrator.metrics import ServiceMetrics
 from orchestrator.models import Job, utcnow
 from orchestrator.settings import Settings
@@ -51,6 +60,7 @@ class Dispatcher:
         self.worker_config = WorkerConfig.from_settings(settings)
         self.retry_policy = RetryPolicy(settings.retry_backoff_seconds, settings.retry_backoff_max_seconds)
         self.in_flight: dict[str, int] = {}  # job id -> attempt number
+        self.adopted: dict[str, int] = {}  # attempts another dispatcher started and handed off on stopping
         self._last_heartbeat = 0.0
         self._last_rescue = 0.0
 
@@ -104,14 +114,19 @@ class Dispatcher:
             self.metrics.gate_checked(job.gate_passed)
 
     def _heartbeat(self) -> None:
-        if not self.in_flight:
+        if not self.in_flight and not self.adopted:
             return
+        lease = self.settings.lease_seconds
         with transaction(self.sessions) as s:
-            held = renew_leases(
-                s, owner=self.name, attempts=dict(self.in_flight), lease_seconds=self.settings.lease_seconds
+            held = renew_leases(s, owner=self.name, attempts=dict(self.in_flight), lease_seconds=lease)
+            still_adopted = renew_adopted(
+                s, owner=self.name, attempts=dict(self.adopted), lease_seconds=lease
             )
         for job_id in set(self.in_flight) - held:  # finished, or rescued by another dispatcher: let go
             log.info("job %s: lease no longer held by %s", job_id, self.name)
+        for job_id in set(self.adopted) - still_adopted:  # ended, or its worker stopped beating
+            log.info("job %s: adopted attempt ended or its worker went quiet", job_id)
+            del self.adopted[job_id]
 
     def _rescue(self) -> None:
         with transaction(self.sessions) as s:
@@ -119,6 +134,10 @@ class Dispatcher:
                 log.warning("job %s: lease expired, now %s", job_id, state)
                 if self.metrics is not None:
                     self.metrics.lease_expired()
+            adopted = adopt_leases(s, owner=self.name, lease_seconds=self.settings.lease_seconds)
+        for job_id, attempt in adopted.items():
+            log.info("job %s: adopted the lease of running attempt %d", job_id, attempt)
+        self.adopted.update(adopted)
 
     def _claim(self) -> int:
         free = self.executor.capacity - len(self.in_flight)
@@ -168,8 +187,22 @@ class Dispatcher:
         self.release()
 
     def release(self) -> None:
-        """Give the attempts still running back to the queue (on shutdown), instead of waiting for their
-        leases to expire. Their workers are fenced off and stop at their next progress report."""
+        """On shutdown. Where the executor lets attempts outlive this dispatcher (`detach()`: threads of
+        this process, which Python joins before exiting), they keep running under their attempt number and
+        their leases are handed off: another dispatcher adopts them and renews them while the worker's own
+        heartbeat is fresh; the attempt records its outcome itself. Otherwise (Ray tasks end with their
+        driver) the attempts go back to the queue at once instead of waiting for their leases to expire;
+        their workers are fenced off and stop at their next progress report."""
+        detach = getattr(self.executor, "detach", None)
+        keeps_running = bool(detach()) if detach is not None else False
+        if keeps_running or self.adopted:
+            handing = {**self.adopted, **(self.in_flight if keeps_running else {})}
+            with transaction(self.sessions) as s:
+                handed = hand_off(s, owner=self.name, attempts=handing)
+            log.info("dispatcher %s: handed off %d running attempts", self.name, len(handed))
+            self.adopted.clear()
+            if keeps_running:
+                self.in_flight.clear()
         for job_id, attempt in list(self.in_flight.items()):
             self.executor.cancel(job_id)
             with transaction(self.sessions) as s:

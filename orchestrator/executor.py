@@ -69,6 +69,12 @@ class ThreadExecutor:
         if entry is not None:
             entry[1].cancel()
 
+    def detach(self) -> bool:
+        """Stop tracking the running attempts without stopping them: they go on in their threads (Python
+        waits for them before the process exits), so their leases can be handed to another dispatcher."""
+        self._running.clear()
+        return True
+
     def shutdown(self) -> None:
         self._pool.shutdown(wait=False, cancel_futures=True)
 

@@ -117,6 +117,109 @@ def renew_leases(
     return held
 
 
+def hand_off(session: Session, *, owner: str, attempts: dict[str, int]) -> list[str]:
+    """A dispatcher that stops while its attempts keep running gives their leases up for adoption
+    (lease_owner NULL, the expiry unchanged): the attempt keeps its number, nothing is failed. Returns the
+    job ids handed off (those whose lease this dispatcher still held)."""
+    handed = []
+    for job_id, attempt in attempts.items():
+        result = session.execute(
+            update(Job)
+            .where(_fenced(job_id, attempt), Job.lease_owner == owner)
+            .values(lease_owner=None)
+            .execution_options(synchronize_session=False)
+        )
+        if result.rowcount == 1:  # type: ignore[attr-defined]
+            add_event(
+                session,
+                job_id,
+                "attempt",
+                attempt,
+                message=f"dispatcher {owner} stopped; attempt {attempt} keeps running, its lease is up for adoption",
+                data={"handed_off_by": owner},
+            )
+            handed.append(job_id)
+    return handed
+
+
+def adopt_leases(
+    session: Session, *, owner: str, lease_seconds: float, now: datetime | None = None
+) -> dict[str, int]:
+    """Take over the leases of running attempts whose dispatcher handed them off and whose worker is alive
+    (its heartbeat is younger than a lease); returns job id -> attempt of the adopted ones. A lease that
+    expired first is left to rescue_expired."""
+    now = now or utcnow()
+    rows = session.execute(
+        select(Job.id, Job.attempts)
+        .where(
+            Job.state.in_(ACTIVE_STATES),
+            Job.lease_owner.is_(None),
+            Job.lease_expires_at >= now,
+            Job.heartbeat_at >= now - timedelta(seconds=lease_seconds),
+        )
+        .with_for_update(skip_locked=True)
+    ).all()
+    adopted = {}
+    for row in rows:
+        result = session.execute(
+            update(Job)
+            .where(_fenced(row.id, row.attempts), Job.lease_owner.is_(None))
+            .values(lease_owner=owner, lease_expires_at=now + timedelta(seconds=lease_seconds))
+            .execution_options(synchronize_session=False)
+        )
+        if result.rowcount == 1:  # type: ignore[attr-defined]
+            add_event(
+                session,
+                row.id,
+                "attempt",
+                row.attempts,
+                message=f"dispatcher {owner} adopted the lease of attempt {row.attempts}",
+                data={"lease_owner": owner},
+            )
+            adopted[row.id] = row.attempts
+    return adopted
+
+
+def renew_adopted(
+    session: Session,
+    *,
+    owner: str,
+    attempts: dict[str, int],
+    lease_seconds: float,
+    now: datetime | None = None,
+) -> set[str]:
+    """Extend adopted leases while their worker is alive: the worker writes heartbeat_at itself
+    (orchestrator.attempt), so a worker that died stops being renewed and its lease expires into a rescue.
+    Returns the job ids still held."""
+    now = now or utcnow()
+    held: set[str] = set()
+    for job_id, attempt in attempts.items():
+        result = session.execute(
+            update(Job)
+            .where(
+                _fenced(job_id, attempt),
+                Job.lease_owner == owner,
+                Job.heartbeat_at >= now - timedelta(seconds=lease_seconds),
+            )
+            .values(lease_expires_at=now + timedelta(seconds=lease_seconds))
+            .execution_options(synchronize_session=False)
+        )
+        if result.rowcount == 1:  # type: ignore[attr-defined]
+            held.add(job_id)
+    return held
+
+
+def worker_heartbeat(session: Session, job_id: str, attempt: int, now: datetime | None = None) -> bool:
+    """The attempt's worker says it is alive; False once the attempt was fenced off."""
+    result = session.execute(
+        update(Job)
+        .where(_fenced(job_id, attempt))
+        .values(heartbeat_at=now or utcnow())
+        .execution_options(synchronize_session=False)
+    )
+    return bool(result.rowcount == 1)  # type: ignore[attr-defined]
+
+
 def current_state(session: Session, job_id: str, attempt: int) -> JobState | None:
     """State of the job if `attempt` still holds it; None if the attempt was fenced off."""
     state = session.scalar(select(Job.state).where(_fenced(job_id, attempt)))

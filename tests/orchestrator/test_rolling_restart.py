@@ -1,0 +1,88 @@
+"""A rolling deploy costs a job nothing: a dispatcher that stops gracefully while its attempt runs leaves
+the attempt running under the same attempt number, another dispatcher adopts its lease, and the job
+finishes with its attempt count unchanged. An adopted attempt whose worker stops beating is still rescued."""
+
+from __future__ import annotations
+
+from datetime import timedelta
+from pathlib import Path
+
+from sqlalchemy import update
+
+from orchestrator import crud
+from orchestrator.db import transaction
+from orchestrator.dispatcher import Dispatcher, start_in_thread
+from orchestrator.executor import ThreadExecutor
+from orchestrator.leases import RetryPolicy, adopt_leases, claim_jobs, hand_off, renew_adopted, rescue_expired
+from orchestrator.models import Job, utcnow
+from orchestrator.states import JobState
+from tests.orchestrator.support import (
+    check_manifest,
+    events,
+    load_job,
+    service_settings,
+    sessions_for,
+    slow_body,
+    stop,
+    submit,
+    wait_for,
+    wait_for_state,
+)
+from workers.storage import LocalStore
+
+
+def test_a_dispatcher_stopping_mid_job_hands_its_attempt_to_another(
+    database_url: str, allowed_root: Path, tiny_assets: dict, slow_model: Path, tmp_path: Path
+) -> None:
+    settings = service_settings(database_url, allowed_root, tmp_path, lease_seconds=3.0)
+    sessions = sessions_for(database_url)
+    job_id = submit(sessions, slow_body(tiny_assets, slow_model), settings)
+    old = start_in_thread(Dispatcher(sessions, ThreadExecutor(1), settings, name="old"))
+    new = None
+    try:
+        wait_for(
+            lambda: any(e.stage == "quantize" for e in events(sessions, job_id)),
+            120,
+            "the attempt to quantize",
+        )
+        new = start_in_thread(Dispatcher(sessions, ThreadExecutor(1), settings, name="new"))
+        stop(old)  # graceful: the deploy replaces this dispatcher
+        assert load_job(sessions, job_id).state == "running"
+        job = wait_for_state(sessions, job_id, {"succeeded", "failed", "queued"}, timeout=180)
+    finally:
+        if new is not None:
+            stop(new)
+        stop(old)
+    assert job.state == "succeeded", job.error
+    assert job.attempts == 1  # no attempt burned, no restart from layer 0
+    history = events(sessions, job_id)
+    states = [(e.state, e.attempt) for e in history if e.kind == "state"]
+    assert states == [("queued", 0), ("running", 1), ("succeeded", 1)]
+    messages = [e.message or "" for e in history if e.kind == "attempt"]
+    assert any("dispatcher old stopped; attempt 1 keeps running" in m for m in messages), messages
+    assert any("dispatcher new adopted the lease of attempt 1" in m for m in messages), messages
+    layers = [e.layer for e in history if e.kind == "progress" and e.stage == "quantize"]
+    assert layers == sorted(layers) and len(layers) == len(set(layers))  # every layer quantized once
+    check_manifest(LocalStore(settings.object_store), f"jobs/{job_id}")
+
+
+def test_an_adopted_attempt_whose_worker_went_quiet_is_rescued(database_url: str) -> None:
+    sessions = sessions_for(database_url)
+    with transaction(sessions) as s:
+        job_id = crud.create_job(s, owner="alice", spec={"model": "m"}, request_hash="h", max_attempts=3).id
+    with transaction(sessions) as s:
+        [claim] = claim_jobs(s, owner="old", limit=1, lease_seconds=30)
+        assert hand_off(s, owner="old", attempts={job_id: claim.attempt}) == [job_id]
+    with transaction(sessions) as s:
+        assert adopt_leases(s, owner="new", lease_seconds=30) == {job_id: 1}
+        assert adopt_leases(s, owner="other", lease_seconds=30) == {}  # adopted once
+    # the worker stops beating: no more renewals, and the lease runs out into a rescue
+    with transaction(sessions) as s:
+        s.execute(update(Job).where(Job.id == job_id).values(heartbeat_at=utcnow() - timedelta(seconds=60)))
+        assert renew_adopted(s, owner="new", attempts={job_id: 1}, lease_seconds=30) == set()
+        s.execute(
+            update(Job).where(Job.id == job_id).values(lease_expires_at=utcnow() - timedelta(seconds=1))
+        )
+    with transaction(sessions) as s:
+        assert rescue_expired(s, policy=RetryPolicy(0, 0)) == [(job_id, JobState.QUEUED)]
+    assert load_job(sessions, job_id).attempts == 1
