@@ -37,11 +37,19 @@ if str(REPO_ROOT) not in sys.path:
 WORKLOADS = ("gemm", "layer", "awq", "capture", "forward")
 
 
-def llama_8b_layer(device: torch.device) -> tuple[torch.nn.Module, tuple[torch.Tensor, torch.Tensor]]:
-    """A Llama-3-8B-shaped decoder layer (random bf16 weights, sdpa) on `device`, and the rotary position
-    embeddings of one 2048-token window."""
+LLAMA_PLAN_GROUPS = (
+    ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"), ("self_attn.o_proj",),
+    ("mlp.gate_proj", "mlp.up_proj"), ("mlp.down_proj",),
+)
+
+
+def llama_8b_layer(device: torch.device) -> tuple[torch.nn.Module, Any]:
+    """A Llama-3-8B-shaped decoder layer (random bf16 weights, sdpa) on `device`, and the call arguments
+    (`workers.loading.LayerCall`: positions and rotary embeddings) of one 2048-token window."""
     from transformers import LlamaConfig
     from transformers.models.llama.modeling_llama import LlamaDecoderLayer, LlamaRotaryEmbedding
+
+    from workers.loading import LayerCall
 
     config = LlamaConfig(hidden_size=4096, intermediate_size=14336, num_attention_heads=32,
                          num_key_value_heads=8, max_position_embeddings=2048)
@@ -49,7 +57,9 @@ def llama_8b_layer(device: torch.device) -> tuple[torch.nn.Module, tuple[torch.T
     layer = LlamaDecoderLayer(config, 0).to(device, torch.bfloat16).eval()
     rope = LlamaRotaryEmbedding(config).to(device)
     probe = torch.zeros(1, 2048, 4096, device=device, dtype=torch.bfloat16)
-    return layer, rope(probe, torch.arange(2048, device=device).unsqueeze(0))
+    positions = torch.arange(2048, device=device).unsqueeze(0)
+    kwargs = {"attention_mask": None, "position_ids": positions, "position_embeddings": rope(probe, positions)}
+    return layer, LayerCall((), kwargs)
 
 
 def make_workload(name: str, device: torch.device) -> Callable[[], None]:
@@ -94,17 +104,17 @@ def make_workload(name: str, device: torch.device) -> Callable[[], None]:
 
         return run
     if name in ("capture", "forward"):
-        from workers.architectures import ARCHITECTURES
+        from workers.model_graph import LayerPlan
         from workers.pipeline import Activations, PipelineOptions, input_statistics
 
         layer, pos = llama_8b_layer(device)
         acts = Activations(torch.randn(64, 2048, 4096, device=device, dtype=bf16), device, PipelineOptions())
-        arch = ARCHITECTURES["LlamaForCausalLM"]
+        plan = LayerPlan(LLAMA_PLAN_GROUPS)
 
         def run() -> None:
             with torch.no_grad():
                 if name == "capture":
-                    input_statistics(layer, acts, pos, arch)
+                    input_statistics(layer, acts, pos, plan)
                 else:
                     acts.forward(layer, pos, update=False)
             torch.cuda.synchronize(device)
@@ -156,20 +166,21 @@ def time_on_each(name: str, count: int) -> float:
 def time_sharded(count: int) -> dict[str, float]:
     """The pipeline's own multi-device steps on one 8B-shaped layer and 128 windows: `partial_hessians` and
     `ShardedActivations.forward` (replicated layer, activations sharded over `count` GPUs)."""
-    from workers.architectures import ARCHITECTURES
     from workers.data_parallel import ShardedActivations, partial_hessians, replicate
+    from workers.model_graph import LayerPlan
     from workers.pipeline import PipelineOptions
 
     devices = [torch.device("cuda", d) for d in range(count)]
     layer, pos = llama_8b_layer(devices[0])
     hidden = torch.randn(128, 2048, 4096, device=devices[0], dtype=torch.bfloat16)
-    acts = ShardedActivations(hidden, pos, devices, PipelineOptions())
+    acts = ShardedActivations(hidden, [pos], devices, PipelineOptions())
+    acts.at_layer(0)
     del hidden
-    arch = ARCHITECTURES["LlamaForCausalLM"]
+    plan = LayerPlan(LLAMA_PLAN_GROUPS)
     out: dict[str, float] = {}
     with torch.no_grad():
         replicas = replicate(layer, devices)
-        for step, fn in (("partial_hessians", lambda: partial_hessians(replicas, acts, arch)),
+        for step, fn in (("partial_hessians", lambda: partial_hessians(replicas, acts, plan)),
                          ("sharded_forward", lambda: acts.forward(replicas, update=False))):
             for _attempt in range(2):  # the first is a warm-up
                 for d in devices:
