@@ -3,7 +3,8 @@ live progress bars), jobs, schedules, batches, webhooks, artifacts; plus the bac
 service processes run (scheduler, webhook/registry deliveries).
 
 The API URL and key come from QF_API_URL / QF_API_KEY or ~/.config/quantfleet/config.toml. Lists print
-tables (or JSON with --json); single objects print as JSON, so output can be piped into jq.
+tables (or JSON with --json); single objects print as JSON, so output can be piped into jq (`jobs show`
+adds a short summary of the job's preflight plan on stderr).
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from api.client import TERMINAL_STATES, ApiError, QuantFleetClient
+from workers.preflight import summary_lines as plan_summary
 
 BackgroundThread = tuple[threading.Thread, threading.Event]
 
@@ -213,7 +215,10 @@ def cmd_jobs(args: argparse.Namespace) -> int:
                 },
             )
         elif args.jobs_command == "show":
-            _print_json(client.get_job(args.job_id))
+            job = client.get_job(args.job_id)
+            if job.get("plan"):  # a human summary on stderr; stdout stays JSON for jq
+                print("\n".join(plan_summary(job["plan"])), file=sys.stderr)
+            _print_json(job)
         elif args.jobs_command == "cancel":
             job = client.cancel_job(args.job_id)
             print(f"job {job['id']} {job['state']}")

@@ -288,6 +288,59 @@ class ReportSummary(BaseModel):
     versions: dict[str, str] = Field(default_factory=dict)
 
 
+class QuantizedModulesOut(BaseModel):
+    pattern: str = Field(description="Checkpoint name with the layer index as *, e.g. model.layers.*.mlp.down_proj")
+    count: int = Field(description="How many such Linears (one per decoder layer)")
+    out_features: int
+    in_features: int
+
+
+class DenseModulesOut(BaseModel):
+    pattern: str = Field(description="Module name, with the layer index as * inside decoder layers")
+    kind: Literal["embeddings", "lm_head", "norm", "router", "bias", "other"] = Field(
+        description="What it is; bias: the bias of a quantized Linear, kept dense"
+    )
+    count: int
+    tensors: list[str] = Field(description="Its tensors, e.g. weight, bias")
+    bytes: int = Field(description="Bytes written, in the model's dtype, all of them together")
+    note: str = ""
+
+
+class MemoryEstimateOut(BaseModel):
+    cpu: int = Field(description="Peak host memory of a job on CPU (float32 compute), bytes")
+    gpu: int = Field(description="Peak memory per GPU of a job on GPUs (the model's dtype), bytes")
+    layer_cpu: int = Field(description="One decoder layer in float32, bytes")
+    layer_gpu: int = Field(description="One decoder layer in the model's dtype, bytes")
+    statistics: int = Field(
+        description="Input statistics (Hessians, E[xxᵀ]: 4·in² bytes) of one layer's Linears, one per Linear "
+        "(an upper bound: Linears that share an input share one)"
+    )
+    activations_cpu: int = Field(description="Calibration hidden states into and out of a layer, float32, bytes")
+    activations_gpu: int = Field(description="The same in the model's dtype, per GPU, bytes")
+
+
+class JobPlanOut(BaseModel):
+    """The preflight plan, computed at submit time from config.json and the safetensors headers only."""
+
+    architecture: str = Field(description="The transformers class, e.g. LlamaForCausalLM")
+    model_type: str = Field(description="config.json's model_type, e.g. llama")
+    dtype: str = Field(description="The checkpoint's dtype; scales and dense tensors are written in it")
+    num_layers: int = Field(description="Decoder layers")
+    layers: str = Field(description="Checkpoint prefix of the decoder layers, e.g. model.layers.*")
+    method: str
+    bits: int
+    group_size: int
+    symmetric: bool
+    quantized: list[QuantizedModulesOut] = Field(description="Every Linear that will be quantized, by name")
+    quantized_count: int = Field(description="Linears quantized: every Linear of every decoder layer")
+    dense: list[DenseModulesOut] = Field(description="What stays dense: embeddings, lm_head, norms, biases…")
+    tied_embeddings: bool = Field(description="lm_head reuses the input embeddings")
+    awq_mappings: list[str] = Field(description="AWQ smoothing pairs (prev → anchor), for methods that smooth")
+    weight_bytes: int = Field(description="Size of the original safetensors files")
+    memory: MemoryEstimateOut = Field(description="Estimated peak memory of the layer loop")
+    output_bytes: dict[str, int] = Field(description="Estimated checkpoint size per requested format, bytes")
+
+
 class JobOut(BaseModel):
     id: str
     url: str = Field(description="This job's URL")
@@ -305,6 +358,12 @@ class JobOut(BaseModel):
     output_uri: str | None = Field(default=None, description="Where the artifacts are, once succeeded")
     gate: dict[str, Any] | None = Field(
         default=None, description="Quality gate verdict (passed, reasons, checks)"
+    )
+    plan: JobPlanOut | None = Field(
+        default=None,
+        description="The preflight plan computed at submit: architecture, layers, what is quantized and what "
+        "stays dense, estimated peak memory and output size (null for a model read only by the worker, e.g. "
+        "on S3, and for jobs submitted by batches and schedules)",
     )
     batch_id: str | None = Field(default=None, description="The batch this job belongs to, if any")
     created_at: datetime

@@ -33,6 +33,7 @@ def create_job(
     labels: dict[str, str] | None = None,
     idempotency_key: str | None = None,
     api_key_id: str | None = None,
+    plan: dict[str, Any] | None = None,
 ) -> Job:
     job = Job(
         id=uuid.uuid4().hex,
@@ -46,6 +47,7 @@ def create_job(
         attempts=0,
         max_attempts=max_attempts,
         labels=[JobLabel(key=k, value=v) for k, v in sorted((labels or {}).items())],
+        plan=plan,
     )
     session.add(job)
     session.flush()

@@ -92,6 +92,7 @@ class Job(Base):
     batch_id: Mapped[str | None] = mapped_column(ForeignKey("batches.id", ondelete="SET NULL"), index=True)
     gate_passed: Mapped[bool | None] = mapped_column(Boolean)  # None: no gate, or not succeeded (yet)
     gate_result: Mapped[dict[str, Any] | None]  # orchestrator.gates.GateResult.to_dict()
+    plan: Mapped[dict[str, Any] | None]  # workers.preflight.JobPlan.to_dict(), computed at submit (local models)
 
     labels: Mapped[list[JobLabel]] = relationship(
         back_populates="job", cascade="all, delete-orphan", lazy="selectin", order_by="JobLabel.key"

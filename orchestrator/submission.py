@@ -2,7 +2,8 @@
 own spec rules, the model-dependent rules of workers.validation (for local models), and that an
 output.uri lies in the submitting owner's own folder (orchestrator.outputs).
 
-Raises InvalidSpecError / InputError with the engine's message; the API turns them into 422s.
+Raises InvalidSpecError / InputError with the engine's message; the API turns them into 422s. For a local
+model, returns the engine's preflight plan (workers.preflight.JobPlan as a dict), which the job stores.
 S3 models are only probed for config.json here (downloading a model to validate a request would make
 submission slow and expensive); the worker runs the full model check before quantizing.
 
@@ -13,6 +14,7 @@ root the caller did not name) is shown as the caller's own URI or as a placehold
 
 from __future__ import annotations
 
+import copy
 import threading
 from collections import OrderedDict
 from pathlib import Path
@@ -73,12 +75,13 @@ def _server_folders(settings: Settings) -> dict[str, str]:
     return folders
 
 
-def validate_submission(spec: dict[str, Any], settings: Settings, *, owner: str) -> None:
-    """`owner`: who the job will belong to (its output.uri must lie in that owner's folder)."""
+def validate_submission(spec: dict[str, Any], settings: Settings, *, owner: str) -> dict[str, Any] | None:
+    """`owner`: who the job will belong to (its output.uri must lie in that owner's folder). Returns the
+    preflight plan of a local model (None for a model the worker downloads: it is not read here)."""
     resolved: dict[str, str] = {}
     sent: list[str] = []
     try:
-        _validate(spec, settings, owner, resolved, sent)
+        return _validate(spec, settings, owner, resolved, sent)
     except (InputError, InvalidSpecError) as e:
         message = _without_server_paths(str(e), sent, resolved, _server_folders(settings))
         if message == str(e):
@@ -88,7 +91,7 @@ def validate_submission(spec: dict[str, Any], settings: Settings, *, owner: str)
 
 def _validate(
     spec: dict[str, Any], settings: Settings, owner: str, resolved: dict[str, str], sent: list[str]
-) -> None:
+) -> dict[str, Any] | None:
     policy = _public(settings.input_policy(), _PublicPolicy)
     model_is_local = True
 
@@ -117,13 +120,14 @@ def _validate(
         except OSError as e:
             raise InputError(f"output path {output_uri!r} cannot be used: {e.strerror or e}") from e
     job = engine_spec(spec, resolve)
-    if model_is_local:
-        _check_model_size(Path(job.model_dir), settings.max_model_bytes)
-        _checked_against_model(job)
+    if not model_is_local:
+        return None
+    _check_model_size(Path(job.model_dir), settings.max_model_bytes)
+    return _checked_against_model(job)  # the plan names no path: nothing of the server's to hide
 
 
 MODEL_CHECKS_KEPT = 256
-_passed_model_checks: OrderedDict[tuple[str, tuple[Any, ...]], None] = OrderedDict()
+_passed_model_checks: OrderedDict[tuple[str, tuple[Any, ...]], dict[str, Any]] = OrderedDict()
 _passed_lock = threading.Lock()
 
 
@@ -136,27 +140,28 @@ def _files_signature(job: Any) -> tuple[Any, ...]:
     return tuple((str(p), (st := p.stat()).st_size, st.st_mtime_ns) for p in [*files, *texts])
 
 
-def _checked_against_model(job: Any) -> None:
-    """workers.validation.check_against_model, skipped when the same spec already passed it against the
-    same files (a batch or a nightly schedule submits one model many times). Building the model's skeleton
-    takes tens of milliseconds of CPU, which would otherwise bound the submit rate. Only passes are kept;
-    the worker checks the model again before quantizing."""
-    from workers.validation import check_against_model
+def _checked_against_model(job: Any) -> dict[str, Any]:
+    """The preflight (workers.preflight.plan_job: workers.validation.check_against_model, then the plan),
+    skipped when the same spec already passed it against the same files (a batch or a nightly schedule
+    submits one model many times). Building the model's skeleton takes tens of milliseconds of CPU, which
+    would otherwise bound the submit rate. Only passes (their plans) are kept; the worker checks the model
+    again before quantizing."""
+    from workers.preflight import plan_job
 
     try:
         key = (repr(job), _files_signature(job))
     except OSError:
-        check_against_model(job)  # let the check itself say what is missing
-        return
+        return plan_job(job).to_dict()  # let the check itself say what is missing
     with _passed_lock:
         if key in _passed_model_checks:
             _passed_model_checks.move_to_end(key)
-            return
-    check_against_model(job)
+            return copy.deepcopy(_passed_model_checks[key])
+    plan = plan_job(job).to_dict()
     with _passed_lock:
-        _passed_model_checks[key] = None
+        _passed_model_checks[key] = copy.deepcopy(plan)
         while len(_passed_model_checks) > MODEL_CHECKS_KEPT:
             _passed_model_checks.popitem(last=False)
+    return plan
 
 
 def _check_model_size(model_dir: Path, limit: int) -> None:

@@ -3,7 +3,9 @@
     quantfleet quantize MODEL_DIR --method gptq --bits 4 --group-size 64 \\
         --calibration calib.txt --eval-text eval.txt --out OUT_DIR
 
-Progress goes to stderr as rich progress bars; the summary table goes to stdout. A bad input ends the
+The preflight plan (workers/preflight.py: what is quantized, what stays dense, estimated peak memory and
+output size) goes to stderr before the job starts, then progress as rich progress bars; the summary table
+goes to stdout. A bad input ends the
 command with exit code 2 and one line "error: ..." (the message says what to fix), never a traceback.
 `api/cli.py` calls `quantize_command` for its `quantize` subcommand; `python -m workers.cli quantize ...`
 works too.
@@ -22,6 +24,7 @@ from rich.table import Table
 
 from workers.engine import run_local
 from workers.errors import QuantFleetError
+from workers.preflight import plan_job, summary_lines
 from workers.progress import Progress
 from workers.report import EngineReport
 from workers.spec import OBSERVERS, CalibrationSpec, EvalSpec, JobSpec, Method, OutputFormat, QuantScheme
@@ -150,7 +153,10 @@ def quantize_command(argv: list[str] | None = None) -> int:
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
     bars = ProgressBars(RichProgressBar(*columns, console=stderr, transient=True))
     try:
-        report = run_local(spec_from_args(args), args.out, on_progress=bars)
+        spec = spec_from_args(args)
+        for line in summary_lines(plan_job(spec).to_dict()):  # the preflight: refuses bad input in seconds
+            stderr.print(line, highlight=False, markup=False, soft_wrap=True)
+        report = run_local(spec, args.out, on_progress=bars)
     except QuantFleetError as exc:
         bars.close()
         print(f"error: {' '.join(str(exc).split())}", file=sys.stderr)

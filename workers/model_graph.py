@@ -68,6 +68,12 @@ def causal_lm_class(config: PretrainedConfig) -> type[PreTrainedModel]:
             f"architecture {what} is not supported: QuantFleet quantizes decoder-only causal language models "
             f"(…ForCausalLM, e.g. LlamaForCausalLM), and {model_type!r} is not one"
         )
+    causal = set(MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.values())
+    if named and not causal & set(named):
+        raise InvalidSpecError(
+            f"architecture {', '.join(named)} is not supported: QuantFleet quantizes decoder-only causal language "
+            f"models (…ForCausalLM, e.g. LlamaForCausalLM), and {', '.join(named)} is not one"
+        )
     if named and expected not in named:
         raise InvalidSpecError(
             f"architecture {', '.join(named)} is not supported for model type {model_type!r}: its causal LM "

@@ -83,5 +83,21 @@ class TensorSource:
     def iter_names(self, prefix: str = "") -> Iterator[str]:
         return (n for n in self._where if n.startswith(prefix))
 
+    def headers(self) -> dict[str, tuple[str, tuple[int, ...]]]:
+        """name → (safetensors dtype, e.g. "F16", shape) of every tensor, from the shard headers alone (one
+        small read per shard, no tensor data)."""
+        out: dict[str, tuple[str, tuple[int, ...]]] = {}
+        for shard in sorted(set(self._where.values())):
+            with shard.open("rb") as f:
+                size = int.from_bytes(f.read(8), "little")
+                try:
+                    header = json.loads(f.read(size))
+                except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+                    raise InputError(f"{shard} has no valid safetensors header: {exc}") from exc
+            for name, entry in header.items():
+                if name != "__metadata__" and self._where.get(name) == shard:
+                    out[name] = (str(entry["dtype"]), tuple(int(d) for d in entry["shape"]))
+        return out
+
     def total_bytes(self) -> int:
         return sum(p.stat().st_size for p in set(self._where.values()))

@@ -23,7 +23,7 @@ from workers.architectures import ArchitectureInfo
 from workers.errors import InputError, InvalidSpecError
 from workers.model_graph import build_skeleton, stored_prefixes
 from workers.quant.grid import check_group_size
-from workers.spec import JobSpec
+from workers.spec import JobSpec, OutputFormat
 from workers.tensor_source import TensorSource
 
 CONFIG_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
@@ -44,6 +44,8 @@ class ModelInfo:
     tied_embeddings: bool  # lm_head reuses the embedding matrix (no lm_head.weight in the checkpoint)
     weight_bytes: int
     has_tokenizer: bool
+    embed_prefix: str = ""  # checkpoint name prefix of the input embeddings, e.g. "model.embed_tokens."
+    lm_head_prefix: str = ""  # checkpoint name prefix of the output projection (its module path when tied)
 
 
 def read_config(model_dir: Path) -> dict[str, Any]:
@@ -102,6 +104,16 @@ def _linear_shapes(source: TensorSource, arch: ArchitectureInfo, num_layers: int
     return shapes
 
 
+def _check_gptq_format(spec: JobSpec, module: str, out_features: int, in_features: int) -> None:
+    """The gptq format packs 32/bits values a word along both dimensions (qweight along in, qzeros along out)."""
+    per_word = 32 // spec.scheme.bits
+    if OutputFormat.GPTQ in spec.formats and (in_features % per_word or out_features % per_word):
+        raise InvalidSpecError(
+            f"the gptq output format needs in and out features divisible by {per_word} for {spec.scheme.bits}-bit, "
+            f"and {module} is [{out_features}, {in_features}]; use the compressed-tensors format only"
+        )
+
+
 def check_against_model(spec: JobSpec) -> ModelInfo:
     """Validate `spec` against its model directory and data files; raise a QuantFleetError saying what to fix."""
     model_dir = Path(spec.model_dir)
@@ -119,14 +131,17 @@ def check_against_model(spec: JobSpec) -> ModelInfo:
 
     source = TensorSource(model_dir, allow_pickle=spec.allow_pickle)
     embed, head = arch.graph.embed_tokens, arch.graph.lm_head
-    if not any(f"{p}weight" in source for p in stored_prefixes(skeleton, embed)):
+    embed_prefixes = [p for p in stored_prefixes(skeleton, embed) if f"{p}weight" in source]
+    if not embed_prefixes:
         raise InputError(f"the checkpoint in {model_dir} lacks {embed}.weight")
-    tied = not any(f"{p}weight" in source for p in stored_prefixes(skeleton, head))
+    head_prefixes = [p for p in stored_prefixes(skeleton, head) if f"{p}weight" in source]
+    tied = not head_prefixes
     if tied and config.get("tie_word_embeddings") is False:
         raise InputError(f"the checkpoint in {model_dir} lacks {head}.weight and its embeddings are not tied")
     shapes = _linear_shapes(source, arch, num_layers)
-    for module, (_, in_features) in shapes.items():
+    for module, (out_features, in_features) in shapes.items():
         check_group_size(module, in_features, spec.scheme)
+        _check_gptq_format(spec, module, out_features, in_features)
 
     has_tokenizer = any((model_dir / name).is_file() for name in TOKENIZER_FILES)
     needs_text = spec.calibration.path is not None or spec.eval is not None
@@ -147,4 +162,6 @@ def check_against_model(spec: JobSpec) -> ModelInfo:
         tied_embeddings=tied,
         weight_bytes=source.total_bytes(),
         has_tokenizer=has_tokenizer,
+        embed_prefix=embed_prefixes[0],
+        lm_head_prefix=head_prefixes[0] if head_prefixes else f"{head}.",
     )

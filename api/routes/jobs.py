@@ -19,6 +19,7 @@ from api.schemas import (
     JobCreate,
     JobOut,
     JobPage,
+    JobPlanOut,
     Problem,
     ProgressOut,
     ReportSummary,
@@ -63,6 +64,7 @@ def job_out(job: Job, request: Request) -> JobOut:
         report=ReportSummary.model_validate(result) if succeeded and result else None,
         output_uri=job.output_uri,
         gate=job.gate_result,
+        plan=JobPlanOut.model_validate(job.plan) if job.plan else None,
         batch_id=job.batch_id,
         created_at=job.created_at,
         updated_at=job.updated_at,
@@ -115,7 +117,7 @@ def submit_job(
                 response.headers["Location"] = str(request.url_for("get_job", job_id=job.id))
                 return job_out(job, request)
     try:
-        validate_submission(spec, settings, owner=principal.owner)
+        plan = validate_submission(spec, settings, owner=principal.owner)
     except (InvalidSpecError, InputError) as e:
         raise HTTPException(status.HTTP_422_UNPROCESSABLE_CONTENT, str(e)) from e
     try:
@@ -137,6 +139,7 @@ def submit_job(
                 priority=body.priority,
                 labels=body.labels,
                 idempotency_key=idempotency_key,
+                plan=plan,
             )
     except IntegrityError:  # a concurrent request with the same Idempotency-Key won the insert
         with transaction(sessions) as session:

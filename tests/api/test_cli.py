@@ -14,7 +14,7 @@ from orchestrator.db import make_engine, migration_status, session_factory, tran
 def test_migrate_then_create_use_and_revoke_a_key(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     url = f"sqlite:///{tmp_path / 'cli.db'}"
     assert main(["migrate", "--database-url", url]) == 0
-    assert migration_status(make_engine(url)) == ("0003", "0003")
+    assert migration_status(make_engine(url)) == ("0004", "0004")
 
     assert main(["keys", "create", "--owner", "carol", "--scopes", "read,submit", "--database-url", url]) == 0
     out = capsys.readouterr()

@@ -201,7 +201,7 @@ def test_per_owner_limit_on_active_jobs(
 def test_health_and_readiness(client: TestClient) -> None:
     assert client.get("/healthz").json() == {"status": "ok"}
     ready = client.get("/readyz")
-    assert ready.status_code == 200 and ready.json()["migrations"] == "0003"
+    assert ready.status_code == 200 and ready.json()["migrations"] == "0004"
 
 
 def test_not_ready_before_migrations(tmp_path: Path, allowed_root: Path) -> None:

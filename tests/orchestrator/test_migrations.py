@@ -30,16 +30,16 @@ def test_migrated_schema_equals_models(database_url: str) -> None:
         "registrations",
     }
     current, head = migration_status(engine)
-    assert current == head == "0003"
+    assert current == head == "0004"
     engine.dispose()
 
 
 def test_fresh_database_is_not_current_until_migrated(tmp_path) -> None:
     url = f"sqlite:///{tmp_path / 'new.db'}"
     engine = make_engine(url)
-    assert migration_status(engine) == (None, "0003")
+    assert migration_status(engine) == (None, "0004")
     migrate(url)
-    assert migration_status(engine) == ("0003", "0003")
+    assert migration_status(engine) == ("0004", "0004")
     migrate(url)  # idempotent
     engine.dispose()
 
