@@ -79,12 +79,16 @@ def _sweep_block(  # type: ignore[no-untyped-def]
                     raw = top * inv_range
                 else:
                     raw = tl.math.div_rn(top, tl.full([ROWS], levels, tl.float32))
-                if SCALE_ROUND == 1:  # to bf16 and back, half-to-even on the bits (as torch does)
+                # to the storage dtype and back, toward zero where nearest went up (as `grid._round_scale`)
+                if SCALE_ROUND == 1:  # bf16: half-to-even on the bits (as torch does)
                     bits = raw.to(tl.uint32, bitcast=True)
                     bits = ((bits + 0x7FFF + ((bits >> 16) & 1)) >> 16) << 16
+                    bits = tl.where(bits.to(tl.float32, bitcast=True) > raw, bits - 0x10000, bits)
                     raw = bits.to(tl.float32, bitcast=True)
                 elif SCALE_ROUND == 2:
-                    raw = raw.to(tl.float16).to(tl.float32)
+                    half = raw.to(tl.float16)
+                    lower = (half.to(tl.int16, bitcast=True) - 1).to(tl.float16, bitcast=True).to(tl.float32)
+                    raw = tl.where(half.to(tl.float32) > raw, lower, half.to(tl.float32))
                 scale = tl.where(raw == 0.0, tiny, raw)
                 g = (col0 + i) // GROUP
                 tl.store(SCALE + r * stride_s + g, scale, mask=rmask)
