@@ -31,6 +31,7 @@ MAX_GPUS_PER_JOB = 16  # the engine's limit on JobSpec.devices
 
 FormatName = Literal["compressed-tensors", "gptq"]
 MethodName = Literal["gptq", "awq", "rtn", "awq-gptq", "auto"]
+SchemeName = Literal["fp8-dynamic", "fp8-static", "fp8-block"]  # workers.spec.FP8_PRESETS
 
 
 def default_formats() -> list[FormatName]:
@@ -180,6 +181,15 @@ class JobCreate(Strict):
         default=128, description="Columns per scale: 32, 64, 128, or -1 for one scale per row"
     )
     symmetric: bool = Field(default=True, description="Symmetric grid (no zero point)")
+    scheme: SchemeName | None = Field(
+        default=None,
+        description="A named FP8 (E4M3) scheme instead of the integer grid of bits/group_size, written as "
+        "compressed-tensors float-quantized for vLLM: 'fp8-dynamic' (one weight scale per output channel, "
+        "activations quantized per token at run time; no calibration), 'fp8-static' (per-tensor weight scale, "
+        "per-tensor activation scale observed on the calibration data, which it needs) or 'fp8-block' (a scale "
+        "per 128×128 weight block, DeepSeek-V3 style; every Linear's dimensions must divide by 128). Needs "
+        "method rtn and the compressed-tensors format only; bits, if given, must be 8 (stored as 8, group_size -1).",
+    )
     calibration: CalibrationIn | None = Field(
         default=None, description="Calibration data; required for gptq and awq"
     )
@@ -227,6 +237,20 @@ class JobCreate(Strict):
         description="Quality gate checked on the evaluation (needs eval); only passing artifacts "
         "are promoted to the model registry",
     )
+
+    @model_validator(mode="after")
+    def _fp8_scheme_grid(self) -> JobCreate:
+        """A named FP8 scheme fixes the grid: 8 bits, no groups, symmetric (stored so, for filters and cards)."""
+        if self.scheme is None:
+            return self
+        given = self.model_fields_set
+        if ("bits" in given and self.bits != 8) or ("group_size" in given and self.group_size != -1) or not self.symmetric:
+            raise ValueError(
+                f"scheme {self.scheme} has 8-bit symmetric FP8 weights with its own scale layout: drop bits, group_size "
+                "and symmetric (or set bits 8, group_size -1, symmetric true)"
+            )
+        self.bits, self.group_size = 8, -1
+        return self
 
     @model_validator(mode="after")
     def _gate_needs_eval(self) -> JobCreate:

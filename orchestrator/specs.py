@@ -45,7 +45,9 @@ def engine_spec(spec: dict[str, Any], resolve: Resolver) -> JobSpec:
     job = JobSpec(
         model_dir=resolve(spec["model"], "dir", "model"),
         method=method,
-        scheme=QuantScheme(bits=spec["bits"], group_size=spec["group_size"], symmetric=spec["symmetric"]),
+        scheme=QuantScheme.from_preset(spec["scheme"])
+        if spec.get("scheme")
+        else QuantScheme(bits=spec["bits"], group_size=spec["group_size"], symmetric=spec["symmetric"]),
         calibration=CalibrationSpec(
             path=resolve(cal["uri"], "file", "calibration") if cal.get("uri") else None,
             num_samples=cal.get("num_samples", 128),

@@ -27,7 +27,16 @@ from workers.errors import QuantFleetError
 from workers.preflight import plan_job, summary_lines
 from workers.progress import Progress
 from workers.report import EngineReport
-from workers.spec import OBSERVERS, CalibrationSpec, EvalSpec, JobSpec, Method, OutputFormat, QuantScheme
+from workers.spec import (
+    FP8_PRESETS,
+    OBSERVERS,
+    CalibrationSpec,
+    EvalSpec,
+    JobSpec,
+    Method,
+    OutputFormat,
+    QuantScheme,
+)
 
 EXIT_BAD_INPUT = 2
 
@@ -42,6 +51,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--bits", type=int, default=defaults.bits, help="2, 3, 4 or 8 (default %(default)s)")
     parser.add_argument("--group-size", type=int, default=defaults.group_size, help="-1 (per channel), 32, 64 or 128")
     parser.add_argument("--asym", action="store_true", help="asymmetric grid (zero points); default symmetric")
+    parser.add_argument(
+        "--scheme", choices=list(FP8_PRESETS),
+        help="FP8 E4M3 instead of the integer grid (replaces --bits/--group-size/--asym; method rtn; "
+        "fp8-static needs --calibration)",
+    )
     parser.add_argument(
         "--observer", choices=list(OBSERVERS), default="mse",
         help="group ranges: 'mse', the range with the least E[x²]-weighted rounding error (default), or min-max",
@@ -72,7 +86,9 @@ def spec_from_args(args: argparse.Namespace) -> JobSpec:
     return JobSpec(
         model_dir=args.model_dir,
         method=Method(args.method),
-        scheme=QuantScheme(bits=args.bits, group_size=args.group_size, symmetric=not args.asym),
+        scheme=QuantScheme.from_preset(args.scheme)
+        if args.scheme
+        else QuantScheme(bits=args.bits, group_size=args.group_size, symmetric=not args.asym),
         calibration=CalibrationSpec(
             path=args.calibration, num_samples=args.num_samples, seq_len=args.seq_len, seed=args.seed
         ),

@@ -42,6 +42,8 @@ from workers.model_graph import Group, LayerPlan, linear_names
 from workers.prefetch import LayerPrefetcher
 from workers.progress import CancelCheck, Progress, ProgressCallback, never_cancel, no_progress
 from workers.quant.awq import apply_clip, search_clip, search_scales
+from workers.quant.fp8 import FloatQuantizedTensor
+from workers.quant.fp8 import input_scale as fp8_input_scale
 from workers.quant.gptq import HessianAccumulator, gptq_quantize_shared
 from workers.quant.grid import QuantizedTensor
 from workers.quant.rtn import rtn_quantize
@@ -209,8 +211,8 @@ def _solve_rtn(layer: nn.Module, spec: JobSpec, dtype: torch.dtype) -> dict[str,
 def input_statistics(
     layer: nn.Module, activations: Activations, call: LayerCall, plan: LayerPlan
 ) -> dict[Group, HessianAccumulator]:
-    """Per Linear group, the statistics of its input over all calibration tokens (H = 2/n Σ xᵀx and Σ|x|),
-    from one forward of the (not yet quantized) layer."""
+    """Per Linear group, the statistics of its input over all calibration tokens (H = 2/n Σ xᵀx, Σ|x| and
+    max|x|, static FP8's activation range), from one forward of the (not yet quantized) layer."""
     accumulators = {
         group: HessianAccumulator(_linear(layer, group[0]).in_features, activations.device) for group in plan.groups
     }
@@ -270,12 +272,15 @@ class LayerQuantizer:
             stats = input_statistics(layer, activations, call, plan)
             awq_stats = {g: AwqStatistics.of(acc) for g, acc in stats.items()}
             return self.solve_awq_statistics(index, layer, awq_stats, plan, on_progress)
-        hessians = {group: acc.hessian for group, acc in input_statistics(layer, activations, call, plan).items()}
+        statistics = input_statistics(layer, activations, call, plan)
+        static_fp8 = self.spec.scheme.activations == "static"
         solved: dict[str, QuantizedTensor] = {}
-        for group, hessian in hessians.items():
+        for group, accumulator in statistics.items():
             on_progress(Progress("quantize", index, self.model.num_layers, ", ".join(group)))
-            for name, qt, mse, rel, fallback, note in self.solve_group(layer, group, hessian):
+            for name, qt, mse, rel, fallback, note in self.solve_group(layer, group, accumulator.hessian):
                 self._record(index, name, mse, rel, fallback, note)
+                if static_fp8 and isinstance(qt, FloatQuantizedTensor):  # the group's inputs: one range for all
+                    qt.input_scale = fp8_input_scale(accumulator.abs_max, self.model.model_dtype)
                 solved[name] = qt
         return solved
 

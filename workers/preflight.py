@@ -218,6 +218,8 @@ def build_plan(spec: JobSpec, info: ModelInfo, headers: Mapping[str, tuple[str, 
         for module, (out_f, in_f) in info.linear_shapes.items():
             total += _quantized_bytes(fmt.value, out_f, in_f, spec, model_bytes)
             entries = 4 if fmt is OutputFormat.GPTQ or not spec.scheme.symmetric else 3
+            if spec.scheme.is_float:
+                entries = 3 if spec.scheme.activations == "static" else 2
             total += entries * (_HEADER_BYTES_PER_TENSOR + len(graph.layers) + len(module) + 12)
         output[fmt.value] = total
 
@@ -251,6 +253,9 @@ def _hidden_from(info: ModelInfo) -> int:
 def _quantized_bytes(fmt: str, out_f: int, in_f: int, spec: JobSpec, model_bytes: int) -> int:
     """Bytes one Linear takes in `fmt` (see workers/formats/compressed_tensors.py and gptq_v1.py)."""
     bits, group = spec.scheme.bits, spec.scheme.group_size
+    if spec.scheme.is_float:  # float8 weight + scales (+ input_scale): workers/formats/float_quantized.py
+        scales = {"channel": out_f, "tensor": 1}.get(str(spec.scheme.strategy), math.ceil(out_f / 128) * math.ceil(in_f / 128))
+        return out_f * in_f + scales * model_bytes + (model_bytes if spec.scheme.activations == "static" else 0)
     groups = 1 if group == -1 else math.ceil(in_f / group)
     if fmt == "gptq":
         qweight = math.ceil(in_f * bits / 32) * out_f * 4

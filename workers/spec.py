@@ -59,15 +59,40 @@ SUPPORTED_BITS = (2, 3, 4, 8)
 SUPPORTED_GROUP_SIZES = (-1, 32, 64, 128)
 
 
+FloatStrategy = Literal["channel", "tensor", "block"]
+Activations = Literal["none", "dynamic", "static"]
+FP8_BLOCK = 128  # block FP8: 128×128 weight blocks (DeepSeek-V3), activations in groups of 128 per token
+
+
 @dataclass(frozen=True)
 class QuantScheme:
-    """Integer weight-only quantization grid. group_size -1 means one scale per output channel."""
+    """The weight grid. `type` "int" (default): integer weight-only, group_size -1 meaning one scale per
+    output channel. `type` "float": FP8 E4M3 weights (bits 8, symmetric, group_size -1) with one scale per
+    output channel, per tensor or per 128×128 block (`strategy`), and FP8 input activations quantized by the
+    runtime per token (`activations` "dynamic"; per 128-column group for blocks) or with a scale observed in
+    calibration (`activations` "static", per tensor); see workers/quant/fp8.py and `FP8_PRESETS`."""
 
     bits: int = 4
     group_size: int = 128
     symmetric: bool = True
+    type: Literal["int", "float"] = "int"
+    strategy: FloatStrategy | None = None  # float only
+    activations: Activations = "none"  # float only
+
+    @property
+    def is_float(self) -> bool:
+        return self.type == "float"
 
     def validate(self) -> None:
+        if self.type == "float":
+            self._validate_float()
+            return
+        if self.type != "int":
+            raise InvalidSpecError(f"scheme type {self.type!r} is not known; choose 'int' or 'float' (FP8)")
+        if self.strategy is not None or self.activations != "none":
+            raise InvalidSpecError(
+                "strategy and activations belong to FP8 schemes (type 'float'); integer schemes are weight-only"
+            )
         if self.bits not in SUPPORTED_BITS:
             raise InvalidSpecError(f"bits={self.bits} is not supported; choose one of {list(SUPPORTED_BITS)}")
         if self.group_size not in SUPPORTED_GROUP_SIZES:
@@ -75,6 +100,48 @@ class QuantScheme:
                 f"group_size={self.group_size} is not supported; choose one of {list(SUPPORTED_GROUP_SIZES)}"
                 " (-1 = one scale per output channel)"
             )
+
+    def _validate_float(self) -> None:
+        if self.bits != 8:
+            raise InvalidSpecError(f"FP8 (scheme type 'float') has 8-bit weights, not bits={self.bits}; set bits 8")
+        if not self.symmetric:
+            raise InvalidSpecError("FP8 weights are symmetric (no zero point); set symmetric true")
+        if self.group_size != -1:
+            raise InvalidSpecError(
+                f"FP8 weights take no group_size (got {self.group_size}); set -1 and choose the scale layout with"
+                " strategy 'channel', 'tensor' or 'block' (128×128)"
+            )
+        if self.strategy not in ("channel", "tensor", "block"):
+            raise InvalidSpecError(f"FP8 strategy {self.strategy!r} is not one of 'channel', 'tensor', 'block'")
+        if self.activations not in ("dynamic", "static"):
+            raise InvalidSpecError(
+                f"FP8 activations {self.activations!r}: choose 'dynamic' (per token, at run time) or 'static'"
+                " (one scale per tensor from calibration)"
+            )
+        if self.strategy == "block" and self.activations != "dynamic":
+            raise InvalidSpecError(
+                "block FP8 quantizes activations dynamically (per token, 128 columns a group); use activations"
+                " 'dynamic', or strategy 'tensor'/'channel' for static activation scales"
+            )
+
+    @property
+    def preset(self) -> str | None:
+        """The name of this scheme in FP8_PRESETS, if it is one."""
+        return next((name for name, scheme in FP8_PRESETS.items() if scheme == self), None)
+
+    @classmethod
+    def from_preset(cls, name: str) -> QuantScheme:
+        if name not in FP8_PRESETS:
+            raise InvalidSpecError(f"scheme {name!r} is not known; choose one of {list(FP8_PRESETS)}")
+        return FP8_PRESETS[name]
+
+
+# The named FP8 schemes (llm-compressor's FP8_DYNAMIC, FP8 and FP8_BLOCK presets).
+FP8_PRESETS: dict[str, QuantScheme] = {
+    "fp8-dynamic": QuantScheme(8, -1, True, "float", "channel", "dynamic"),
+    "fp8-static": QuantScheme(8, -1, True, "float", "tensor", "static"),
+    "fp8-block": QuantScheme(8, -1, True, "float", "block", "dynamic"),
+}
 
 
 @dataclass(frozen=True)
@@ -137,6 +204,8 @@ class JobSpec:
             raise InvalidSpecError(f"method {self.method.value} needs calibration data (calibration.path)")
         if not self.formats:
             raise InvalidSpecError("at least one output format is required")
+        if self.scheme.is_float:
+            self._validate_fp8()
         if OutputFormat.GPTQ in self.formats and self.scheme.bits not in (2, 4, 8):
             raise InvalidSpecError(f"the gptq output format supports bits 2, 4 and 8, not {self.scheme.bits}")
         if not 1 <= self.devices <= 16:
@@ -157,6 +226,26 @@ class JobSpec:
             raise InvalidSpecError(f"observer={self.observer!r} is not known; choose one of {list(OBSERVERS)}")
         if not 0 < self.dampening < 1:
             raise InvalidSpecError(f"dampening={self.dampening} must be in (0, 1)")
+
+    def _validate_fp8(self) -> None:
+        if self.method is not Method.RTN:
+            raise InvalidSpecError(
+                f"FP8 schemes are quantized by method rtn (FP8's fine grid leaves little for {self.method.value} to"
+                " gain); set method rtn"
+            )
+        if self.formats != (OutputFormat.COMPRESSED_TENSORS,):
+            raise InvalidSpecError(
+                "FP8 is written only as compressed-tensors (float-quantized); GPTQ v1 has no FP8 layout: set formats"
+                " to ['compressed-tensors']"
+            )
+        if self.scheme.activations == "static":
+            if not self.calibration.path:
+                raise InvalidSpecError(
+                    "static FP8 activation scales are observed on calibration data: give calibration.path, or use"
+                    " activations 'dynamic' (scheme fp8-dynamic)"
+                )
+            if self.devices != 1:
+                raise InvalidSpecError("static FP8 runs on one device; set devices 1")
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)

@@ -23,7 +23,7 @@ from workers.architectures import ArchitectureInfo
 from workers.errors import InputError, InvalidSpecError
 from workers.model_graph import build_skeleton, stored_prefixes
 from workers.quant.grid import check_group_size
-from workers.spec import JobSpec, OutputFormat
+from workers.spec import FP8_BLOCK, JobSpec, OutputFormat
 from workers.tensor_source import TensorSource
 
 CONFIG_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
@@ -114,6 +114,15 @@ def _check_gptq_format(spec: JobSpec, module: str, out_features: int, in_feature
         )
 
 
+def _check_fp8_blocks(spec: JobSpec, module: str, out_features: int, in_features: int) -> None:
+    """vLLM's block-FP8 kernels need whole 128×128 blocks in its fused (qkv, gate_up) and sharded Linears."""
+    if spec.scheme.strategy == "block" and (out_features % FP8_BLOCK or in_features % FP8_BLOCK):
+        raise InvalidSpecError(
+            f"block FP8 needs every quantized Linear's dimensions divisible by {FP8_BLOCK}, and {module} is "
+            f"[{out_features}, {in_features}]; use scheme fp8-dynamic (one scale per output channel) instead"
+        )
+
+
 def check_against_model(spec: JobSpec) -> ModelInfo:
     """Validate `spec` against its model directory and data files; raise a QuantFleetError saying what to fix."""
     model_dir = Path(spec.model_dir)
@@ -142,6 +151,7 @@ def check_against_model(spec: JobSpec) -> ModelInfo:
     for module, (out_features, in_features) in shapes.items():
         check_group_size(module, in_features, spec.scheme)
         _check_gptq_format(spec, module, out_features, in_features)
+        _check_fp8_blocks(spec, module, out_features, in_features)
 
     has_tokenizer = any((model_dir / name).is_file() for name in TOKENIZER_FILES)
     needs_text = spec.calibration.path is not None or spec.eval is not None

@@ -15,13 +15,13 @@ import torch
 from torch import Tensor
 
 from workers.errors import InputError
-from workers.formats import compressed_tensors, gptq_v1
+from workers.formats import compressed_tensors, float_quantized, gptq_v1
 from workers.spec import OutputFormat
 from workers.tensor_source import TensorSource
 
 
 class QuantizedCheckpoint:
-    """A compressed-tensors pack-quantized or GPTQ v1 checkpoint directory, read lazily."""
+    """A compressed-tensors pack-quantized or float-quantized (FP8), or GPTQ v1 checkpoint directory, read lazily."""
 
     def __init__(self, path: str | Path) -> None:
         self.path = Path(path)
@@ -31,10 +31,15 @@ class QuantizedCheckpoint:
         self.config: dict[str, Any] = json.loads(config_path.read_text())
         quant_config = self.config.get("quantization_config")
         method = quant_config.get("quant_method") if isinstance(quant_config, dict) else None
-        if method == "compressed-tensors":
+        if method == "compressed-tensors" and quant_config.get("format") == float_quantized.FORMAT:
+            self.format = OutputFormat.COMPRESSED_TENSORS
+            self.scheme, self.act_order = float_quantized.scheme_from_config(quant_config), False
+            self._module: ModuleType = float_quantized
+            self._marker = float_quantized.MARKER
+        elif method == "compressed-tensors":
             self.format = OutputFormat.COMPRESSED_TENSORS
             self.scheme, self.act_order = compressed_tensors.scheme_from_config(quant_config)
-            self._module: ModuleType = compressed_tensors
+            self._module = compressed_tensors
             self._marker = "weight_packed"
         elif method == "gptq":
             self.format = OutputFormat.GPTQ

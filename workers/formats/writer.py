@@ -20,7 +20,7 @@ from safetensors.torch import save_file
 from torch import Tensor
 
 from workers.errors import InvalidSpecError
-from workers.formats import compressed_tensors, gptq_v1
+from workers.formats import compressed_tensors, float_quantized, gptq_v1
 from workers.quant.grid import QuantizedTensor
 from workers.spec import OutputFormat, QuantScheme
 
@@ -50,6 +50,9 @@ class CheckpointWriter:
         if fmt == OutputFormat.GPTQ:
             gptq_v1.check_scheme(scheme)
             self._format: Any = gptq_v1
+        elif fmt == OutputFormat.COMPRESSED_TENSORS and scheme.is_float:
+            float_quantized.check_scheme(scheme)
+            self._format = float_quantized
         elif fmt == OutputFormat.COMPRESSED_TENSORS:
             scheme.validate()
             self._format = compressed_tensors

@@ -67,6 +67,7 @@ class HessianAccumulator:
         self._mode: Literal["fp32", "half-operands"] | None = None
         self._scaled: Tensor | None = None  # 2/n · S, cached until the next batch (half-operands mode)
         self._abs = torch.zeros(in_features, dtype=torch.float32, device=device)
+        self._max = torch.zeros((), dtype=torch.float32, device=device)  # max|x| over all rows (static FP8)
         self.num_samples = 0
 
     def _resolve(self, rows: Tensor) -> Literal["fp32", "half-operands"]:
@@ -83,7 +84,9 @@ class HessianAccumulator:
         if rows.shape[0] == 0:
             return
         self._mode = self._mode or self._resolve(rows)
-        self._abs.add_(rows.abs().sum(dim=0, dtype=torch.float32))
+        magnitude = rows.abs()
+        self._abs.add_(magnitude.sum(dim=0, dtype=torch.float32))
+        self._max = torch.maximum(self._max, magnitude.amax().to(torch.float32))
         total = self.num_samples + rows.shape[0]
         if self._mode == "fp32":
             rows = rows.to(torch.float32)
@@ -104,6 +107,11 @@ class HessianAccumulator:
     def abs_sum(self) -> Tensor:
         """Σ|x| per input channel (float32 `[in]`); partial sums of several devices add up."""
         return self._abs
+
+    @property
+    def abs_max(self) -> Tensor:
+        """max|x| over every input seen (0-dim float32): static FP8's activation range."""
+        return self._max
 
     @property
     def mean_abs(self) -> Tensor:
