@@ -136,14 +136,21 @@ def _logits(model: torch.nn.Module) -> torch.Tensor:
         return model(ids).logits
 
 
-@pytest.mark.parametrize("preset", list(FP8_PRESETS))
+# the presets, and the explicit form: static activations with one weight scale per output channel
+CHANNEL_STATIC = dataclasses.replace(FP8_PRESETS["fp8-static"], strategy="channel")
+END_TO_END = [*FP8_PRESETS.values(), CHANNEL_STATIC]
+
+
+@pytest.mark.parametrize("scheme", END_TO_END, ids=[*FP8_PRESETS, "channel-static"])
 def test_fp8_checkpoint_loads_in_transformers_with_our_logits(
-    make_spec: Callable[..., JobSpec], tiny_model_dir: Path, block_model_dir: Path, tmp_path: Path, preset: str
+    make_spec: Callable[..., JobSpec], tiny_model_dir: Path, block_model_dir: Path, tmp_path: Path,
+    scheme: QuantScheme,
 ) -> None:
-    model_dir = block_model_dir if preset == "fp8-block" else tiny_model_dir
-    spec = fp8_spec(make_spec, preset, model_dir=model_dir, calibration=preset == "fp8-static", with_eval=True,
-                    num_samples=8, seq_len=32)
-    scheme = spec.scheme
+    model_dir = block_model_dir if scheme.strategy == "block" else tiny_model_dir
+    spec = dataclasses.replace(
+        make_spec("rtn", model_dir=model_dir, calibration=scheme.activations == "static", num_samples=8, seq_len=32),
+        scheme=scheme,
+    )
     out = tmp_path / "out"
     report = run_local(spec, out)
     assert report.eval is not None and report.bits == 8  # evaluated through our reader of the FP8 checkpoint
