@@ -108,16 +108,15 @@ def special_prefix(tokenizer: PreTrainedTokenizerBase) -> list[int]:
     return []
 
 
-def _with_prefix(windows: Tensor, tokenizer: PreTrainedTokenizerBase) -> Tensor:
-    prefix = special_prefix(tokenizer)
+def _with_prefix(windows: Tensor, prefix: list[int]) -> Tensor:
     if not prefix:
         return windows
     head = torch.tensor(prefix, dtype=torch.long).expand(windows.shape[0], len(prefix))
     return torch.cat([head, windows], dim=1)
 
 
-def _body_length(seq_len: int, tokenizer: PreTrainedTokenizerBase) -> int:
-    body = seq_len - len(special_prefix(tokenizer))
+def _body_length(seq_len: int, prefix: list[int]) -> int:
+    body = seq_len - len(prefix)
     if body < 1:
         raise InputError(f"seq_len {seq_len} leaves no room for text after the tokenizer's special tokens")
     return body
@@ -147,18 +146,20 @@ def calibration_windows(spec: CalibrationSpec, tokenizer: PreTrainedTokenizerBas
     if spec.path is None:
         raise InputError("no calibration file was given")
     stream = tokenize(read_text(spec.path, "calibration"), tokenizer)
-    body = sample_windows(stream, spec.num_samples, _body_length(spec.seq_len, tokenizer), spec.seed)
-    return _with_prefix(body, tokenizer)
+    prefix = special_prefix(tokenizer)
+    body = sample_windows(stream, spec.num_samples, _body_length(spec.seq_len, prefix), spec.seed)
+    return _with_prefix(body, prefix)
 
 
 def eval_windows(text: str, tokenizer: PreTrainedTokenizerBase, seq_len: int, max_windows: int | None = None) -> Tensor:
     """Consecutive non-overlapping windows `[n, seq_len]` (paper protocol), the short tail dropped; each
     starts with the tokenizer's own special prefix, as calibration windows do."""
     stream = tokenize(text, tokenizer)
-    body = _body_length(seq_len, tokenizer)
+    prefix = special_prefix(tokenizer)
+    body = _body_length(seq_len, prefix)
     count = stream.numel() // body
     if count == 0:
         raise InputError(f"evaluation text has {stream.numel()} tokens, fewer than one window of {body}")
     if max_windows is not None:
         count = min(count, max_windows)
-    return _with_prefix(stream[: count * body].reshape(count, body), tokenizer)
+    return _with_prefix(stream[: count * body].reshape(count, body), prefix)

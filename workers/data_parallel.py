@@ -206,12 +206,17 @@ def partial_hessians(
     return acts.threads.run(accumulate)
 
 
+def sum_in_order(parts: Sequence[Tensor], device: torch.device) -> Tensor:
+    """Σ_d parts[d], added in device order on `device` (a new tensor)."""
+    total = parts[0].to(device, copy=True)
+    for part in parts[1:]:
+        total.add_(part.to(device))
+    return total
+
+
 def merge_sums(sums: Sequence[Tensor], num_samples: int, device: torch.device) -> Tensor:
     """H = 2/n · Σ_d S_d: the unscaled partial sums added in device order on `device`, scaled once."""
-    total = sums[0].to(device, copy=True)
-    for part in sums[1:]:
-        total.add_(part.to(device))
-    return total.mul_(2.0 / max(num_samples, 1))  # the same scaling as HessianAccumulator.hessian
+    return sum_in_order(sums, device).mul_(2.0 / max(num_samples, 1))  # the scaling of HessianAccumulator.hessian
 
 
 def merge_hessians(parts: Sequence[HessianAccumulator], device: torch.device) -> Tensor:
@@ -438,8 +443,6 @@ def merged_statistics(
     for group in plan.groups:
         parts = [part[group] for part in partials]
         n = sum(acc.num_samples for acc in parts)
-        abs_sum = parts[0].abs_sum().to(primary, copy=True)
-        for acc in parts[1:]:
-            abs_sum.add_(acc.abs_sum().to(primary))
+        abs_sum = sum_in_order([acc.abs_sum() for acc in parts], primary)
         merged[group] = AwqStatistics(merge_hessians(parts, primary) / 2, abs_sum / max(n, 1))
     return merged

@@ -43,17 +43,25 @@ def quantization_config(scheme: QuantScheme, *, act_order: bool = False) -> dict
         "type": "int",
         "zp_dtype": None,
     }
+    return config_group_document(FORMAT, weights)
+
+
+def config_group_document(
+    fmt: str, weights: dict[str, Any], input_activations: dict[str, Any] | None = None
+) -> dict[str, Any]:
+    """config.json's `quantization_config`: one config group of Linears in format `fmt` (lm_head kept dense),
+    shared by every compressed-tensors format QuantFleet writes."""
     return {
         "config_groups": {
             "group_0": {
-                "format": FORMAT,
-                "input_activations": None,
+                "format": fmt,
+                "input_activations": input_activations,
                 "output_activations": None,
                 "targets": ["Linear"],
                 "weights": weights,
             }
         },
-        "format": FORMAT,
+        "format": fmt,
         "global_compression_ratio": None,
         "ignore": ["lm_head"],
         "kv_cache_scheme": None,

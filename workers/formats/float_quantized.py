@@ -13,11 +13,11 @@ from __future__ import annotations
 
 from typing import Any
 
-import compressed_tensors
 import torch
 from torch import Tensor
 
 from workers.errors import InputError, InvalidSpecError
+from workers.formats.compressed_tensors import config_group_document
 from workers.quant.fp8 import FloatQuantizedTensor
 from workers.quant.grid import QuantizedTensor
 from workers.spec import FP8_BLOCK, Activations, QuantScheme
@@ -63,26 +63,7 @@ def quantization_config(scheme: QuantScheme, *, act_order: bool = False) -> dict
         inputs = _args("group", dynamic=True, group_size=FP8_BLOCK)
     else:
         inputs = _args("token", dynamic=True)
-    return {
-        "config_groups": {
-            "group_0": {
-                "format": FORMAT,
-                "input_activations": inputs,
-                "output_activations": None,
-                "targets": ["Linear"],
-                "weights": weights,
-            }
-        },
-        "format": FORMAT,
-        "global_compression_ratio": None,
-        "ignore": ["lm_head"],
-        "kv_cache_scheme": None,
-        "quant_method": "compressed-tensors",
-        "quantization_status": "compressed",
-        "sparsity_config": {},
-        "transform_config": {},
-        "version": compressed_tensors.__version__,
-    }
+    return config_group_document(FORMAT, weights, inputs)
 
 
 def linear_tensors(qt: QuantizedTensor, dtype: torch.dtype) -> dict[str, Tensor]:
