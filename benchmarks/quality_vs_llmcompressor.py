@@ -82,6 +82,7 @@ PIN_MEMORY_NOTE = (
     "accelerator; pinning only speeds host-to-device copies, so on the CPU it was replaced by a no-op "
     "(nothing it computes changes)."
 )
+EVAL_DEVICE = torch.device("cpu")  # where checkpoints are scored (--device); set once in main()
 HEAD_CHUNK = 512  # positions per lm_head chunk in the evaluation: bounds the [tokens, vocab] float32 logits
 
 
@@ -413,7 +414,7 @@ def child_quantfleet(args: argparse.Namespace) -> dict[str, Any]:
         scheme=QuantScheme(bits=args.bits, group_size=args.group, symmetric=bool(args.symmetric)),
         calibration=CalibrationSpec(path=args.calib_text, num_samples=ids.shape[0], seq_len=ids.shape[1], seed=args.seed),
         formats=(OutputFormat.COMPRESSED_TENSORS,),
-        device="cpu",
+        device=args.device,
         **spec_kw,
     )
     shutil.rmtree(args.ckpt, ignore_errors=True)
@@ -518,7 +519,7 @@ def load_dense(path: Path) -> Any:
         except TypeError:  # older transformers
             kwargs["quantization_config"] = CompressedTensorsConfig(run_compressed=False)
     model = AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32, **kwargs)
-    return model.float().eval()
+    return model.float().eval().to(EVAL_DEVICE)
 
 
 def final_hidden(model: Any, windows: torch.Tensor, batch: int = 4) -> torch.Tensor:
@@ -527,7 +528,8 @@ def final_hidden(model: Any, windows: torch.Tensor, batch: int = 4) -> torch.Ten
     outs = []
     with torch.inference_mode():
         for a in range(0, windows.shape[0], batch):
-            outs.append(decoder(input_ids=windows[a : a + batch]).last_hidden_state.float())
+            ids = windows[a : a + batch].to(EVAL_DEVICE)
+            outs.append(decoder(input_ids=ids).last_hidden_state.float())
     return torch.cat(outs)
 
 
@@ -539,12 +541,12 @@ class Reference:
         self.head = self.model.get_output_embeddings().weight.detach().float()
         cache = work / "reference" / f"{_files_sha(model_dir, ('model.safetensors', 'config.json'))}-{windows.eval_hash}.pt"
         if cache.exists():
-            self.hidden = torch.load(cache)
+            self.hidden = torch.load(cache, map_location=EVAL_DEVICE)
         else:
             t0 = time.perf_counter()
             self.hidden = final_hidden(self.model, windows.eval)
             cache.parent.mkdir(parents=True, exist_ok=True)
-            torch.save(self.hidden, cache)
+            torch.save(self.hidden.cpu(), cache)
             print(f"reference hidden states: {time.perf_counter() - t0:.0f} s", flush=True)
         self.windows = windows.eval
 
@@ -556,7 +558,7 @@ def score(ref: Reference, model: Any) -> dict[str, Any]:
     d = hidden.shape[-1]
     h_ref = ref.hidden[:, :-1].reshape(-1, d)
     h_q = hidden[:, :-1].reshape(-1, d)
-    targets = ref.windows[:, 1:].reshape(-1, 1)
+    targets = ref.windows[:, 1:].reshape(-1, 1).to(EVAL_DEVICE)
     nll_ref = nll_q = 0.0
     kls: list[torch.Tensor] = []
     agree = 0
@@ -614,14 +616,17 @@ def quantize_row(row: Row, args: argparse.Namespace, work: Path) -> dict[str, An
     ckpt = work / "checkpoints" / row.ckpt
     result_json = work / "checkpoints" / f"{row.ckpt}.result.json"
     result_json.unlink(missing_ok=True)
-    python = str(ensure_llmc_venv(Path(args.llmc_venv))) if row.tool == "llmcompressor" else sys.executable
+    if row.tool == "llmcompressor":
+        python = args.llmc_python or str(ensure_llmc_venv(Path(args.llmc_venv)))
+    else:
+        python = sys.executable
     cmd = [
         python, str(Path(__file__).resolve()), "--child", row.tool, "--method", row.method,
         "--bits", str(row.scheme.bits), "--group", str(row.scheme.group), "--symmetric", str(int(row.scheme.symmetric)),
         "--model", str(args.model), "--windows", str(row.windows.path), "--calib-text", str(args.calib_text),
         "--ckpt", str(ckpt), "--result-json", str(result_json), "--seed", str(row.seed),
         "--llmc-dtype", args.llmc_dtype, *([] if args.llmc_save_model_dtype else ["--llmc-save-fp32"]), "--qf-options", json.dumps(row.options.get("qf", {})),
-        "--threads", str(args.threads or 0),
+        "--threads", str(args.threads or 0), "--device", args.device,
     ]
     log = work / "checkpoints" / f"{row.ckpt}.log"
     log.parent.mkdir(parents=True, exist_ok=True)
@@ -744,6 +749,12 @@ def seed_spread(rows: list[Row], results: dict[str, Any], eval_hash: str) -> lis
     return out
 
 
+def device_name(device: str) -> str:
+    if device.startswith("cuda") and torch.cuda.is_available():
+        return torch.cuda.get_device_name(torch.device(device))
+    return "CPU"
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default=None, help="model directory (default: SmolLM2-135M from make assets)")
@@ -764,6 +775,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--qf-opt", action="append", default=[], metavar="NAME=VALUE",
                    help="a QuantFleet JobSpec or PipelineOptions field (repeatable)")
     p.add_argument("--llmc-venv", default=str(DEFAULT_LLMC_VENV), help="llm-compressor's own venv (created if missing)")
+    p.add_argument("--llmc-python", default=None,
+                   help="an interpreter that already imports llmcompressor (e.g. a GPU machine's python3 with the "
+                        "wheels on PYTHONPATH) instead of --llmc-venv")
+    p.add_argument("--device", default="cpu",
+                   help="where both tools quantize and the checkpoints are scored (cpu, cuda); results of another "
+                        "device are separate rows")
     p.add_argument("--llmc-dtype", default="float32", help="dtype llm-compressor loads the model in")
     p.add_argument("--llmc-save-fp32", dest="llmc_save_model_dtype", action="store_false",
                    help="save llm-compressor's checkpoint in --llmc-dtype instead of the model's own dtype")
@@ -785,6 +802,8 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     p = build_parser()
     args = p.parse_args(argv)
+    global EVAL_DEVICE
+    EVAL_DEVICE = torch.device(args.device)
     if args.child:
         return run_child(args)
     sys.path.insert(0, str(REPO_ROOT))
@@ -832,7 +851,9 @@ def main(argv: list[str] | None = None) -> int:
     dims = linear_input_dims(Path(args.model))
     engine = engine_fingerprint()
     llmc_opts = {"llmcompressor": LLMC_VERSION, "dtype": args.llmc_dtype, "save_model_dtype": args.llmc_save_model_dtype}
-    qf_all = {"qf": qf_opts, "engine": engine}
+    qf_all: dict[str, Any] = {"qf": qf_opts, "engine": engine}
+    if args.device != "cpu":  # CPU rows keep their cached keys
+        llmc_opts["device"] = qf_all["device"] = args.device
 
     def rows_for(tool_list: list[str], seed_list: list[int]) -> list[Row]:
         out_rows = []
@@ -857,7 +878,7 @@ def main(argv: list[str] | None = None) -> int:
     orig = results["original"].get(w0.eval_hash, {})
     subs = sorted({f"{config_label(r.asked, r.scheme)}: {r.note}" for r in shown if r.note})
     header = [
-        f"# QuantFleet vs llm-compressor {LLMC_VERSION}: quality on {Path(args.model).name} (CPU)",
+        f"# QuantFleet vs llm-compressor {LLMC_VERSION}: quality on {Path(args.model).name} ({device_name(args.device)})",
         "",
         f"- date: {dt.date.today().isoformat()}; machine: {platform.machine()} {platform.processor() or ''}, "
         f"{os.cpu_count()} CPUs; torch threads: {args.threads or torch.get_num_threads()}",
