@@ -1,8 +1,9 @@
-"""One attempt of one job, as it runs on a worker (a Ray task or a thread): resolve inputs, run the job,
-write progress events, watch for cancellation, and record how the attempt ended.
+"""One attempt of one job, as it runs on a worker (a Ray actor or a thread): resolve inputs, run the job,
+report progress, watch for cancellation, and report how the attempt ended.
 
-Everything the attempt writes is fenced by its attempt number (see orchestrator.leases), so an attempt
-whose lease was rescued stops at its next progress report and can no longer change the job.
+The worker holds no database credentials: everything goes through a `Channel` (orchestrator.reports) to
+the dispatcher, which writes it fenced by the attempt number (orchestrator.recorder), so an attempt whose
+lease was rescued stops at its next progress report and can no longer change the job.
 """
 
 from __future__ import annotations
@@ -14,24 +15,20 @@ import threading
 import time
 import traceback
 from dataclasses import dataclass
-from functools import cache
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy.orm import Session, sessionmaker
-
-from orchestrator.db import absolute_url, make_engine, session_factory, transaction
-from orchestrator.leases import (
-    RetryPolicy,
-    cancel_attempt,
-    current_state,
-    fail_attempt,
-    record_progress,
-    start_attempt,
-    succeed_attempt,
-    worker_heartbeat,
-)
 from orchestrator.outputs import output_target
+from orchestrator.reports import (
+    Cancelled,
+    Channel,
+    Failed,
+    Heartbeat,
+    Progressed,
+    Report,
+    Started,
+    Succeeded,
+)
 from orchestrator.settings import Settings
 from orchestrator.specs import engine_spec
 from orchestrator.states import JobState
@@ -42,15 +39,13 @@ from workers.uris import InputPolicy, materialize
 
 log = logging.getLogger("quantfleet.attempt")
 
-CANCEL_POLL_SECONDS = 1.0  # should_cancel reads the database at most this often
-PROGRESS_WRITE_SECONDS = 1.0  # progress within one layer is written at most this often
+PROGRESS_WRITE_SECONDS = 1.0  # progress within one layer is reported at most this often
 
 
 @dataclass(frozen=True)
 class WorkerConfig:
-    """Plain, picklable settings an attempt needs wherever it runs."""
+    """Plain, picklable settings an attempt needs wherever it runs: no database URL, no secret."""
 
-    database_url: str
     object_store: str
     s3_endpoint_url: str | None
     allowed_roots: tuple[str, ...]
@@ -58,15 +53,12 @@ class WorkerConfig:
     allowed_output_roots: tuple[str, ...]
     cache_dir: str
     work_dir: str
-    retry_backoff_seconds: float
-    retry_backoff_max_seconds: float
     heartbeat_seconds: float = 20.0  # how often the worker writes its own heartbeat (a third of a lease)
 
     @classmethod
     def from_settings(cls, s: Settings) -> WorkerConfig:
         out = s.output_policy()
         return cls(
-            database_url=absolute_url(s.database_url),
             object_store=s.object_store,
             s3_endpoint_url=s.s3_endpoint_url,
             allowed_roots=tuple(str(Path(p).resolve()) for p in s.allowed_roots),
@@ -74,8 +66,6 @@ class WorkerConfig:
             allowed_output_roots=tuple(str(p) for p in out.allowed_roots),
             cache_dir=str(Path(s.cache_dir).resolve()),
             work_dir=str(Path(s.work_dir).resolve()),
-            retry_backoff_seconds=s.retry_backoff_seconds,
-            retry_backoff_max_seconds=s.retry_backoff_max_seconds,
             heartbeat_seconds=s.heartbeat_interval,
         )
 
@@ -91,10 +81,6 @@ class WorkerConfig:
             tuple(Path(p) for p in self.allowed_output_roots), self.allowed_buckets, self.s3_endpoint_url
         )
 
-    @property
-    def retry_policy(self) -> RetryPolicy:
-        return RetryPolicy(self.retry_backoff_seconds, self.retry_backoff_max_seconds)
-
 
 @dataclass(frozen=True)
 class AttemptTicket:
@@ -103,12 +89,6 @@ class AttemptTicket:
     spec: dict[str, Any]
     config: WorkerConfig
     owner: str  # whose job: output.uri must lie in this owner's folder (orchestrator.outputs)
-
-
-@cache
-def _sessions(database_url: str) -> sessionmaker[Session]:
-    """One engine per database per worker process: Ray reuses worker processes across tasks."""
-    return session_factory(make_engine(database_url))
 
 
 def output_location(ticket: AttemptTicket) -> tuple[ObjectStore, str]:
@@ -126,18 +106,16 @@ def output_location(ticket: AttemptTicket) -> tuple[ObjectStore, str]:
 
 
 class AttemptReporter:
-    """The engine's on_progress and should_cancel, backed by the job row."""
+    """The engine's on_progress and should_cancel, over the attempt's channel."""
 
-    def __init__(self, sessions: sessionmaker[Session], job_id: str, attempt: int) -> None:
-        self.sessions, self.job_id, self.attempt = sessions, job_id, attempt
+    def __init__(self, channel: Channel) -> None:
+        self.channel = channel
         self.cancel_requested = False
         self.lost = False  # the attempt was fenced off: another attempt owns the job now
         self._last_mark: tuple[Any, ...] | None = None
         self._last_write = 0.0
-        self._last_check = 0.0
 
     def _observe(self, state: JobState | None) -> None:
-        self._last_check = time.monotonic()
         if state is None:
             self.lost = True
         elif state is JobState.CANCELLING:
@@ -149,28 +127,23 @@ class AttemptReporter:
         if not is_new and time.monotonic() - self._last_write < PROGRESS_WRITE_SECONDS:
             return
         data = {k: v for k, v in vars(progress).items() if v is not None}
-        with transaction(self.sessions) as s:
-            self._observe(record_progress(s, self.job_id, self.attempt, data, event=is_new))
+        self._observe(self.channel.send(Progressed(data, event=is_new)))
         self._last_mark, self._last_write = mark, time.monotonic()
 
     def should_cancel(self) -> bool:
-        if (
-            not (self.lost or self.cancel_requested)
-            and time.monotonic() - self._last_check > CANCEL_POLL_SECONDS
-        ):
-            with transaction(self.sessions) as s:
-                self._observe(current_state(s, self.job_id, self.attempt))
+        if not (self.lost or self.cancel_requested):
+            self._observe(self.channel.verdict())
         return self.lost or self.cancel_requested
 
 
 class WorkerHeartbeat:
-    """While the attempt runs, its worker writes the job's heartbeat_at every `interval` seconds, from a
-    thread of its own (a layer may take minutes). A dispatcher that adopted the attempt's lease after the
-    one that started it stopped (a rolling deploy) renews the lease only while this heartbeat is fresh, so
-    an attempt whose worker died is still rescued."""
+    """While the attempt runs, its worker reports a heartbeat every `interval` seconds, from a thread of
+    its own (a layer may take minutes); the dispatcher writes it as the job's heartbeat_at. A dispatcher
+    that adopted the attempt's lease after the one that started it stopped (a rolling deploy) renews the
+    lease only while this heartbeat is fresh, so an attempt whose worker died is still rescued."""
 
-    def __init__(self, sessions: sessionmaker[Session], job_id: str, attempt: int, interval: float) -> None:
-        self.sessions, self.job_id, self.attempt, self.interval = sessions, job_id, attempt, interval
+    def __init__(self, channel: Channel, job_id: str, attempt: int, interval: float) -> None:
+        self.channel, self.job_id, self.attempt, self.interval = channel, job_id, attempt, interval
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name=f"qf-heartbeat-{job_id[:8]}", daemon=True)
 
@@ -185,9 +158,8 @@ class WorkerHeartbeat:
     def _run(self) -> None:
         while not self._stop.wait(self.interval):
             try:
-                with transaction(self.sessions) as s:
-                    if not worker_heartbeat(s, self.job_id, self.attempt):
-                        return  # fenced off or finished
+                if self.channel.send(Heartbeat()) is None:
+                    return  # fenced off or finished
             except Exception as e:  # the database may be back by the next beat
                 log.warning("job %s attempt %d: heartbeat failed: %s", self.job_id, self.attempt, e)
 
@@ -204,24 +176,22 @@ def _resolver(cfg: WorkerConfig) -> Any:
     return resolve
 
 
-def run_attempt(ticket: AttemptTicket, placement: dict[str, Any] | None = None) -> str:
-    """Run one attempt to its end; returns the state it left the job in ("fenced" if it lost the job).
-    `placement` (e.g. the Ray node id) is recorded with host and pid in the attempt's start event."""
+def run_attempt(ticket: AttemptTicket, channel: Channel, placement: dict[str, Any] | None = None) -> str:
+    """Run one attempt to its end, reporting over `channel`; returns the state it left the job in
+    ("fenced" if it lost the job; over a Mailbox, the state the attempt reported, as the dispatcher records
+    it later). `placement` (e.g. the Ray node id) is reported with host and pid in its start event."""
     from workers.job import run_job
 
-    sessions = _sessions(ticket.config.database_url)
-    job_id, attempt, cfg = ticket.job_id, ticket.attempt, ticket.config
-    with transaction(sessions) as s:
-        where = {"host": socket.gethostname(), "pid": os.getpid(), **(placement or {})}
-        if start_attempt(s, job_id, attempt, where) is None:
-            return "fenced"
-    with WorkerHeartbeat(sessions, job_id, attempt, cfg.heartbeat_seconds):
-        return _run(ticket, sessions, run_job)
+    where = {"host": socket.gethostname(), "pid": os.getpid(), **(placement or {})}
+    if channel.send(Started(where)) is None:
+        return "fenced"
+    with WorkerHeartbeat(channel, ticket.job_id, ticket.attempt, ticket.config.heartbeat_seconds):
+        return _run(ticket, channel, run_job)
 
 
-def _run(ticket: AttemptTicket, sessions: sessionmaker[Session], run_job: Any) -> str:
-    job_id, attempt, cfg = ticket.job_id, ticket.attempt, ticket.config
-    reporter = AttemptReporter(sessions, job_id, attempt)
+def _run(ticket: AttemptTicket, channel: Channel, run_job: Any) -> str:
+    cfg = ticket.config
+    reporter = AttemptReporter(channel)
     try:
         spec = engine_spec(ticket.spec, _resolver(cfg))
         store, prefix = output_location(ticket)
@@ -240,33 +210,26 @@ def _run(ticket: AttemptTicket, sessions: sessionmaker[Session], run_job: Any) -
     except JobCancelled:
         if reporter.lost:
             return "fenced"
-        with transaction(sessions) as s:
-            return JobState.CANCELLED.value if cancel_attempt(s, job_id, attempt) else "fenced"
+        return _outcome(channel, Cancelled(), JobState.CANCELLED)
     except (InvalidSpecError, InputError) as e:  # retrying cannot fix the input
-        return _fail(sessions, ticket, str(e), retryable=False)
+        return _outcome(channel, Failed(str(e), retryable=False), JobState.FAILED)
     except Exception as e:
         detail = "".join(traceback.format_exception_only(e)).strip()
-        return _fail(sessions, ticket, detail, retryable=True)
+        return _outcome(channel, Failed(detail, retryable=True), JobState.FAILED)
     artifacts = [
         {"path": f.path, "uri": f.uri, "kind": f.kind, "sha256": f.sha256, "bytes": f.bytes}
         for f in result.files
     ]
     output_uri = result.manifest_uri.rsplit("/", 1)[0]
-    with transaction(sessions) as s:
-        done = succeed_attempt(
-            s, job_id, attempt, result=result.report.to_dict(), output_uri=output_uri, artifacts=artifacts
-        )
-    return JobState.SUCCEEDED.value if done else "fenced"
+    done = Succeeded(result=result.report.to_dict(), output_uri=output_uri, artifacts=artifacts)
+    return _outcome(channel, done, JobState.SUCCEEDED)
 
 
-def _fail(sessions: sessionmaker[Session], ticket: AttemptTicket, error: str, *, retryable: bool) -> str:
-    with transaction(sessions) as s:
-        state = fail_attempt(
-            s,
-            ticket.job_id,
-            ticket.attempt,
-            error=error,
-            retryable=retryable,
-            policy=ticket.config.retry_policy,
-        )
-    return state.value if state else "fenced"
+def _outcome(channel: Channel, report: Report, reported: JobState) -> str:
+    """Send the attempt's last report; the state the job is left in, or "fenced"."""
+    verdict = channel.send(report)
+    if verdict is None:
+        return "fenced"
+    if verdict in (JobState.RUNNING, JobState.CANCELLING):  # a Mailbox: recorded when drained
+        return reported.value
+    return verdict.value

@@ -32,6 +32,7 @@ from orchestrator.leases import (
 )
 from orchestrator.metrics import ServiceMetrics
 from orchestrator.models import Job, utcnow
+from orchestrator.recorder import AttemptRecorder
 from orchestrator.settings import Settings
 from orchestrator.states import TERMINAL, JobState
 
@@ -59,8 +60,12 @@ class Dispatcher:
         self.name = name or dispatcher_name()
         self.worker_config = WorkerConfig.from_settings(settings)
         self.retry_policy = RetryPolicy(settings.retry_backoff_seconds, settings.retry_backoff_max_seconds)
+        # Workers never open the database: their reports come through the executor to this recorder.
+        self.recorder = AttemptRecorder(sessions, self.retry_policy)
+        executor.attach(self.recorder)
         self.in_flight: dict[str, int] = {}  # job id -> attempt number
         self.adopted: dict[str, int] = {}  # attempts another dispatcher started and handed off on stopping
+        self.drained: set[str] = set()  # adopted attempts whose reports this dispatcher's executor delivers
         self._last_heartbeat = 0.0
         self._last_rescue = 0.0
 
@@ -78,8 +83,11 @@ class Dispatcher:
 
     def _reap(self) -> None:
         for finished in self.executor.poll():
-            job_id, attempt = finished.ticket.job_id, finished.ticket.attempt
+            job_id, attempt = finished.job_id, finished.attempt
             self.in_flight.pop(job_id, None)
+            if job_id in self.drained:
+                self.adopted.pop(job_id, None)
+                self.drained.discard(job_id)
             if finished.error is not None:
                 log.warning("job %s attempt %d: worker died: %s", job_id, attempt, finished.error)
                 with transaction(self.sessions) as s:
@@ -127,6 +135,9 @@ class Dispatcher:
         for job_id in set(self.adopted) - still_adopted:  # ended, or its worker stopped beating
             log.info("job %s: adopted attempt ended or its worker went quiet", job_id)
             del self.adopted[job_id]
+            if job_id in self.drained:  # its lease is gone: stop draining it (a rescue retries the job)
+                self.executor.cancel(job_id)
+                self.drained.discard(job_id)
 
     def _rescue(self) -> None:
         with transaction(self.sessions) as s:
@@ -137,10 +148,12 @@ class Dispatcher:
             adopted = adopt_leases(s, owner=self.name, lease_seconds=self.settings.lease_seconds)
         for job_id, attempt in adopted.items():
             log.info("job %s: adopted the lease of running attempt %d", job_id, attempt)
+            if self.executor.adopt(job_id, attempt):  # e.g. a Ray actor: its reports come through here now
+                self.drained.add(job_id)
         self.adopted.update(adopted)
 
     def _claim(self) -> int:
-        free = self.executor.capacity - len(self.in_flight)
+        free = self.executor.capacity - len(self.in_flight) - len(self.drained)
         if free <= 0:
             return 0
         with transaction(self.sessions) as s:
@@ -188,13 +201,14 @@ class Dispatcher:
 
     def release(self) -> None:
         """On shutdown. Where the executor lets attempts outlive this dispatcher (`detach()`: threads of
-        this process, which Python joins before exiting), they keep running under their attempt number and
-        their leases are handed off: another dispatcher adopts them and renews them while the worker's own
-        heartbeat is fresh; the attempt records its outcome itself. Otherwise (Ray tasks end with their
-        driver) the attempts go back to the queue at once instead of waiting for their leases to expire;
+        this process, which Python joins before exiting, or detached Ray actors on a Ray cluster), they
+        keep running under their attempt number and their leases are handed off: another dispatcher adopts
+        them and renews them while the worker's heartbeat is fresh (a thread's reports are still recorded by
+        this process; a Ray actor's are drained by the adopter). Otherwise (an embedded Ray ends with this
+        process) the attempts go back to the queue at once instead of waiting for their leases to expire;
         their workers are fenced off and stop at their next progress report."""
-        detach = getattr(self.executor, "detach", None)
-        keeps_running = bool(detach()) if detach is not None else False
+        keeps_running = self.executor.detach()
+        self.drained.clear()
         if keeps_running or self.adopted:
             handing = {**self.adopted, **(self.in_flight if keeps_running else {})}
             with transaction(self.sessions) as s:

@@ -1,6 +1,9 @@
-"""Where attempts run. The dispatcher only needs to start an attempt, learn when it ended (and whether
-the worker itself died), and stop it: `Executor`. Two implementations: `ThreadExecutor` here (tests,
-no-Ray embedded use) and `RayExecutor` in orchestrator/ray_executor.py (the only module importing ray).
+"""Where attempts run. The dispatcher only needs to start an attempt, have its reports delivered to its
+recorder (`attach`), learn when it ended (and whether the worker itself died), stop it, leave it running
+when the dispatcher stops (`detach`) and take over one another dispatcher left (`adopt`): `Executor`.
+Two implementations: `ThreadExecutor` here (tests, no-Ray embedded use) and `RayExecutor` in
+orchestrator/ray_executor.py (the only module importing ray). Workers never open the database: their
+reports reach the dispatcher's recorder through the executor (orchestrator.reports).
 """
 
 from __future__ import annotations
@@ -10,14 +13,16 @@ from dataclasses import dataclass
 from typing import Protocol
 
 from orchestrator.attempt import AttemptTicket, run_attempt
+from orchestrator.reports import DirectChannel, ReportSink
 from orchestrator.settings import Settings
 
 
 @dataclass(frozen=True)
 class Finished:
-    """An attempt whose worker returned (`error` None; the attempt recorded its own outcome) or died."""
+    """An attempt whose worker returned (`error` None; its outcome was reported and recorded) or died."""
 
-    ticket: AttemptTicket
+    job_id: str
+    attempt: int
     error: str | None
 
 
@@ -32,9 +37,28 @@ class Executor(Protocol):
         """How many attempts this executor should run at once."""
         ...
 
+    def attach(self, sink: ReportSink) -> None:
+        """Where the attempts' reports go: the dispatcher's recorder (called in the dispatcher's process)."""
+        ...
+
     def submit(self, ticket: AttemptTicket) -> None: ...
-    def poll(self) -> list[Finished]: ...
+
+    def poll(self) -> list[Finished]:
+        """Attempts that ended since the last poll (reports that arrived meanwhile are delivered first)."""
+        ...
+
     def cancel(self, job_id: str) -> None: ...
+
+    def detach(self) -> bool:
+        """Stop tracking the running attempts without stopping them; True if they really go on running
+        after this dispatcher stops (their leases are then handed off), False if they cannot."""
+        ...
+
+    def adopt(self, job_id: str, attempt: int) -> bool:
+        """Track a running attempt that another dispatcher started and handed off; True if this executor
+        now delivers its reports, False if the attempt reports by itself or cannot be reached."""
+        ...
+
     def shutdown(self) -> None: ...
 
 
@@ -46,13 +70,20 @@ class ThreadExecutor:
         self._capacity = max_workers
         self._pool = ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="qf-attempt")
         self._running: dict[str, tuple[AttemptTicket, Future[str]]] = {}
+        self._sink: ReportSink | None = None
 
     @property
     def capacity(self) -> int:
         return self._capacity
 
+    def attach(self, sink: ReportSink) -> None:
+        self._sink = sink
+
     def submit(self, ticket: AttemptTicket) -> None:
-        self._running[ticket.job_id] = (ticket, self._pool.submit(run_attempt, ticket))
+        if self._sink is None:
+            raise RuntimeError("attach() a report sink before submitting attempts")
+        channel = DirectChannel(self._sink, ticket.job_id, ticket.attempt)
+        self._running[ticket.job_id] = (ticket, self._pool.submit(run_attempt, ticket, channel))
 
     def poll(self) -> list[Finished]:
         done = []
@@ -60,7 +91,8 @@ class ThreadExecutor:
             if future.done():
                 del self._running[job_id]
                 error = future.exception()
-                done.append(Finished(ticket, None if error is None else f"{type(error).__name__}: {error}"))
+                reason = None if error is None else f"{type(error).__name__}: {error}"
+                done.append(Finished(ticket.job_id, ticket.attempt, reason))
         return done
 
     def cancel(self, job_id: str) -> None:
@@ -74,6 +106,10 @@ class ThreadExecutor:
         waits for them before the process exits), so their leases can be handed to another dispatcher."""
         self._running.clear()
         return True
+
+    def adopt(self, job_id: str, attempt: int) -> bool:
+        """Another dispatcher's threads report through that dispatcher's recorder by themselves."""
+        return False
 
     def shutdown(self) -> None:
         self._pool.shutdown(wait=False, cancel_futures=True)

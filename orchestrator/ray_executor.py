@@ -1,29 +1,47 @@
-"""The one module that talks to Ray: attempts run as Ray tasks, each with the GPUs its job asks for
-(`gpus`, default 1) where the cluster has GPUs, else on CPUs.
+"""The one module that talks to Ray: each attempt runs in a Ray actor of its own, holding the GPUs its job
+asks for (`gpus`, default 1) where the cluster has GPUs, else CPUs.
 
 `ray.init()` starts an embedded local instance (no dashboard: an unauthenticated Ray dashboard/Jobs API
-is remote code execution, CVE-2023-48022) unless RAY_ADDRESS names a cluster. Ray's own task retries
-are off (max_retries=0): retries are the dispatcher's job, with backoff and a visible attempt count.
-A task whose worker process dies surfaces here as an error, which the dispatcher records as a failed,
-retryable attempt. A job that no node could ever run (gpus=2 on a cluster without GPUs, gpus=8 where
-the largest node has 4) is refused at submission (`Unschedulable`) instead of waiting in Ray's queue
-forever.
+is remote code execution, CVE-2023-48022) unless RAY_ADDRESS names a cluster. Ray's own retries are off
+(max_restarts=0): retries are the dispatcher's job, with backoff and a visible attempt count. An attempt
+whose worker process dies surfaces here as an error, which the dispatcher records as a failed, retryable
+attempt. A job that no node could ever run (gpus=2 on a cluster without GPUs, gpus=8 where the largest
+node has 4) is refused at submission (`Unschedulable`) instead of waiting in Ray's queue forever.
 
-An attempt holding GPUs runs in a fresh worker process (max_calls=1, as Ray does for tasks declared with
-num_gpus): CUDA binds a process to the devices CUDA_VISIBLE_DEVICES named when torch first touched CUDA,
-so a reused worker would keep computing on the previous attempt's GPU whatever Ray assigns next. Its start
-event records the GPU ids Ray gave it (`gpu_ids`) and the CUDA_VISIBLE_DEVICES the engine sees.
+The actor holds no database credentials: the attempt's reports wait in a `Mailbox` inside the actor, and
+the dispatcher drains them (one call per attempt and dispatcher round, which also hands the attempt its
+verdict: cancel requested, fenced off) into its recorder. The actor is detached and named after the job
+and attempt, so it outlives the dispatcher that started it: a dispatcher that stops leaves it running
+(`detach`) and another one finds it by name and drains it from then on (`adopt`), under the same attempt.
+(With an embedded Ray, started by this executor, attempts end with the process: `detach` says so.)
+
+An attempt runs in a fresh worker process (an actor has one to itself, killed when the attempt ends):
+CUDA binds a process to the devices CUDA_VISIBLE_DEVICES named when torch first touched CUDA, so a reused
+worker would keep computing on the previous attempt's GPU whatever Ray assigns next. Its start event
+records the GPU ids Ray gave it (`gpu_ids`) and the CUDA_VISIBLE_DEVICES the engine sees.
 """
 
 from __future__ import annotations
 
+import logging
 import os
+import threading
+import traceback
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from orchestrator.attempt import AttemptTicket
 from orchestrator.executor import Finished, Unschedulable
+from orchestrator.reports import Mailbox, Report, ReportSink, Verdict
+
+log = logging.getLogger("quantfleet.ray")
+
+NAMESPACE = "quantfleet"
+
+
+def actor_name(job_id: str, attempt: int) -> str:
+    return f"qf-attempt-{job_id}-{attempt}"
 
 
 def torch_threads(assigned: Mapping[str, float]) -> int:
@@ -31,17 +49,36 @@ def torch_threads(assigned: Mapping[str, float]) -> int:
     return max(1, int(assigned.get("CPU", 1)))
 
 
-def _run_attempt_task(ticket: AttemptTicket) -> str:
-    import ray
-    import torch
+class AttemptActor:
+    """One attempt, run on a thread of the actor's process; its reports wait in the mailbox."""
 
-    from orchestrator.attempt import run_attempt
+    def __init__(self, ticket: AttemptTicket) -> None:
+        import ray
+        import torch
 
-    context = ray.get_runtime_context()
-    # Ray sets OMP_NUM_THREADS in a worker (1 unless the task asks for CPUs) and reuses workers across
-    # tasks: give torch one thread per CPU this task holds, whatever the process was started with.
-    torch.set_num_threads(torch_threads(context.get_assigned_resources()))
-    return run_attempt(ticket, placement=task_placement(context.get_node_id(), ray.get_gpu_ids()))
+        context = ray.get_runtime_context()
+        # Ray sets OMP_NUM_THREADS in a worker (1 unless it asks for CPUs): give torch one thread per CPU
+        # this actor holds, whatever the process was started with.
+        torch.set_num_threads(torch_threads(context.get_assigned_resources()))
+        placement = task_placement(context.get_node_id(), ray.get_gpu_ids())
+        self._mailbox = Mailbox()
+        self._thread = threading.Thread(
+            target=self._run, args=(ticket, placement), name="qf-attempt", daemon=True
+        )
+        self._thread.start()
+
+    def _run(self, ticket: AttemptTicket, placement: dict[str, Any]) -> None:
+        from orchestrator.attempt import run_attempt
+
+        try:
+            run_attempt(ticket, self._mailbox, placement=placement)
+        except BaseException as e:  # outside the engine's own handling: report it as the worker's death
+            self._mailbox.close("".join(traceback.format_exception_only(e)).strip())
+        else:
+            self._mailbox.close()
+
+    def drain(self, verdict: Verdict | str = "unknown") -> tuple[list[Report], bool, str | None]:
+        return self._mailbox.drain(verdict)
 
 
 def task_placement(node_id: str, gpu_ids: Sequence[int | str]) -> dict[str, Any]:
@@ -52,11 +89,6 @@ def task_placement(node_id: str, gpu_ids: Sequence[int | str]) -> dict[str, Any]
         placement["gpu_ids"] = list(gpu_ids)
         placement["cuda_visible_devices"] = os.environ.get("CUDA_VISIBLE_DEVICES")
     return placement
-
-
-def holds_accelerators(options: Mapping[str, Any]) -> bool:
-    """Whether Ray options ask for GPUs (or the custom resources standing for them)."""
-    return bool(options.get("num_gpus") or options.get("resources"))
 
 
 def _first_line(error: BaseException) -> str:
@@ -129,6 +161,21 @@ def task_options(
     return {"num_cpus": cpus_per_task}
 
 
+@dataclass
+class _Tracked:
+    """An attempt this executor drains: its actor, the drain call in flight, and reports received but not
+    yet recorded (the database may be down for a moment)."""
+
+    job_id: str
+    attempt: int
+    actor: Any
+    pending: Any = None
+    backlog: list[Report] = field(default_factory=list)
+    verdict: Verdict | str = "unknown"
+    ended: bool = False
+    error: str | None = None
+
+
 class RayExecutor:
     def __init__(
         self,
@@ -145,6 +192,8 @@ class RayExecutor:
         stand in for GPUs. `gpus_per_node`: the GPU nodes' size where they autoscale from zero."""
         import ray
 
+        # An embedded instance started here ends with this process, and the attempts with it.
+        self._embedded = not ray.is_initialized() and not address
         if not ray.is_initialized():
             ray.init(
                 # "local": always a new embedded instance, never a cluster that happens to run on this host
@@ -170,10 +219,12 @@ class RayExecutor:
                     "--resources or change QF_RAY_TASK_RESOURCES"
                 )
             default_capacity = max(1, min(int(resources[k] // v) for k, v in task_resources.items() if v > 0))
-        self._task = ray.remote(max_retries=0)(_run_attempt_task)
-        self._gpu_task = ray.remote(max_retries=0, max_calls=1)(_run_attempt_task)  # a fresh process each
+        # Two calls at once: the drains run beside __init__'s attempt thread, never queued behind anything.
+        remote: Any = ray.remote  # (its stubs do not know actor options)
+        self._actor = remote(max_restarts=0, max_task_retries=0, max_concurrency=2)(AttemptActor)
         self._capacity = capacity or default_capacity
-        self._running: dict[str, tuple[AttemptTicket, Any]] = {}
+        self._running: dict[str, _Tracked] = {}
+        self._sink: ReportSink | None = None
         self.uses_gpus = bool(gpus) or bool(task_resources)
         # GPU-seconds bookkeeping, per GPU a job asks for: custom resources count by their amount.
         self.gpus_per_task = float(sum(task_resources.values())) if task_resources else (1.0 if gpus else 0.0)
@@ -181,6 +232,9 @@ class RayExecutor:
     @property
     def capacity(self) -> int:
         return self._capacity
+
+    def attach(self, sink: ReportSink) -> None:
+        self._sink = sink
 
     def options_for(self, spec: Mapping[str, Any]) -> dict[str, Any]:
         """The Ray options of an attempt of the job `spec`; Unschedulable if no node could run it (the
@@ -201,30 +255,88 @@ class RayExecutor:
         )
 
     def submit(self, ticket: AttemptTicket) -> None:
+        if self._sink is None:
+            raise RuntimeError("attach() a report sink before submitting attempts")
         options = self.options_for(ticket.spec)
-        task = self._gpu_task if holds_accelerators(options) else self._task
-        self._running[ticket.job_id] = (ticket, task.options(**options).remote(ticket))
+        actor = self._actor.options(
+            name=actor_name(ticket.job_id, ticket.attempt),
+            namespace=NAMESPACE,
+            lifetime="detached",  # outlives this dispatcher: another one may adopt it
+            **options,
+        ).remote(ticket)
+        self._running[ticket.job_id] = _Tracked(ticket.job_id, ticket.attempt, actor)
+
+    def adopt(self, job_id: str, attempt: int) -> bool:
+        try:
+            actor = self._ray.get_actor(actor_name(job_id, attempt), namespace=NAMESPACE)
+        except ValueError:  # no such actor on this cluster: the attempt is gone (its lease will expire)
+            return False
+        self._running[job_id] = _Tracked(job_id, attempt, actor)
+        return True
 
     def poll(self) -> list[Finished]:
+        """Receive what the attempts reported since the last round and record it; returns the attempts
+        that ended (their last reports recorded first) or whose actor died."""
         if not self._running:
             return []
-        by_ref = {ref: (job_id, ticket) for job_id, (ticket, ref) in self._running.items()}
-        ready, _ = self._ray.wait(list(by_ref), num_returns=len(by_ref), timeout=0)
+        for tracked in self._running.values():
+            if tracked.pending is None and not tracked.ended:
+                tracked.pending = tracked.actor.drain.remote(tracked.verdict)
+        waiting = {t.pending: t for t in self._running.values() if t.pending is not None}
+        ready, _ = self._ray.wait(list(waiting), num_returns=len(waiting), timeout=0)
         done = []
         for ref in ready:
-            job_id, ticket = by_ref[ref]
-            del self._running[job_id]
+            tracked = waiting[ref]
+            tracked.pending = None
             try:
-                self._ray.get(ref)
-                done.append(Finished(ticket, None))
-            except Exception as e:  # the worker process died, or the task could not even start
-                done.append(Finished(ticket, _first_line(e)))
+                reports, tracked.ended, tracked.error = self._ray.get(ref)
+            except Exception as e:  # the actor's process died, or the actor could not even start
+                del self._running[tracked.job_id]
+                self._kill(tracked.actor)
+                done.append(Finished(tracked.job_id, tracked.attempt, _first_line(e)))
+                continue
+            tracked.backlog.extend(reports)
+        for tracked in list(self._running.values()):
+            if not self._record(tracked):
+                continue
+            if tracked.ended:
+                del self._running[tracked.job_id]
+                self._kill(tracked.actor)
+                done.append(Finished(tracked.job_id, tracked.attempt, tracked.error))
         return done
 
+    def _record(self, tracked: _Tracked) -> bool:
+        """Hand the backlog to the recorder in order; False if the database failed (kept for next round)."""
+        assert self._sink is not None
+        while tracked.backlog:
+            try:
+                tracked.verdict = self._sink(tracked.job_id, tracked.attempt, tracked.backlog[0])
+            except Exception as e:
+                log.warning(
+                    "job %s attempt %d: could not record a report: %s", tracked.job_id, tracked.attempt, e
+                )
+                return False
+            tracked.backlog.pop(0)
+        return True
+
+    def _kill(self, actor: Any) -> None:
+        try:
+            self._ray.kill(actor, no_restart=True)
+        except Exception as e:  # already gone
+            log.debug("could not kill an attempt actor: %s", e)
+
     def cancel(self, job_id: str) -> None:
-        entry = self._running.get(job_id)
-        if entry is not None:
-            self._ray.cancel(entry[1], force=True)
+        tracked = self._running.pop(job_id, None)
+        if tracked is not None:
+            self._kill(tracked.actor)
+
+    def detach(self) -> bool:
+        """Leave the actors running (they are detached) for another dispatcher to adopt; with an embedded
+        Ray started by this executor they end with this process, so they are not left behind."""
+        if self._embedded:
+            return False
+        self._running.clear()
+        return True
 
     def shutdown(self) -> None:
         for job_id in list(self._running):

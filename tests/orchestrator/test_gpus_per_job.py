@@ -114,6 +114,9 @@ class RefusingExecutor:
     def __init__(self) -> None:
         self.started: list[str] = []
 
+    def attach(self, sink: object) -> None:
+        pass
+
     def submit(self, ticket: AttemptTicket) -> None:
         gpus = ticket.spec.get("gpus", 1)
         if gpus > 1:
@@ -125,6 +128,12 @@ class RefusingExecutor:
 
     def cancel(self, job_id: str) -> None:
         pass
+
+    def detach(self) -> bool:
+        return False
+
+    def adopt(self, job_id: str, attempt: int) -> bool:
+        return False
 
     def shutdown(self) -> None:
         pass

@@ -1,0 +1,128 @@
+"""Workers hold no database secret: a Ray attempt reports its progress and outcome through the dispatcher
+(its reports wait in the attempt actor's mailbox and the dispatcher drains them into the database), so
+the database URL is in neither the attempt's argument nor its process, and the process never connects to
+the database; the job still completes with its progress rows written, fenced by the attempt number."""
+
+from __future__ import annotations
+
+import os
+import pickle
+from pathlib import Path
+
+import pytest
+from sqlalchemy.engine import make_url
+
+from orchestrator.attempt import AttemptTicket
+from orchestrator.dispatcher import Dispatcher, start_in_thread
+from tests.orchestrator.support import (
+    check_manifest,
+    events,
+    load_job,
+    service_settings,
+    sessions_for,
+    slow_body,
+    stop,
+    submit,
+    wait_for,
+    wait_for_state,
+)
+from workers.storage import LocalStore
+
+
+def _socket_inodes(pid: int) -> set[str]:
+    inodes = set()
+    for fd in os.listdir(f"/proc/{pid}/fd"):
+        try:
+            target = os.readlink(f"/proc/{pid}/fd/{fd}")
+        except OSError:
+            continue
+        if target.startswith("socket:["):
+            inodes.add(target[len("socket:[") : -1])
+    return inodes
+
+
+def _connections_to_port(pid: int, port: int) -> list[str]:
+    """The TCP connections of process `pid` whose remote end is `port` (from /proc/<pid>/net/tcp*)."""
+    mine = _socket_inodes(pid)
+    found = []
+    for table in ("tcp", "tcp6"):
+        with open(f"/proc/{pid}/net/{table}") as f:
+            for line in f.readlines()[1:]:
+                fields = line.split()
+                remote, inode = fields[2], fields[9]
+                if inode in mine and int(remote.rsplit(":", 1)[1], 16) == port:
+                    found.append(line.strip())
+    return found
+
+
+def _open_files(pid: int) -> list[str]:
+    paths = []
+    for fd in os.listdir(f"/proc/{pid}/fd"):
+        try:
+            paths.append(os.readlink(f"/proc/{pid}/fd/{fd}"))
+        except OSError:
+            continue
+    return paths
+
+
+@pytest.mark.ray
+def test_a_ray_attempt_reports_through_the_dispatcher_and_never_touches_the_database(
+    ray_cluster: None,
+    database_url: str,
+    allowed_root: Path,
+    tiny_assets: dict,
+    slow_model: Path,
+    tmp_path: Path,
+) -> None:
+    from orchestrator.ray_executor import RayExecutor
+
+    settings = service_settings(database_url, allowed_root, tmp_path, executor="ray", lease_seconds=30.0)
+    sessions = sessions_for(database_url)
+    job_id = submit(sessions, slow_body(tiny_assets, slow_model), settings)
+    dispatcher = Dispatcher(sessions, RayExecutor(capacity=1), settings, name="no-db")
+    url = make_url(database_url)
+    secret = str(url.database) if url.drivername.startswith("sqlite") else database_url
+
+    # The attempt's only argument, as the dispatcher builds it, carries no database URL.
+    ticket = AttemptTicket(job_id, 1, {"model": "m"}, dispatcher.worker_config, "alice")
+    assert secret.encode() not in pickle.dumps(ticket)
+    assert not any("database" in name for name in vars(dispatcher.worker_config))
+
+    worker = start_in_thread(dispatcher)
+
+    def quantizing_pid() -> int | None:
+        history = events(sessions, job_id)
+        started = [e for e in history if e.kind == "attempt" and e.attempt == 1]
+        busy = any(e.stage == "quantize" and e.attempt == 1 for e in history)
+        return started[0].data["pid"] if started and busy else None
+
+    try:
+        pid = wait_for(quantizing_pid, 120, "the attempt to quantize on a Ray worker")
+        assert pid != os.getpid()  # the attempt runs in a Ray worker process of its own
+        # While it quantizes, that process has no database URL in its environment or command line, no
+        # database file open and no connection to the database server.
+        with open(f"/proc/{pid}/environ", "rb") as f:
+            assert secret.encode() not in f.read()
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            assert secret.encode() not in f.read()
+        if url.drivername.startswith("sqlite"):
+            assert not [p for p in _open_files(pid) if p.startswith(secret)]
+        else:
+            assert _connections_to_port(pid, url.port or 5432) == []
+        job = wait_for_state(sessions, job_id, {"succeeded", "failed"}, timeout=180)
+    finally:
+        stop(worker)
+    assert job.state == "succeeded" and job.attempts == 1, job.error
+    history = events(sessions, job_id)
+    assert [(e.state, e.attempt) for e in history if e.kind == "state"] == [
+        ("queued", 0),
+        ("running", 1),
+        ("succeeded", 1),
+    ]
+    started = next(e for e in history if e.kind == "attempt")
+    assert started.data["pid"] == pid and "ray_node_id" in started.data
+    layers = [e.layer for e in history if e.kind == "progress" and e.stage == "quantize"]
+    assert layers == list(range(len(layers))) and len(layers) == 8  # every layer's progress row landed
+    assert all(e.attempt == 1 for e in history if e.kind == "progress")
+    assert load_job(sessions, job_id).progress["stage"] == "done"
+    check_manifest(LocalStore(settings.object_store), f"jobs/{job_id}")
