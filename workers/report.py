@@ -50,6 +50,8 @@ class EngineReport:
     fallback_modules: list[str] = field(default_factory=list)  # "layers.3.mlp.down_proj: cholesky failed ..."
     eval: EvalMetrics | None = None
     auto: dict[str, Any] | None = None  # method "auto": every candidate's held-out KL and time, and the choice
+    bits_per_weight: float | None = None  # stored bits of the quantized Linears per weight (scales included)
+    mixed_precision: dict[str, Any] | None = None  # the grid of each Linear group (workers/mixed_precision.py)
     versions: dict[str, str] = field(default_factory=dict)  # torch, transformers, compressed-tensors, quantfleet
 
     def to_dict(self) -> dict[str, Any]:

@@ -6,6 +6,7 @@ model's config live in `workers.validation.check_against_model`.
 
 from __future__ import annotations
 
+import re
 from dataclasses import asdict, dataclass, field
 from enum import StrEnum
 from typing import Any, Literal
@@ -89,9 +90,15 @@ class QuantScheme:
             return
         if self.type != "int":
             raise InvalidSpecError(f"scheme type {self.type!r} is not known; choose 'int' or 'float' (FP8)")
-        if self.strategy is not None or self.activations != "none":
+        if self.strategy is not None:
+            raise InvalidSpecError("strategy belongs to FP8 schemes (type 'float'); integer grids use group_size")
+        if self.activations != "none" and (
+            self.activations != "dynamic" or (self.bits, self.group_size, self.symmetric) != (8, -1, True)
+        ):
             raise InvalidSpecError(
-                "strategy and activations belong to FP8 schemes (type 'float'); integer schemes are weight-only"
+                "integer schemes are weight-only, or W8A8 (scheme w8a8-int8: bits 8, group_size -1, symmetric,"
+                f" activations 'dynamic', quantized per token at run time); got bits={self.bits},"
+                f" group_size={self.group_size}, symmetric={self.symmetric}, activations {self.activations!r}"
             )
         if self.bits not in SUPPORTED_BITS:
             raise InvalidSpecError(f"bits={self.bits} is not supported; choose one of {list(SUPPORTED_BITS)}")
@@ -125,15 +132,21 @@ class QuantScheme:
             )
 
     @property
+    def is_w8a8_int(self) -> bool:
+        """Integer W8A8: per-channel int8 weights, per-token dynamic int8 activations (compressed-tensors
+        `int-quantized`)."""
+        return self.type == "int" and self.activations == "dynamic"
+
+    @property
     def preset(self) -> str | None:
-        """The name of this scheme in FP8_PRESETS, if it is one."""
-        return next((name for name, scheme in FP8_PRESETS.items() if scheme == self), None)
+        """The name of this scheme in SCHEME_PRESETS, if it is one."""
+        return next((name for name, scheme in SCHEME_PRESETS.items() if scheme == self), None)
 
     @classmethod
     def from_preset(cls, name: str) -> QuantScheme:
-        if name not in FP8_PRESETS:
-            raise InvalidSpecError(f"scheme {name!r} is not known; choose one of {list(FP8_PRESETS)}")
-        return FP8_PRESETS[name]
+        if name not in SCHEME_PRESETS:
+            raise InvalidSpecError(f"scheme {name!r} is not known; choose one of {list(SCHEME_PRESETS)}")
+        return SCHEME_PRESETS[name]
 
 
 # The named FP8 schemes (llm-compressor's FP8_DYNAMIC, FP8 and FP8_BLOCK presets).
@@ -142,6 +155,77 @@ FP8_PRESETS: dict[str, QuantScheme] = {
     "fp8-static": QuantScheme(8, -1, True, "float", "tensor", "static"),
     "fp8-block": QuantScheme(8, -1, True, "float", "block", "dynamic"),
 }
+
+# Integer W8A8 (llm-compressor's W8A8 preset): per-channel symmetric int8 weights, per-token dynamic int8
+# activations. The -smoothquant preset also sets JobSpec.smoothquant to SMOOTHQUANT_ALPHA.
+W8A8_INT8 = QuantScheme(8, -1, True, "int", None, "dynamic")
+INT8_PRESETS: dict[str, QuantScheme] = {"w8a8-int8": W8A8_INT8, "w8a8-int8-smoothquant": W8A8_INT8}
+SMOOTHQUANT_ALPHA = 0.8  # SmoothQuant's migration strength α by default
+SMOOTHQUANT_PRESETS: dict[str, float] = {"w8a8-int8-smoothquant": SMOOTHQUANT_ALPHA}
+SCHEME_PRESETS: dict[str, QuantScheme] = {**FP8_PRESETS, **INT8_PRESETS}
+
+
+@dataclass(frozen=True)
+class MixedPrecisionSpec:
+    """W4A16 mixed precision (workers/mixed_precision.py): each group of Linears sharing an input (q/k/v,
+    gate/up, o, down) gets its own integer grid, chosen
+
+    * by rule: `high` (default 8 bits, the job's group size) for the first and last `edge_layers` decoder
+      layers and for every Linear whose name (e.g. "model.layers.3.mlp.down_proj") matches one of
+      `patterns` (regular expressions, searched); the job's scheme elsewhere; or
+    * by measured sensitivity, when `target_bits_per_weight` is set: each group's output error at each of
+      `candidates` (default: 4 and 8 bits at group sizes 128, 64, 32, the job's symmetry) is measured from its
+      Hessian, and precision is bought greedily where it cuts the error most per bit until the average bits per
+      weight (scales and zero points included) would pass the target.
+    Written as compressed-tensors config groups (format `mixed-precision`); the allocation is in eval.json."""
+
+    edge_layers: int = 0
+    patterns: tuple[str, ...] = ()
+    high: QuantScheme | None = None  # default: 8 bits at the job's group size and symmetry
+    target_bits_per_weight: float | None = None
+    candidates: tuple[QuantScheme, ...] = ()
+    allocation: tuple[tuple[str, QuantScheme], ...] = ()  # set by the engine after measuring: full name → grid
+
+    def scheme_of(self, module: str) -> QuantScheme | None:
+        """The measured allocation's grid of a Linear (full name), if allocated."""
+        return dict(self.allocation).get(module)
+
+    @property
+    def by_sensitivity(self) -> bool:
+        return self.target_bits_per_weight is not None
+
+    def validate(self) -> None:
+        if self.by_sensitivity and (self.edge_layers or self.patterns or self.high is not None):
+            raise InvalidSpecError(
+                "mixed precision is chosen either by rule (edge_layers, patterns, high) or by measured sensitivity"
+                " (target_bits_per_weight), not both; drop one"
+            )
+        if not self.by_sensitivity and not (self.edge_layers or self.patterns):
+            raise InvalidSpecError(
+                "mixed precision needs a rule (edge_layers > 0 or patterns) or a target_bits_per_weight"
+            )
+        if not 0 <= self.edge_layers <= 1024:
+            raise InvalidSpecError(f"edge_layers={self.edge_layers} must be between 0 and 1024")
+        if len(self.patterns) > 64:
+            raise InvalidSpecError("at most 64 mixed-precision patterns")
+        for pattern in self.patterns:
+            try:
+                re.compile(pattern)
+            except re.error as e:
+                raise InvalidSpecError(f"mixed-precision pattern {pattern!r} is not a regular expression: {e}") from e
+        if self.target_bits_per_weight is not None and not 2 <= self.target_bits_per_weight <= 16:
+            raise InvalidSpecError(
+                f"target_bits_per_weight={self.target_bits_per_weight} must be between 2 and 16 (scales included)"
+            )
+        if len(self.candidates) > 12:
+            raise InvalidSpecError("at most 12 mixed-precision candidates")
+        for scheme in (*self.candidates, *([self.high] if self.high else [])):
+            scheme.validate()
+            if scheme.is_float or scheme.activations != "none" or scheme.bits not in (4, 8):
+                raise InvalidSpecError(
+                    f"mixed precision mixes integer weight-only grids of 4 or 8 bits (what vLLM's W4A16/W8A16"
+                    f" kernels take), not {scheme}"
+                )
 
 
 @dataclass(frozen=True)
@@ -193,6 +277,9 @@ class JobSpec:
     allow_pickle: bool = False
     device: str = "auto"
     devices: int = 1  # accelerators for this one job: calibration split across them (data parallel)
+    smoothquant: float | None = None  # SmoothQuant migration strength α (W8A8 int8 only); None: no smoothing
+    kv_cache_fp8: bool = False  # record FP8 KV-cache scales k_scale / v_scale from calibration
+    mixed_precision: MixedPrecisionSpec | None = None  # per-group integer grids (W4A16 mixed precision)
 
     def validate(self) -> None:
         """Checks that need no model; raises InvalidSpecError with a message that says what to fix."""
@@ -226,6 +313,58 @@ class JobSpec:
             raise InvalidSpecError(f"observer={self.observer!r} is not known; choose one of {list(OBSERVERS)}")
         if not 0 < self.dampening < 1:
             raise InvalidSpecError(f"dampening={self.dampening} must be in (0, 1)")
+        if self.scheme.is_w8a8_int or self.smoothquant is not None:
+            self._validate_w8a8()
+        if self.kv_cache_fp8:
+            self._validate_kv_cache()
+        if self.mixed_precision is not None:
+            self._validate_mixed_precision(self.mixed_precision)
+
+    def _one_device_compressed_tensors(self, what: str) -> None:
+        if self.formats != (OutputFormat.COMPRESSED_TENSORS,):
+            raise InvalidSpecError(f"{what} is written only as compressed-tensors: set formats to ['compressed-tensors']")
+        if self.devices != 1:
+            raise InvalidSpecError(f"{what} runs on one device; set devices (gpus) 1")
+
+    def _validate_w8a8(self) -> None:
+        if self.smoothquant is not None and not self.scheme.is_w8a8_int:
+            raise InvalidSpecError(
+                "SmoothQuant moves activation outliers into int8 weights: it applies to scheme w8a8-int8 only"
+                " (use awq for weight-only grids)"
+            )
+        if self.method not in (Method.GPTQ, Method.RTN):
+            raise InvalidSpecError(
+                f"W8A8 int8 weights are solved by method gptq or rtn, not {self.method.value}; SmoothQuant (scheme"
+                " w8a8-int8-smoothquant) does the smoothing"
+            )
+        self._one_device_compressed_tensors("W8A8 int8 (compressed-tensors int-quantized)")
+        if self.smoothquant is not None:
+            if not 0 <= self.smoothquant <= 1:
+                raise InvalidSpecError(f"SmoothQuant migration strength {self.smoothquant} must be in [0, 1]")
+            if not self.calibration.path:
+                raise InvalidSpecError(
+                    "SmoothQuant's scales come from calibration activations: give calibration.path"
+                )
+
+    def _validate_kv_cache(self) -> None:
+        if not self.calibration.path:
+            raise InvalidSpecError("FP8 KV-cache scales are observed on calibration data: give calibration.path")
+        self._one_device_compressed_tensors("the FP8 KV-cache scales (compressed-tensors kv_cache_scheme)")
+
+    def _validate_mixed_precision(self, mixed: MixedPrecisionSpec) -> None:
+        mixed.validate()
+        if self.scheme.is_float or self.scheme.activations != "none" or self.scheme.bits not in (4, 8):
+            raise InvalidSpecError(
+                f"mixed precision starts from a 4- or 8-bit integer weight-only scheme, not {self.scheme}"
+            )
+        if self.method not in (Method.GPTQ, Method.RTN):
+            raise InvalidSpecError(f"mixed precision is solved by method gptq or rtn, not {self.method.value}")
+        if mixed.by_sensitivity and not self.calibration.path:
+            raise InvalidSpecError(
+                "mixed precision by sensitivity measures each layer's error on calibration data: give"
+                " calibration.path, or use a rule (edge_layers, patterns)"
+            )
+        self._one_device_compressed_tensors("mixed precision (compressed-tensors mixed-precision)")
 
     def _validate_fp8(self) -> None:
         if self.method is not Method.RTN:
