@@ -7,6 +7,7 @@ from __future__ import annotations
 from datetime import timedelta
 from pathlib import Path
 
+import pytest
 from sqlalchemy import update
 
 from orchestrator import crud
@@ -86,3 +87,50 @@ def test_an_adopted_attempt_whose_worker_went_quiet_is_rescued(database_url: str
     with transaction(sessions) as s:
         assert rescue_expired(s, policy=RetryPolicy(0, 0)) == [(job_id, JobState.QUEUED)]
     assert load_job(sessions, job_id).attempts == 1
+
+
+@pytest.mark.ray
+def test_a_dispatcher_stopping_mid_job_leaves_its_ray_attempt_to_another(
+    ray_cluster: None,
+    database_url: str,
+    allowed_root: Path,
+    tiny_assets: dict,
+    slow_model: Path,
+    tmp_path: Path,
+) -> None:
+    """The same rolling deploy with the Ray executor: the attempt runs in a detached actor, which outlives
+    the dispatcher that started it; the new dispatcher finds it by name, drains its reports from then on
+    and records its success under attempt 1."""
+    from orchestrator.ray_executor import RayExecutor
+
+    settings = service_settings(database_url, allowed_root, tmp_path, executor="ray", lease_seconds=6.0)
+    sessions = sessions_for(database_url)
+    job_id = submit(sessions, slow_body(tiny_assets, slow_model), settings)
+    old = start_in_thread(Dispatcher(sessions, RayExecutor(capacity=1), settings, name="old"))
+    new = None
+    try:
+        wait_for(
+            lambda: any(e.stage == "quantize" for e in events(sessions, job_id)),
+            120,
+            "the attempt to quantize",
+        )
+        new = start_in_thread(Dispatcher(sessions, RayExecutor(capacity=1), settings, name="new"))
+        stop(old)  # graceful: the deploy replaces this dispatcher
+        assert load_job(sessions, job_id).state == "running"
+        job = wait_for_state(sessions, job_id, {"succeeded", "failed", "queued"}, timeout=180)
+    finally:
+        if new is not None:
+            stop(new)
+        stop(old)
+    assert job.state == "succeeded", job.error
+    assert job.attempts == 1  # no attempt burned, no restart from layer 0
+    history = events(sessions, job_id)
+    states = [(e.state, e.attempt) for e in history if e.kind == "state"]
+    assert states == [("queued", 0), ("running", 1), ("succeeded", 1)]
+    messages = [e.message or "" for e in history if e.kind == "attempt"]
+    assert any("dispatcher old stopped; attempt 1 keeps running" in m for m in messages), messages
+    assert any("dispatcher new adopted the lease of attempt 1" in m for m in messages), messages
+    assert len([m for m in messages if m == "attempt started"]) == 1  # one worker process, never restarted
+    layers = [e.layer for e in history if e.kind == "progress" and e.stage == "quantize"]
+    assert layers == list(range(8))  # every layer quantized once, all reported (drained by both)
+    check_manifest(LocalStore(settings.object_store), f"jobs/{job_id}")
