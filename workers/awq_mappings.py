@@ -41,7 +41,7 @@ def _llama(mlp_norm: str = "post_attention_layernorm", attn_norm: str | None = "
 
 # config.model_type → the mappings, in the order the layer runs them.
 AWQ_MAPPINGS: dict[str, tuple[AwqMapping, ...]] = {
-    **{name: _llama() for name in ("llama", "mistral", "qwen2", "qwen3", "granite", "stablelm")},
+    **{name: _llama() for name in ("llama", "mistral", "qwen2", "qwen3", "granite", "stablelm", "qwen2_5_vl_text")},
     # Gemma-2/3: post_attention_layernorm normalises the attention *output*; the MLP reads pre_feedforward_layernorm.
     **{name: _llama("pre_feedforward_layernorm") for name in ("gemma", "gemma2", "gemma3_text")},
     # OLMo-2 normalises after each block (post-norm): attention and MLP read the raw residual stream.

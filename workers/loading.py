@@ -32,6 +32,7 @@ from transformers import AutoTokenizer, PreTrainedTokenizerBase
 from workers.architectures import ArchitectureInfo
 from workers.errors import InputError, InvalidSpecError
 from workers.model_graph import LayerPlan, build_skeleton, discover_plan, stored_prefixes
+from workers.moe import expert_blocks
 from workers.tensor_source import TensorSource
 from workers.validation import config_dtype, load_config, read_config
 
@@ -163,6 +164,7 @@ class LayerwiseModel:
         self.device = device
         self.compute_dtype = compute_dtype or compute_dtype_for(self.model_dtype, device)
         self.config = load_config(self.model_dir)
+        self.text_config = self.config.get_text_config()  # the language model's (multimodal models nest it)
         self.skeleton = build_skeleton(self.config)
         self.arch = ArchitectureInfo.of(self.skeleton)
         self.graph = self.arch.graph
@@ -209,14 +211,27 @@ class LayerwiseModel:
         return self._materialize(self.skeleton.get_submodule(path), self.stored(path, weights, self.device)[1], path, dtype)
 
     def decoder_layer(self, index: int, weights: WeightSource) -> nn.Module:
-        prefix = self.graph.layer_prefix(index)
-        return self._materialize(self._layers()[index], weights.tensors(prefix, self.device), f"decoder layer {index}")
+        """Decoder layer `index` on the device, from the tensors under its checkpoint prefix (or its module path);
+        fused expert tensors are split into the per-expert Linears (workers/moe.py)."""
+        template = self._layers()[index]
+        state = weights.tensors(self.graph.layer_prefix(index), self.device)
+        if not state and self.graph.module_layer_prefix(index) != self.graph.layer_prefix(index):
+            state = weights.tensors(self.graph.module_layer_prefix(index), self.device)
+        for path, block in expert_blocks(template).items():
+            if f"{path}.down_proj" in state:
+                state = block.split_fused(state, f"{path}.")
+        return self._materialize(template, state, f"decoder layer {index}")
 
     def dense_pieces(self) -> list[str]:
-        """Module paths of every tensor outside the decoder layers (embeddings, norms, lm_head…), in order."""
+        """Module paths of every tensor outside the decoder layers (embeddings, norms, lm_head, vision towers…), in
+        order; a module whose parent is already a piece is not listed again (its tensors come with the parent's)."""
         layers = f"{self.graph.layers}."
         paths = [name.rsplit(".", 1)[0] for name in self.skeleton.state_dict() if not name.startswith(layers)]
-        return list(dict.fromkeys(paths))
+        pieces: list[str] = []
+        for path in dict.fromkeys(paths):
+            if not any(path.startswith(f"{piece}.") for piece in pieces):
+                pieces.append(path)
+        return pieces
 
     def _shell(self, weights: WeightSource, on_call: OnCall, *, embeddings: bool, head: nn.Module | None = None) -> nn.Module:
         """The causal LM with every decoder layer replaced by a stand-in and its other pieces materialised
@@ -242,7 +257,7 @@ class LayerwiseModel:
 
         shell = self._shell(weights, stop, embeddings=True)
         flat = ids.reshape(-1, ids.shape[-1]).to(self.device)
-        out = torch.empty(*flat.shape, self.config.hidden_size, device=self.device, dtype=self.compute_dtype)
+        out = torch.empty(*flat.shape, self.text_config.hidden_size, device=self.device, dtype=self.compute_dtype)
         rows = max(1, batch_tokens // flat.shape[1])
         with torch.no_grad():
             for a in range(0, flat.shape[0], rows):
@@ -266,7 +281,7 @@ class LayerwiseModel:
             return hidden
 
         shell = self._shell(weights, record, embeddings=False)
-        probe = torch.zeros(1, seq_len, self.config.hidden_size, device=self.device, dtype=self.compute_dtype)
+        probe = torch.zeros(1, seq_len, self.text_config.hidden_size, device=self.device, dtype=self.compute_dtype)
         with torch.no_grad(), contextlib.suppress(_Stop):
             shell(inputs_embeds=probe, use_cache=False)
         if len(calls) != self.num_layers:
@@ -318,6 +333,7 @@ class LayerwiseModel:
         found = self.stored(self.graph.lm_head, weights, self.device)[1]
         if "weight" in found:
             return found["weight"].to(self.compute_dtype)
-        if not getattr(self.config, "tie_word_embeddings", False):
+        tied = getattr(self.config, "tie_word_embeddings", None)
+        if not (tied if tied is not None else getattr(self.text_config, "tie_word_embeddings", False)):
             raise InputError(f"{self.graph.lm_head}.weight is missing and the embeddings are not tied")
         return embed_weight if embed_weight is not None else self.embed_weight(weights)

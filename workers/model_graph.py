@@ -28,10 +28,14 @@ import torch
 import transformers
 from torch import Tensor, nn
 from transformers import PretrainedConfig, PreTrainedModel
-from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+from transformers.models.auto.modeling_auto import (
+    MODEL_FOR_CAUSAL_LM_MAPPING_NAMES,
+    MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES,
+)
 
 from workers.awq_mappings import AwqMapping
 from workers.errors import InputError, InvalidSpecError
+from workers.moe import dense_linears, unfuse_experts
 
 _META = threading.local()
 _original_register_parameter = nn.Module.register_parameter
@@ -61,14 +65,17 @@ def causal_lm_class(config: PretrainedConfig) -> type[PreTrainedModel]:
     """The transformers class of a decoder-only causal LM for `config`, or InvalidSpecError saying why not."""
     model_type = getattr(config, "model_type", None)
     named = list(getattr(config, "architectures", None) or [])
-    expected = MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.get(model_type or "")
+    # multimodal models (e.g. Qwen2.5-VL) generate text through their image-text-to-text class
+    expected = MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.get(model_type or "") or MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES.get(
+        model_type or ""
+    )
     if getattr(config, "is_encoder_decoder", False) or expected is None:
         what = ", ".join(named) or f"model type {model_type}"
         raise InvalidSpecError(
             f"architecture {what} is not supported: QuantFleet quantizes decoder-only causal language models "
             f"(…ForCausalLM, e.g. LlamaForCausalLM), and {model_type!r} is not one"
         )
-    causal = set(MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.values())
+    causal = set(MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.values()) | set(MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES.values())
     if named and not causal & set(named):
         raise InvalidSpecError(
             f"architecture {', '.join(named)} is not supported: QuantFleet quantizes decoder-only causal language "
@@ -104,7 +111,42 @@ def build_skeleton(config: PretrainedConfig) -> PreTrainedModel:
                 model = cls._from_config(copy.deepcopy(config), attn_implementation="eager", dtype=torch.float32)
         except (ValueError, TypeError, AttributeError, KeyError) as exc:
             raise InvalidSpecError(f"cannot build {cls.__name__} from config.json: {exc}") from exc
+        unfuse_experts(model, conversions(model))
+    graph = ModelGraph.of(model)
+    _adopt_checkpoint_names(model.get_submodule(graph.layers), graph.layers, checkpoint_renamer(model))
     return model.eval()
+
+
+def conversions(model: PreTrainedModel, *, legacy: bool = True) -> list[Any]:
+    """transformers' weight conversions of `model` (checkpoint → module names), as `from_pretrained` applies them."""
+    from transformers.conversion_mapping import get_model_conversion_mapping
+
+    return list(get_model_conversion_mapping(model, add_legacy=legacy) or [])
+
+
+def checkpoint_renamer(model: PreTrainedModel) -> Callable[[str], str]:
+    """Module name → the name transformers' `save_pretrained` writes it under (its renamings reversed)."""
+    from transformers.core_model_loading import PrefixChange, WeightRenaming, apply_renamings
+
+    forward = [c for c in conversions(model, legacy=False) if not isinstance(c, PrefixChange)]
+    reverse = [r for r in (c.reverse_transform() for c in forward[::-1]) if isinstance(r, WeightRenaming)]
+    return (lambda name: apply_renamings(name, reverse)) if reverse else (lambda name: name)
+
+
+def _adopt_checkpoint_names(layers: nn.Module, path: str, to_stored: Callable[[str], str]) -> None:
+    """Register each decoder layer's children under the names its checkpoint uses inside the layer (Mixtral:
+    `block_sparse_moe`, which transformers 5 renames `mlp` on load). The layer's forward still finds the child
+    under the old attribute name (kept in the instance's __dict__); its state dict and module paths now carry
+    the checkpoint's names, so layer tensors are read and written under them."""
+    for index, layer in enumerate(layers.children()):
+        prefix = f"{path}.{index}."
+        for sub, module in list(layer.named_modules()):
+            for child in list(module._modules):
+                full = f"{prefix}{sub}.{child}." if sub else f"{prefix}{child}."
+                stored = to_stored(full).rstrip(".").rsplit(".", 1)[-1]
+                if stored != child and stored.isidentifier():
+                    module._modules = {stored if k == child else k: v for k, v in module._modules.items()}
+                    module.__dict__[child] = module._modules[stored]
 
 
 @dataclass(frozen=True)
@@ -118,20 +160,23 @@ class ModelGraph:
     embed_tokens: str  # e.g. "model.embed_tokens"
     lm_head: str  # e.g. "lm_head" (GPT-NeoX: "embed_out")
     others: tuple[str, ...]  # the base model's other children (final norm, rotary embeddings, …)
+    stored_layers: str = ""  # the checkpoint's name of the layer list (Gemma-3 multimodal: "language_model.model.layers")
+    towers: tuple[str, ...] = ()  # multimodal: the modules beside the language model (vision tower, projector), dense
 
     @classmethod
     def of(cls, model: PreTrainedModel) -> ModelGraph:
         config = model.config
-        base = model.base_model
+        outer = model.base_model
+        base = _language_model(model)
         paths = {id(m): name for name, m in model.named_modules()}
-        num_layers = getattr(config, "num_hidden_layers", None)
+        num_layers = getattr(config.get_text_config(), "num_hidden_layers", None)
         lists = [
             (name, child)
             for name, child in base.named_children()
             if isinstance(child, nn.ModuleList) and len(child) == num_layers and len({type(m) for m in child}) == 1
         ]
         what = type(model).__name__
-        if base is model or len(lists) != 1:
+        if outer is model or len(lists) != 1:
             raise InvalidSpecError(
                 f"architecture {what} is not supported: no single list of {num_layers} decoder layers under its base "
                 "model (QuantFleet quantizes decoder-only causal language models)"
@@ -143,19 +188,35 @@ class ModelGraph:
         base_path = paths[id(base)]
         others = tuple(f"{base_path}.{name}" for name, child in base.named_children()
                        if name != layers_name and child is not embed)
+        towers = tuple(paths[id(child)] for child in outer.children() if child is not base) if base is not outer else ()
+        layers = f"{base_path}.{layers_name}"
         return cls(
-            architecture=what, model_type=str(config.model_type), base=base_path,
-            layers=f"{base_path}.{layers_name}", embed_tokens=paths[id(embed)], lm_head=paths[id(head)], others=others,
+            architecture=what, model_type=str(config.model_type), base=base_path, layers=layers,
+            embed_tokens=paths[id(embed)], lm_head=paths[id(head)], others=others,
+            stored_layers=checkpoint_renamer(model)(f"{layers}.").rstrip("."), towers=towers,
         )
 
     def layer_prefix(self, index: int) -> str:
-        """Checkpoint name prefix of decoder layer `index`, e.g. "model.layers.3."."""
+        """Checkpoint name prefix of decoder layer `index`, e.g. "model.layers.3." (what save_pretrained writes)."""
+        return f"{self.stored_layers or self.layers}.{index}."
+
+    def module_layer_prefix(self, index: int) -> str:
+        """Module path prefix of decoder layer `index` in the model, e.g. "model.language_model.layers.3."."""
         return f"{self.layers}.{index}."
 
 
 def linear_names(layer: nn.Module) -> list[str]:
-    """Every Linear of a decoder layer (all are quantized), in registration order."""
-    return [name for name, m in layer.named_modules() if isinstance(m, nn.Linear)]
+    """Every quantized Linear of a decoder layer, in registration order: all of them but MoE routers and gates
+    (workers.moe.dense_linears)."""
+    dense = dense_linears(layer)
+    return [name for name, m in layer.named_modules() if isinstance(m, nn.Linear) and name not in dense]
+
+
+def _language_model(model: PreTrainedModel) -> nn.Module:
+    """The module holding the decoder layers: the base model, or a multimodal model's language model."""
+    base = model.base_model
+    inner = getattr(base, "language_model", None) or getattr(base, "text_model", None)
+    return inner if isinstance(inner, nn.Module) else base
 
 
 Group = tuple[str, ...]
@@ -244,7 +305,7 @@ def stored_prefixes(model: PreTrainedModel, path: str) -> list[str]:
     from transformers.conversion_mapping import extract_weight_conversions_for_model
 
     prefix = f"{path}."
-    found = [prefix]
+    found = list(dict.fromkeys([checkpoint_renamer(model)(prefix), prefix]))
     for rule in extract_weight_conversions_for_model(model) or []:
         sources, targets = getattr(rule, "source_patterns", []), getattr(rule, "target_patterns", [])
         if len(sources) != 1 or len(targets) != 1:
@@ -253,4 +314,4 @@ def stored_prefixes(model: PreTrainedModel, path: str) -> list[str]:
         if any(c in source + target for c in "()[]*+?\\|$") or not prefix.startswith(target):
             continue
         found.append(source + prefix[len(target):])
-    return found
+    return list(dict.fromkeys(found))

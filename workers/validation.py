@@ -93,15 +93,26 @@ def _linear_shapes(source: TensorSource, arch: ArchitectureInfo, num_layers: int
     """Every decoder layer's Linears as the checkpoint stores them, checked against the model's shapes."""
     shapes: dict[str, tuple[int, int]] = {}
     for layer in range(num_layers):
-        for linear, expected in arch.linear_shapes.items():
+        for linear, expected in (arch.layer_linear_shapes[layer] if arch.layer_linear_shapes else arch.linear_shapes).items():
             name = f"{arch.layer_prefix(layer)}{linear}.weight"
             if name not in source:
+                if _fused_expert(source, arch, layer, linear):
+                    shapes[f"layers.{layer}.{linear}"] = expected  # split from the fused tensor (workers/moe.py)
+                    continue
                 raise InputError(f"the checkpoint in {source.dir} lacks {name}; is it complete?")
             shape = tuple(source.shape(name))
             if shape != expected:
                 raise InputError(f"{name} has shape {list(shape)}; the model's config gives {list(expected)}")
             shapes[f"layers.{layer}.{linear}"] = (shape[0], shape[1])
     return shapes
+
+
+def _fused_expert(source: TensorSource, arch: ArchitectureInfo, layer: int, linear: str) -> bool:
+    """`linear` is one expert's Linear, and the checkpoint stores that layer's experts fused (gpt-oss)."""
+    for block in arch.experts:
+        if block.layer == layer and linear.startswith(f"{block.path}."):
+            return f"{arch.layer_prefix(layer)}{block.path}.down_proj" in source
+    return False
 
 
 def _check_gptq_format(spec: JobSpec, module: str, out_features: int, in_features: int) -> None:
@@ -128,7 +139,8 @@ def check_against_model(spec: JobSpec) -> ModelInfo:
     model_dir = Path(spec.model_dir)
     config = read_config(model_dir)
     dtype = config_dtype(config)
-    num_layers = config.get("num_hidden_layers")
+    text = config.get("text_config") if isinstance(config.get("text_config"), dict) else {}
+    num_layers = config.get("num_hidden_layers", text.get("num_hidden_layers"))
     if not isinstance(num_layers, int) or num_layers < 1:
         raise InputError(f"{model_dir}/config.json has no valid num_hidden_layers")
     if not DEVICE_PATTERN.match(spec.device):
