@@ -9,7 +9,7 @@ with the same processor and model class. Mixture-of-Experts layers keep their ro
 
 The `ignore` list names them for the runtimes, which match it against their own module names (vLLM after its
 own renaming of the checkpoint's, transformers against the model's): so the entries are regular expressions
-on the part of the name every naming shares — a tower's own name (`re:.*vision_tower\\..*`), a dense Linear's
+on the part of the name every naming shares — a tower's own name and what is in it (`re:(.*\\.)?vision_tower(\\..*)?$`), a dense Linear's
 path inside its decoder layer (`re:.*\\.mlp\\.shared_expert_gate$`).
 """
 
@@ -35,7 +35,7 @@ PROCESSOR_FILES = (
 
 def dense_ignore(arch: ArchitectureInfo) -> list[str]:
     """`ignore` entries for the towers and the dense Linears inside decoder layers (see the module docstring)."""
-    entries = [f"re:.*{re.escape(tower.rsplit('.', 1)[-1])}\\..*" for tower in arch.graph.towers]
+    entries = [f"re:(.*\\.)?{re.escape(tower.rsplit('.', 1)[-1])}(\\..*)?$" for tower in arch.graph.towers]
     local = sorted({name.split(".", 1)[1] for name in arch.dense_in_layers})
     entries += [f"re:.*\\.{re.escape(name)}$" for name in local]
     return list(dict.fromkeys(entries))
