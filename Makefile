@@ -36,7 +36,7 @@ test-fast: venv
 	$(PY) -m pytest -q -p no:cacheprovider -m "not slow"
 
 demo: venv assets
-	$(PY) -m api.demo
+	$(PY) -m quantfleet.demo
 
 serve: venv
 	$(VENV)/bin/quantfleet serve

@@ -11,7 +11,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from orchestrator.auth import LOCAL_PRINCIPAL, Principal, authenticate
 from orchestrator.db import transaction
-from orchestrator.scoping import Owned, find_owned
+from orchestrator.queue.scoping import Owned, find_owned
 from orchestrator.settings import Settings
 
 bearer = HTTPBearer(auto_error=False, description="API key from `quantfleet keys create`")

@@ -40,10 +40,10 @@ from starlette.responses import StreamingResponse
 from starlette.types import Receive, Scope, Send
 
 from api.schemas import EventOut
-from orchestrator import crud
 from orchestrator.db import transaction
-from orchestrator.models import Job, JobEvent
-from orchestrator.states import TERMINAL
+from orchestrator.queue import crud
+from orchestrator.queue.models import Job, JobEvent
+from orchestrator.queue.states import TERMINAL
 
 POLL_SECONDS = 0.5
 KEEPALIVE_SECONDS = 15.0

@@ -25,7 +25,7 @@ EXAMPLE_MATRIX = {
 
 MAX_AXIS_VALUES = 1024  # above any sensible QF_MAX_MATRIX_JOBS: the product is checked against that
 MAX_TEMPLATE_FIELDS = 64  # a job request has fewer fields; unknown ones are refused when it is checked
-# axes: model, method, bits, group_size (checked by orchestrator.schedules)
+# axes: model, method, bits, group_size (checked by orchestrator.fleet.schedules)
 Matrix = Annotated[dict[str, Annotated[list[Any], Field(max_length=MAX_AXIS_VALUES)]], Field(max_length=8)]
 Template = Annotated[dict[str, Any], Field(max_length=MAX_TEMPLATE_FIELDS)]
 EventName = Annotated[str, Field(max_length=64)]

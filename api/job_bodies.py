@@ -10,9 +10,9 @@ from fastapi import HTTPException, status
 from pydantic import ValidationError
 
 from api.schemas import JobCreate
-from orchestrator.schedules import ScheduleError, expand_matrix
+from orchestrator.fleet.schedules import ScheduleError, expand_matrix
+from orchestrator.queue.submission import validate_submission
 from orchestrator.settings import Settings
-from orchestrator.submission import validate_submission
 from workers.errors import InputError, InvalidSpecError
 
 

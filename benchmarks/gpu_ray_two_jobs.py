@@ -71,7 +71,7 @@ class Round:
 
 
 def job_options(cpus_per_job: int) -> dict[str, Any]:
-    """The Ray options of one 1-GPU job: what orchestrator.ray_executor.task_options gives on a GPU cluster."""
+    """The Ray options of one 1-GPU job: what orchestrator.executors.ray_executor.task_options gives on a GPU cluster."""
     return {"num_gpus": 1, "num_cpus": cpus_per_job}
 
 

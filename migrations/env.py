@@ -5,7 +5,7 @@ from __future__ import annotations
 from alembic import context
 
 from orchestrator.db import make_engine
-from orchestrator.models import Base
+from orchestrator.queue.models import Base
 from orchestrator.settings import Settings
 
 config = context.config

@@ -15,7 +15,7 @@ from datetime import timedelta
 from sqlalchemy import select, update
 from sqlalchemy.orm import Session
 
-from orchestrator.models import ApiKey, utcnow
+from orchestrator.queue.models import ApiKey, utcnow
 
 SCOPES = ("submit", "read", "admin")
 TOKEN_PREFIX = "qf"

@@ -1,7 +1,7 @@
 """The dispatcher loop: claim queued jobs, start their attempts on an executor, keep their leases alive,
 turn dead workers into retryable failures, and rescue jobs whose lease expired elsewhere.
 
-Any number of dispatchers may share one database: claims are atomic (orchestrator.leases.claim_jobs),
+Any number of dispatchers may share one database: claims are atomic (orchestrator.queue.leases.claim_jobs),
 and every write of an attempt is fenced by its attempt number, so no job runs twice concurrently with
 both runs able to record a result.
 """
@@ -17,10 +17,11 @@ import uuid
 
 from sqlalchemy.orm import Session, sessionmaker
 
-from orchestrator.attempt import AttemptTicket, WorkerConfig
 from orchestrator.db import transaction
-from orchestrator.executor import Executor, Unschedulable
-from orchestrator.leases import (
+from orchestrator.executors import Executor, Unschedulable
+from orchestrator.metrics import ServiceMetrics
+from orchestrator.queue.attempt import AttemptTicket, WorkerConfig
+from orchestrator.queue.leases import (
     RetryPolicy,
     adopt_leases,
     claim_jobs,
@@ -30,11 +31,10 @@ from orchestrator.leases import (
     renew_leases,
     rescue_expired,
 )
-from orchestrator.metrics import ServiceMetrics
-from orchestrator.models import Job, utcnow
-from orchestrator.recorder import AttemptRecorder
+from orchestrator.queue.models import Job, utcnow
+from orchestrator.queue.recorder import AttemptRecorder
+from orchestrator.queue.states import TERMINAL, JobState
 from orchestrator.settings import Settings
-from orchestrator.states import TERMINAL, JobState
 
 log = logging.getLogger("quantfleet.dispatcher")
 

@@ -18,7 +18,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, H
 from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-from orchestrator.states import JobState
+from orchestrator.queue.states import JobState
 
 log = logging.getLogger("quantfleet.metrics")
 

@@ -11,7 +11,7 @@ from typing import Annotated, Literal
 from pydantic import AliasChoices, Field, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
-from orchestrator.webhooks import parse_networks
+from orchestrator.fleet.webhooks import parse_networks
 from workers.uris import InputPolicy
 
 
@@ -156,8 +156,8 @@ class Settings(BaseSettings):
 
     def output_policy(self) -> InputPolicy:
         """Where output.uri may point: the allowed output roots and buckets, in the owner's folder
-        (orchestrator.outputs). The local object store is listed so that a path into it gets the clearer
-        refusal of orchestrator.outputs (no output.uri may lie inside the object store)."""
+        (orchestrator.queue.outputs). The local object store is listed so that a path into it gets the clearer
+        refusal of orchestrator.queue.outputs (no output.uri may lie inside the object store)."""
         roots = [Path(p).resolve() for p in self.allowed_output_roots]
         if "://" not in self.object_store:
             roots.append(Path(self.object_store).resolve())

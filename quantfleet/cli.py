@@ -1,5 +1,5 @@
 """`quantfleet` command line: serve, dispatcher, scheduler, keys, migrate, quantize (the engine's local CLI),
-and the REST client commands of api/cli_fleet.py (submit, jobs, schedules, batches, webhooks, artifacts).
+and the REST client commands of quantfleet/cli_fleet.py (submit, jobs, schedules, batches, webhooks, artifacts).
 
 Settings come from QF_* environment variables (orchestrator/settings.py); flags here override them.
 """
@@ -75,7 +75,7 @@ def cmd_keys(args: argparse.Namespace) -> int:
 def _dispatcher(settings: Settings, name: str | None = None, metrics: Any = None) -> Any:
     from orchestrator.db import make_engine, session_factory
     from orchestrator.dispatcher import Dispatcher
-    from orchestrator.executor import build_executor
+    from orchestrator.executors import build_executor
 
     return Dispatcher(
         session_factory(make_engine(settings.database_url)),
@@ -89,8 +89,8 @@ def _dispatcher(settings: Settings, name: str | None = None, metrics: Any = None
 def cmd_dispatcher(args: argparse.Namespace) -> int:
     import threading
 
-    from api.cli_fleet import start_background, stop_background
     from orchestrator.metrics import ServiceMetrics
+    from quantfleet.cli_fleet import start_background, stop_background
 
     settings = _settings(args)
     metrics = ServiceMetrics()
@@ -126,8 +126,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     settings = _settings(args)
     if not args.skip_migrate:
         migrate(settings.database_url)
-    from api.cli_fleet import start_background, stop_background
     from orchestrator.metrics import ServiceMetrics
+    from quantfleet.cli_fleet import start_background, stop_background
 
     metrics = ServiceMetrics()  # one registry: the API's /metrics shows the dispatcher's numbers too
     worker = None
@@ -200,7 +200,7 @@ def parser() -> argparse.ArgumentParser:
 
     sub.add_parser("quantize", help="quantize a model locally, without the service (see quantize --help)")
 
-    from api.cli_fleet import add_fleet_commands
+    from quantfleet.cli_fleet import add_fleet_commands
 
     add_fleet_commands(sub)  # scheduler, and the REST client commands: submit, jobs, schedules, batches, ...
     return p

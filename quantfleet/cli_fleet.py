@@ -1,4 +1,4 @@
-"""`quantfleet` commands that talk to a running service over its REST API (api/client.py): submit (with
+"""`quantfleet` commands that talk to a running service over its REST API (quantfleet/client.py): submit (with
 live progress bars), jobs, schedules, batches, webhooks, artifacts; plus the background loops the
 service processes run (scheduler, webhook/registry deliveries).
 
@@ -18,7 +18,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from api.client import TERMINAL_STATES, ApiError, QuantFleetClient
+from quantfleet.client import TERMINAL_STATES, ApiError, QuantFleetClient
 from workers.preflight import summary_lines as plan_summary
 
 BackgroundThread = tuple[threading.Thread, threading.Event]
@@ -34,13 +34,13 @@ def start_background(settings: Any, *, scheduler: bool, deliveries: bool) -> lis
     sessions = session_factory(make_engine(settings.database_url))
     threads: list[BackgroundThread] = []
     if scheduler:
-        from orchestrator.scheduler import Scheduler
-        from orchestrator.scheduler import start_in_thread as start_scheduler
+        from orchestrator.fleet.scheduler import Scheduler
+        from orchestrator.fleet.scheduler import start_in_thread as start_scheduler
 
         threads.append(start_scheduler(Scheduler(sessions, settings)))
     if deliveries:
-        from orchestrator.delivery_loop import DeliveryLoop
-        from orchestrator.delivery_loop import start_in_thread as start_deliveries
+        from orchestrator.fleet.delivery_loop import DeliveryLoop
+        from orchestrator.fleet.delivery_loop import start_in_thread as start_deliveries
 
         threads.append(start_deliveries(DeliveryLoop(sessions, settings)))
     return threads

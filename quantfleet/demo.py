@@ -142,7 +142,7 @@ def demo_cpus_per_task(jobs: int, cpu_count: int, configured: int) -> int:
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m api.demo", description=__doc__)
+    p = argparse.ArgumentParser(prog="python -m quantfleet.demo", description=__doc__)
     p.add_argument("--methods", default="gptq,awq", help="comma-separated methods to run")
     p.add_argument("--samples", type=int, default=8, help="calibration sequences per job")
     p.add_argument("--calib-len", type=int, default=256, help="tokens per calibration sequence")
@@ -166,7 +166,7 @@ def main(argv: list[str] | None = None) -> int:
     from api.main import create_app
     from orchestrator.db import make_engine, migrate, session_factory
     from orchestrator.dispatcher import Dispatcher, start_in_thread
-    from orchestrator.executor import build_executor
+    from orchestrator.executors import build_executor
     from orchestrator.settings import Settings
     from workers.assets import default_cache, ensure_assets
 

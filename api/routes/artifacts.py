@@ -16,9 +16,9 @@ from api.routes.jobs import ERRORS
 from api.schemas import ArtifactOut
 from orchestrator.auth import Principal
 from orchestrator.db import transaction
-from orchestrator.models import Artifact, Job
-from orchestrator.scoping import newest_first_page, owned_by
-from orchestrator.states import JobState
+from orchestrator.queue.models import Artifact, Job
+from orchestrator.queue.scoping import newest_first_page, owned_by
+from orchestrator.queue.states import JobState
 
 router = APIRouter(prefix="/v1", tags=["artifacts"])
 

@@ -13,12 +13,13 @@ from api.fleet_schemas import BatchCreate, BatchJobRow, BatchOut, BatchPage, Bat
 from api.job_bodies import validated_specs
 from api.routes.jobs import ERRORS
 from api.schemas import Problem
-from orchestrator import batches, crud
 from orchestrator.auth import Principal
 from orchestrator.db import transaction
-from orchestrator.models import Batch
+from orchestrator.fleet import batches
+from orchestrator.queue import crud
+from orchestrator.queue.models import Batch
+from orchestrator.queue.states import TERMINAL
 from orchestrator.settings import Settings
-from orchestrator.states import TERMINAL
 
 router = APIRouter(prefix="/v1", tags=["batches"])
 

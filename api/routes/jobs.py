@@ -24,14 +24,14 @@ from api.schemas import (
     ProgressOut,
     ReportSummary,
 )
-from orchestrator import crud
 from orchestrator.auth import Principal
 from orchestrator.db import transaction
-from orchestrator.models import Job, JobEvent
+from orchestrator.queue import crud
+from orchestrator.queue.models import Job, JobEvent
+from orchestrator.queue.specs import request_hash
+from orchestrator.queue.states import JobState
+from orchestrator.queue.submission import validate_submission
 from orchestrator.settings import Settings
-from orchestrator.specs import request_hash
-from orchestrator.states import JobState
-from orchestrator.submission import validate_submission
 from workers.errors import InputError, InvalidSpecError
 
 router = APIRouter(prefix="/v1", tags=["jobs"])

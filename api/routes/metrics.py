@@ -10,7 +10,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from orchestrator.db import transaction
 from orchestrator.metrics import ServiceMetrics
-from orchestrator.models import Job
+from orchestrator.queue.models import Job
 
 router = APIRouter(tags=["operations"])
 

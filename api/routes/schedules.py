@@ -23,9 +23,9 @@ from api.routes.jobs import ERRORS
 from api.schemas import Problem
 from orchestrator.auth import Principal
 from orchestrator.db import transaction
-from orchestrator.models import Schedule, ScheduleFire, utcnow
-from orchestrator.schedules import ScheduleError, next_fire_after, parse_cron, parse_tz, schedule_labels
-from orchestrator.scoping import owned_by
+from orchestrator.fleet.schedules import ScheduleError, next_fire_after, parse_cron, parse_tz, schedule_labels
+from orchestrator.queue.models import Schedule, ScheduleFire, utcnow
+from orchestrator.queue.scoping import owned_by
 from orchestrator.settings import Settings
 
 router = APIRouter(prefix="/v1", tags=["schedules"])

@@ -18,10 +18,10 @@ from api.routes.jobs import ERRORS
 from api.schemas import Problem
 from orchestrator.auth import Principal
 from orchestrator.db import transaction
-from orchestrator.models import Webhook, WebhookDelivery, utcnow
-from orchestrator.scoping import owned_by
+from orchestrator.fleet.webhooks import WebhookError, check_events, check_webhook_url
+from orchestrator.queue.models import Webhook, WebhookDelivery, utcnow
+from orchestrator.queue.scoping import owned_by
 from orchestrator.settings import Settings
-from orchestrator.webhooks import WebhookError, check_events, check_webhook_url
 
 router = APIRouter(prefix="/v1", tags=["webhooks"])
 

@@ -1,6 +1,6 @@
 """Initial schema: jobs, their labels, events and artifacts, and API keys.
 
-All timestamps are naive UTC (see orchestrator.models.UTCDateTime).
+All timestamps are naive UTC (see orchestrator.queue.models.UTCDateTime).
 
 Revision ID: 0001
 Revises:

@@ -1,7 +1,7 @@
 """Fleet operations: schedules and their fires, batches, webhooks with their deliveries and attempts,
 registry registrations, and the jobs' batch and quality-gate columns.
 
-All timestamps are naive UTC (see orchestrator.models.UTCDateTime).
+All timestamps are naive UTC (see orchestrator.queue.models.UTCDateTime).
 
 Revision ID: 0002
 Revises: 0001

@@ -31,9 +31,9 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from orchestrator.attempt import AttemptTicket
-from orchestrator.executor import Finished, Unschedulable
-from orchestrator.reports import Mailbox, Report, ReportSink, Verdict
+from orchestrator.executors.base import Finished, Unschedulable
+from orchestrator.queue.attempt import AttemptTicket
+from orchestrator.queue.reports import Mailbox, Report, ReportSink, Verdict
 
 log = logging.getLogger("quantfleet.ray")
 
@@ -68,7 +68,7 @@ class AttemptActor:
         self._thread.start()
 
     def _run(self, ticket: AttemptTicket, placement: dict[str, Any]) -> None:
-        from orchestrator.attempt import run_attempt
+        from orchestrator.queue.attempt import run_attempt
 
         try:
             run_attempt(ticket, self._mailbox, placement=placement)

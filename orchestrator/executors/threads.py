@@ -1,65 +1,12 @@
-"""Where attempts run. The dispatcher only needs to start an attempt, have its reports delivered to its
-recorder (`attach`), learn when it ended (and whether the worker itself died), stop it, leave it running
-when the dispatcher stops (`detach`) and take over one another dispatcher left (`adopt`): `Executor`.
-Two implementations: `ThreadExecutor` here (tests, no-Ray embedded use) and `RayExecutor` in
-orchestrator/ray_executor.py (the only module importing ray). Workers never open the database: their
-reports reach the dispatcher's recorder through the executor (orchestrator.reports).
-"""
+"""Attempts on a thread pool of the dispatcher's process: tests and no-Ray embedded use."""
 
 from __future__ import annotations
 
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass
-from typing import Protocol
 
-from orchestrator.attempt import AttemptTicket, run_attempt
-from orchestrator.reports import DirectChannel, ReportSink
-from orchestrator.settings import Settings
-
-
-@dataclass(frozen=True)
-class Finished:
-    """An attempt whose worker returned (`error` None; its outcome was reported and recorded) or died."""
-
-    job_id: str
-    attempt: int
-    error: str | None
-
-
-class Unschedulable(Exception):
-    """The attempt can never start on this executor (e.g. it asks for more GPUs than any node has): the
-    dispatcher fails the job at once, without retries, with this message as its error."""
-
-
-class Executor(Protocol):
-    @property
-    def capacity(self) -> int:
-        """How many attempts this executor should run at once."""
-        ...
-
-    def attach(self, sink: ReportSink) -> None:
-        """Where the attempts' reports go: the dispatcher's recorder (called in the dispatcher's process)."""
-        ...
-
-    def submit(self, ticket: AttemptTicket) -> None: ...
-
-    def poll(self) -> list[Finished]:
-        """Attempts that ended since the last poll (reports that arrived meanwhile are delivered first)."""
-        ...
-
-    def cancel(self, job_id: str) -> None: ...
-
-    def detach(self) -> bool:
-        """Stop tracking the running attempts without stopping them; True if they really go on running
-        after this dispatcher stops (their leases are then handed off), False if they cannot."""
-        ...
-
-    def adopt(self, job_id: str, attempt: int) -> bool:
-        """Track a running attempt that another dispatcher started and handed off; True if this executor
-        now delivers its reports, False if the attempt reports by itself or cannot be reached."""
-        ...
-
-    def shutdown(self) -> None: ...
+from orchestrator.executors.base import Finished
+from orchestrator.queue.attempt import AttemptTicket, run_attempt
+from orchestrator.queue.reports import DirectChannel, ReportSink
 
 
 class ThreadExecutor:
@@ -113,19 +60,3 @@ class ThreadExecutor:
 
     def shutdown(self) -> None:
         self._pool.shutdown(wait=False, cancel_futures=True)
-
-
-def build_executor(settings: Settings) -> Executor:
-    """The executor the settings ask for; Ray is imported only when chosen."""
-    if settings.executor == "thread":
-        return ThreadExecutor(settings.concurrency or 1)
-    from orchestrator.ray_executor import RayExecutor
-
-    return RayExecutor(
-        address=settings.ray_address,
-        cpus_per_task=settings.cpus_per_task,
-        capacity=settings.concurrency,
-        object_store_bytes=settings.ray_object_store_bytes,
-        task_resources=settings.ray_task_resources or None,
-        gpus_per_node=settings.ray_gpus_per_node,
-    )

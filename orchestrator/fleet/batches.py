@@ -12,11 +12,11 @@ from typing import Any
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
-from orchestrator import crud
-from orchestrator.models import Batch, Job, utcnow
-from orchestrator.scoping import owned_by
-from orchestrator.specs import request_hash
-from orchestrator.states import JobState
+from orchestrator.queue import crud
+from orchestrator.queue.models import Batch, Job, utcnow
+from orchestrator.queue.scoping import owned_by
+from orchestrator.queue.specs import request_hash
+from orchestrator.queue.states import JobState
 
 METRIC_COLUMNS = ("ppl_original", "ppl_quantized", "delta_ppl_pct", "kl_mean", "kl_p99", "top1_agreement")
 

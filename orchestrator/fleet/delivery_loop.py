@@ -1,5 +1,5 @@
 """The delivery loop, a thread in every dispatcher process: sends pending webhook deliveries (the outbox
-rows orchestrator/outcomes.py writes when a job finishes) and registers artifacts that passed their gate
+rows orchestrator/fleet/outcomes.py writes when a job finishes) and registers artifacts that passed their gate
 in MLflow when QF_MLFLOW_TRACKING_URI is set.
 
 Several loops may share one database: a row is claimed (claimed_until, with FOR UPDATE SKIP LOCKED on
@@ -23,12 +23,12 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
 
 from orchestrator.db import transaction
-from orchestrator.models import Job, Registration, Webhook, WebhookAttempt, WebhookDelivery, utcnow
-from orchestrator.outcomes import FAILED, PENDING, SUCCEEDED
-from orchestrator.registry_mlflow import MlflowError, MlflowRegistry, registered_model_name
+from orchestrator.fleet.outcomes import FAILED, PENDING, SUCCEEDED
+from orchestrator.fleet.registry_mlflow import MlflowError, MlflowRegistry, registered_model_name
+from orchestrator.fleet.webhooks import DeliveryAttempt, RetryPolicy, attempt_delivery, next_backoff
+from orchestrator.queue.models import Job, Registration, Webhook, WebhookAttempt, WebhookDelivery, utcnow
+from orchestrator.queue.states import JobState
 from orchestrator.settings import Settings
-from orchestrator.states import JobState
-from orchestrator.webhooks import DeliveryAttempt, RetryPolicy, attempt_delivery, next_backoff
 
 log = logging.getLogger("quantfleet.deliveries")
 CLAIM_LIMIT = 20

@@ -3,7 +3,7 @@ its quality gate is checked (succeeded jobs with a gate) and one outbox row per 
 event is written (`webhook_deliveries`, state pending).
 
 Writing the outbox in the finishing transaction is what makes webhooks reliable: if the transaction
-commits, the deliveries exist and the delivery loop (orchestrator/delivery_loop.py) will send them,
+commits, the deliveries exist and the delivery loop (orchestrator/fleet/delivery_loop.py) will send them,
 with retries, even after a crash; if it rolls back (e.g. the attempt was fenced off), nothing is sent.
 The unique (webhook, job, event) row means a job can never produce the same event twice.
 """
@@ -17,10 +17,10 @@ from typing import Any
 from sqlalchemy import or_, select
 from sqlalchemy.orm import Session
 
-from orchestrator.gates import evaluate_gate
-from orchestrator.models import Artifact, Job, Webhook, WebhookDelivery, utcnow
-from orchestrator.states import JobState
-from orchestrator.webhooks import encode_event
+from orchestrator.fleet.gates import evaluate_gate
+from orchestrator.fleet.webhooks import encode_event
+from orchestrator.queue.models import Artifact, Job, Webhook, WebhookDelivery, utcnow
+from orchestrator.queue.states import JobState
 
 log = logging.getLogger("quantfleet.outcomes")
 

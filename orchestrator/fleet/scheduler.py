@@ -24,10 +24,10 @@ from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
 
-from orchestrator.batches import create_batch
 from orchestrator.db import transaction
-from orchestrator.models import Schedule, ScheduleFire, utcnow
-from orchestrator.schedules import plan_fires, schedule_labels
+from orchestrator.fleet.batches import create_batch
+from orchestrator.fleet.schedules import plan_fires, schedule_labels
+from orchestrator.queue.models import Schedule, ScheduleFire, utcnow
 from orchestrator.settings import Settings
 
 log = logging.getLogger("quantfleet.scheduler")

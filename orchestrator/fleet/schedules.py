@@ -1,7 +1,7 @@
 """Cron schedules: when a schedule fires, what to do about fires missed while no scheduler ran, and how a
 job template with a matrix (models × methods × bits × group sizes) becomes a list of job request bodies.
 
-Pure functions, no database: the scheduler loop (orchestrator/scheduler.py) decides *which* fires are due
+Pure functions, no database: the scheduler loop (orchestrator/fleet/scheduler.py) decides *which* fires are due
 with `plan_fires` and then claims each one through a unique (schedule, fire time) row, so several
 scheduler processes create each occurrence's jobs exactly once.
 

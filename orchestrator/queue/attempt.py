@@ -1,8 +1,8 @@
 """One attempt of one job, as it runs on a worker (a Ray actor or a thread): resolve inputs, run the job,
 report progress, watch for cancellation, and report how the attempt ended.
 
-The worker holds no database credentials: everything goes through a `Channel` (orchestrator.reports) to
-the dispatcher, which writes it fenced by the attempt number (orchestrator.recorder), so an attempt whose
+The worker holds no database credentials: everything goes through a `Channel` (orchestrator.queue.reports) to
+the dispatcher, which writes it fenced by the attempt number (orchestrator.queue.recorder), so an attempt whose
 lease was rescued stops at its next progress report and can no longer change the job.
 """
 
@@ -18,8 +18,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from orchestrator.outputs import output_target
-from orchestrator.reports import (
+from orchestrator.queue.outputs import output_target
+from orchestrator.queue.reports import (
     Cancelled,
     Channel,
     Failed,
@@ -29,9 +29,9 @@ from orchestrator.reports import (
     Started,
     Succeeded,
 )
+from orchestrator.queue.specs import engine_spec
+from orchestrator.queue.states import JobState
 from orchestrator.settings import Settings
-from orchestrator.specs import engine_spec
-from orchestrator.states import JobState
 from workers.errors import InputError, InvalidSpecError, JobCancelled
 from workers.progress import Progress
 from workers.storage import ObjectStore, open_store
@@ -88,7 +88,7 @@ class AttemptTicket:
     attempt: int
     spec: dict[str, Any]
     config: WorkerConfig
-    owner: str  # whose job: output.uri must lie in this owner's folder (orchestrator.outputs)
+    owner: str  # whose job: output.uri must lie in this owner's folder (orchestrator.queue.outputs)
 
 
 def output_location(ticket: AttemptTicket) -> tuple[ObjectStore, str]:

@@ -13,9 +13,9 @@ from typing import Any
 from sqlalchemy import exists, func, select, update
 from sqlalchemy.orm import Session
 
-from orchestrator.models import Artifact, Job, JobEvent, JobLabel, utcnow
-from orchestrator.scoping import newest_first_page, owned_by
-from orchestrator.states import ACTIVE, JobState
+from orchestrator.queue.models import Artifact, Job, JobEvent, JobLabel, utcnow
+from orchestrator.queue.scoping import newest_first_page, owned_by
+from orchestrator.queue.states import ACTIVE, JobState
 
 
 def add_event(session: Session, job_id: str, kind: str, attempt: int, **fields: Any) -> None:

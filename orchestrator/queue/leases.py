@@ -15,10 +15,10 @@ from typing import Any
 from sqlalchemy import delete, or_, select, update
 from sqlalchemy.orm import Session
 
-from orchestrator.crud import add_event
-from orchestrator.models import Artifact, Job, utcnow
-from orchestrator.outcomes import job_finished
-from orchestrator.states import ACTIVE, JobState
+from orchestrator.queue.crud import add_event
+from orchestrator.queue.hooks import fire_finished
+from orchestrator.queue.models import Artifact, Job, utcnow
+from orchestrator.queue.states import ACTIVE, JobState
 
 ACTIVE_STATES = [s.value for s in ACTIVE]
 
@@ -189,7 +189,7 @@ def renew_adopted(
     now: datetime | None = None,
 ) -> set[str]:
     """Extend adopted leases while their worker is alive: the worker writes heartbeat_at itself
-    (orchestrator.attempt), so a worker that died stops being renewed and its lease expires into a rescue.
+    (orchestrator.queue.attempt), so a worker that died stops being renewed and its lease expires into a rescue.
     Returns the job ids still held."""
     now = now or utcnow()
     held: set[str] = set()
@@ -303,7 +303,7 @@ def succeed_attempt(
     session.execute(delete(Artifact).where(Artifact.job_id == job_id))
     session.add_all(Artifact(job_id=job_id, created_at=utcnow(), **a) for a in artifacts)
     session.flush()
-    job_finished(session, job_id)  # quality gate and webhook outbox, in this same transaction
+    fire_finished(session, job_id)  # subscribers (quality gate, webhook outbox) in this same transaction
     return True
 
 
@@ -334,7 +334,7 @@ def fail_attempt(
         reason = error if not retryable else f"{error} (gave up after {attempt} attempts)"
         if not _finish(session, job_id, attempt, JobState.FAILED, reason, error=reason):
             return None
-        job_finished(session, job_id)  # webhook outbox, in this same transaction
+        fire_finished(session, job_id)  # subscribers (webhook outbox) in this same transaction
         return JobState.FAILED
     result = session.execute(
         update(Job)

@@ -91,7 +91,7 @@ class Job(Base):
     finished_at: Mapped[datetime | None]
     batch_id: Mapped[str | None] = mapped_column(ForeignKey("batches.id", ondelete="SET NULL"), index=True)
     gate_passed: Mapped[bool | None] = mapped_column(Boolean)  # None: no gate, or not succeeded (yet)
-    gate_result: Mapped[dict[str, Any] | None]  # orchestrator.gates.GateResult.to_dict()
+    gate_result: Mapped[dict[str, Any] | None]  # orchestrator.fleet.gates.GateResult.to_dict()
     plan: Mapped[dict[str, Any] | None]  # workers.preflight.JobPlan.to_dict(), computed at submit (local models)
 
     labels: Mapped[list[JobLabel]] = relationship(

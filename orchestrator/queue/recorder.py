@@ -1,5 +1,5 @@
-"""The dispatcher's side of an attempt's reports (orchestrator.reports): each report becomes one
-transaction on the job row, fenced by the attempt number (orchestrator.leases), so a worker whose
+"""The dispatcher's side of an attempt's reports (orchestrator.queue.reports): each report becomes one
+transaction on the job row, fenced by the attempt number (orchestrator.queue.leases), so a worker whose
 attempt was rescued can change nothing. Only the dispatcher's process holds the database URL."""
 
 from __future__ import annotations
@@ -7,7 +7,7 @@ from __future__ import annotations
 from sqlalchemy.orm import Session, sessionmaker
 
 from orchestrator.db import transaction
-from orchestrator.leases import (
+from orchestrator.queue.leases import (
     RetryPolicy,
     cancel_attempt,
     current_state,
@@ -17,7 +17,7 @@ from orchestrator.leases import (
     succeed_attempt,
     worker_heartbeat,
 )
-from orchestrator.reports import (
+from orchestrator.queue.reports import (
     Cancelled,
     Failed,
     Heartbeat,
@@ -28,7 +28,7 @@ from orchestrator.reports import (
     Succeeded,
     Verdict,
 )
-from orchestrator.states import JobState
+from orchestrator.queue.states import JobState
 
 
 class AttemptRecorder:

@@ -1,6 +1,6 @@
 """What a running attempt tells the dispatcher, and how it gets there. Workers hold no database
 credentials: an attempt sends reports (plain, picklable dataclasses) over a `Channel`, and the dispatcher
-side (orchestrator.recorder) writes them to the database, fenced by the attempt number, answering with
+side (orchestrator.queue.recorder) writes them to the database, fenced by the attempt number, answering with
 the job's state as that attempt sees it (`Verdict`: running, cancelling, a terminal state, or None once
 the attempt was fenced off).
 
@@ -21,7 +21,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-from orchestrator.states import JobState
+from orchestrator.queue.states import JobState
 
 Verdict = JobState | None  # the job's state while this attempt holds it; None: fenced off
 

@@ -12,7 +12,7 @@ from typing import TypeVar
 from sqlalchemy import Select, and_, or_, select
 from sqlalchemy.orm import Session
 
-from orchestrator.models import Batch, Job, Schedule, Webhook
+from orchestrator.queue.models import Batch, Job, Schedule, Webhook
 
 Owned = TypeVar("Owned", Job, Batch, Schedule, Webhook)
 

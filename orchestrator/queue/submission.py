@@ -1,6 +1,6 @@
 """Checks a submitted job before a row is written: URIs inside the allow-list and present, the engine's
 own spec rules, the model-dependent rules of workers.validation (for local models), and that an
-output.uri lies in the submitting owner's own folder (orchestrator.outputs).
+output.uri lies in the submitting owner's own folder (orchestrator.queue.outputs).
 
 Raises InvalidSpecError / InputError with the engine's message; the API turns them into 422s. For a local
 model, returns the engine's preflight plan (workers.preflight.JobPlan as a dict), which the job stores.
@@ -20,9 +20,9 @@ from collections import OrderedDict
 from pathlib import Path
 from typing import Any, ClassVar
 
-from orchestrator.outputs import check_output_uri
+from orchestrator.queue.outputs import check_output_uri
+from orchestrator.queue.specs import engine_spec
 from orchestrator.settings import Settings
-from orchestrator.specs import engine_spec
 from workers.errors import InputError, InvalidSpecError
 from workers.uris import InputPolicy, LocalInput, check_input_exists, parse_input_uri
 

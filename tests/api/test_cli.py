@@ -6,9 +6,9 @@ from pathlib import Path
 
 import pytest
 
-from api.cli import is_loopback, main
 from orchestrator.auth import authenticate
 from orchestrator.db import make_engine, migration_status, session_factory, transaction
+from quantfleet.cli import is_loopback, main
 
 
 def test_migrate_then_create_use_and_revoke_a_key(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from api.client import DEFAULT_URL, ApiError, load_config, parse_sse
+from quantfleet.client import DEFAULT_URL, ApiError, load_config, parse_sse
 
 
 def test_environment_wins_over_the_config_file(tmp_path: Path) -> None:

@@ -14,7 +14,7 @@ from sqlalchemy.exc import OperationalError
 from sqlalchemy.exc import TimeoutError as PoolTimeout
 
 from api.main import create_app
-from orchestrator import crud
+from orchestrator.queue import crud
 from orchestrator.settings import Settings
 
 

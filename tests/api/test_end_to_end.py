@@ -30,7 +30,7 @@ def test_submit_over_http_run_on_ray_publish_to_s3(
     s3_bucket: str,
     tmp_path: Path,
 ) -> None:
-    from orchestrator.ray_executor import RayExecutor
+    from orchestrator.executors.ray_executor import RayExecutor
 
     settings = Settings(
         database_url=clean_sqlite_url,

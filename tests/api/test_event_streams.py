@@ -20,9 +20,9 @@ from fastapi.testclient import TestClient
 from sqlalchemy.exc import OperationalError
 
 from api.main import create_app
-from orchestrator import crud
 from orchestrator.auth import create_api_key
 from orchestrator.db import transaction
+from orchestrator.queue import crud
 from orchestrator.settings import Settings
 from tests.orchestrator.support import sessions_for, wait_for
 

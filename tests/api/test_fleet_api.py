@@ -15,8 +15,8 @@ from prometheus_client.parser import text_string_to_metric_families
 from sqlalchemy import select
 
 from orchestrator.db import transaction
-from orchestrator.leases import RetryPolicy, claim_jobs, fail_attempt, succeed_attempt
-from orchestrator.models import Job, Webhook, WebhookDelivery
+from orchestrator.queue.leases import RetryPolicy, claim_jobs, fail_attempt, succeed_attempt
+from orchestrator.queue.models import Job, Webhook, WebhookDelivery
 from orchestrator.settings import Settings
 from tests.orchestrator.support import sessions_for
 

@@ -8,8 +8,8 @@ from typing import Any
 import pytest
 from fastapi.testclient import TestClient
 
+from orchestrator.queue.specs import engine_spec
 from orchestrator.settings import Settings
-from orchestrator.specs import engine_spec
 from tests.api.test_jobs_api import job_rows
 from workers.spec import FP8_PRESETS
 

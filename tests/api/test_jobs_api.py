@@ -11,7 +11,7 @@ from fastapi.testclient import TestClient
 from sqlalchemy import func, select
 
 from orchestrator.db import transaction
-from orchestrator.models import Job, JobEvent
+from orchestrator.queue.models import Job, JobEvent
 from orchestrator.settings import Settings
 from tests.orchestrator.support import sessions_for
 

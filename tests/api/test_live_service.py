@@ -20,17 +20,17 @@ import uvicorn
 from prometheus_client.parser import text_string_to_metric_families
 
 import workers.calibration_cache as calibration_cache
-from api.client import QuantFleetClient
 from api.main import create_app
 from orchestrator.auth import create_api_key
 from orchestrator.db import transaction
-from orchestrator.delivery_loop import DeliveryLoop
-from orchestrator.delivery_loop import start_in_thread as start_deliveries
 from orchestrator.dispatcher import Dispatcher, start_in_thread
-from orchestrator.executor import ThreadExecutor
+from orchestrator.executors import ThreadExecutor
+from orchestrator.fleet.delivery_loop import DeliveryLoop
+from orchestrator.fleet.delivery_loop import start_in_thread as start_deliveries
+from orchestrator.fleet.webhooks import SIGNATURE_HEADER, SignatureError, verify_signature
 from orchestrator.metrics import ServiceMetrics
 from orchestrator.settings import Settings
-from orchestrator.webhooks import SIGNATURE_HEADER, SignatureError, verify_signature
+from quantfleet.client import QuantFleetClient
 from tests.orchestrator.support import gptq_body, service_settings, sessions_for, stop, wait_for
 from workers.storage import LocalStore
 
@@ -112,7 +112,7 @@ def test_sse_streams_progress_up_to_the_terminal_state(service: Service, tiny_as
 def test_cli_submit_wait_draws_progress_and_exits_with_the_outcome(
     service: Service, tiny_assets: dict, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: Any
 ) -> None:
-    from api.cli import main
+    from quantfleet.cli import main
 
     monkeypatch.setenv("QF_API_URL", service.url)
     monkeypatch.setenv("QF_API_KEY", service.token)
@@ -265,7 +265,7 @@ def _get(url: str) -> str:
 def test_cli_schedules_commands(
     service: Service, tiny_assets: dict, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: Any
 ) -> None:
-    from api.cli import main
+    from quantfleet.cli import main
 
     monkeypatch.setenv("QF_API_URL", service.url)
     monkeypatch.setenv("QF_API_KEY", service.token)

@@ -11,7 +11,7 @@ import pytest
 from fastapi.testclient import TestClient
 
 from api.main import create_app
-from orchestrator import crud
+from orchestrator.queue import crud
 from orchestrator.settings import Settings
 from tests.api.test_jobs_api import job_rows
 

@@ -56,8 +56,8 @@ def test_cli_jobs_show_prints_a_plan_summary(
 ) -> None:
     import json
 
-    import api.cli_fleet
-    from api.cli import main
+    import quantfleet.cli_fleet
+    from quantfleet.cli import main
 
     job = client.post("/v1/jobs", json=job_body, headers=keys["alice"]).json()
 
@@ -71,7 +71,7 @@ def test_cli_jobs_show_prints_a_plan_summary(
         def get_job(self, job_id: str) -> dict[str, Any]:
             return dict(client.get(f"/v1/jobs/{job_id}", headers=keys["alice"]).json())
 
-    monkeypatch.setattr(api.cli_fleet, "_client", lambda args: Client())
+    monkeypatch.setattr(quantfleet.cli_fleet, "_client", lambda args: Client())
     assert main(["jobs", "show", job["id"]]) == 0
     out = capsys.readouterr()
     assert json.loads(out.out)["plan"] == job["plan"]  # stdout stays JSON

@@ -16,11 +16,11 @@ from sqlalchemy import event
 
 from api.main import create_app
 from orchestrator.db import transaction
-from orchestrator.delivery_loop import ClaimedDelivery, DeliveryLoop
+from orchestrator.fleet.delivery_loop import ClaimedDelivery, DeliveryLoop
+from orchestrator.fleet.webhooks import parse_networks
 from orchestrator.logging_setup import JsonFormatter
-from orchestrator.models import WebhookDelivery, utcnow
+from orchestrator.queue.models import WebhookDelivery, utcnow
 from orchestrator.settings import Settings
-from orchestrator.webhooks import parse_networks
 from tests.orchestrator.support import sessions_for
 
 PRIVATE_TARGETS = [

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from benchmarks import gpu_ray_two_jobs as g2
-from orchestrator.ray_executor import ClusterShape, task_options
+from orchestrator.executors.ray_executor import ClusterShape, task_options
 
 REPO = Path(__file__).resolve().parents[2]
 

@@ -32,10 +32,10 @@ def main(args: dict[str, Any]) -> dict[str, Any]:
     from ray.cluster_utils import Cluster
 
     from api.schemas import JobCreate
-    from orchestrator.batches import create_batch
     from orchestrator.db import transaction
     from orchestrator.dispatcher import Dispatcher, start_in_thread
-    from orchestrator.executor import build_executor
+    from orchestrator.executors import build_executor
+    from orchestrator.fleet.batches import create_batch
     from tests.orchestrator.support import (
         load_job,
         service_settings,

@@ -16,11 +16,11 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
 from api.schemas import JobCreate
-from orchestrator import crud
 from orchestrator.db import make_engine, session_factory, transaction
-from orchestrator.models import Artifact, Job, JobEvent
+from orchestrator.queue import crud
+from orchestrator.queue.models import Artifact, Job, JobEvent
+from orchestrator.queue.specs import request_hash
 from orchestrator.settings import Settings
-from orchestrator.specs import request_hash
 from workers.storage import LocalStore, ObjectStore
 
 REPO = Path(__file__).resolve().parents[2]

@@ -13,7 +13,7 @@ import pytest
 from sqlalchemy import select
 
 from orchestrator.db import transaction
-from orchestrator.models import Artifact, Job, JobEvent
+from orchestrator.queue.models import Artifact, Job, JobEvent
 from tests.orchestrator.support import service_settings, sessions_for, submit, wait_for
 from workers.storage import LocalStore
 
@@ -26,7 +26,7 @@ def start_dispatcher(name: str, env: dict[str, str]) -> subprocess.Popen[str]:
         [
             sys.executable,
             "-m",
-            "api.cli",
+            "quantfleet.cli",
             "dispatcher",
             "--executor",
             "thread",

@@ -10,11 +10,11 @@ from pathlib import Path
 
 import boto3
 
-from orchestrator import crud
 from orchestrator.db import transaction
 from orchestrator.dispatcher import Dispatcher, start_in_thread
-from orchestrator.executor import ThreadExecutor
-from orchestrator.models import Job
+from orchestrator.executors import ThreadExecutor
+from orchestrator.queue import crud
+from orchestrator.queue.models import Job
 from tests.helpers import make_tiny_llama
 from tests.orchestrator.support import (
     artifacts,

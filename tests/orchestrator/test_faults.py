@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from orchestrator.dispatcher import Dispatcher, start_in_thread
-from orchestrator.executor import ThreadExecutor
+from orchestrator.executors import ThreadExecutor
 from tests.orchestrator.support import (
     assert_succeeded_once_after_two_attempts,
     events,
@@ -48,7 +48,7 @@ def test_dead_dispatcher_lease_expires_and_another_finishes_the_job(
         "QF_POLL_SECONDS": "0.1",
     }
     first = subprocess.Popen(
-        [sys.executable, "-m", "api.cli", "dispatcher", "--executor", "thread", "--name", "doomed"],
+        [sys.executable, "-m", "quantfleet.cli", "dispatcher", "--executor", "thread", "--name", "doomed"],
         cwd=REPO,
         env=env,
         stdout=subprocess.DEVNULL,

@@ -8,7 +8,7 @@ from typing import Any
 
 import pytest
 
-from orchestrator.gates import Gate, GateSpecError, evaluate_gate
+from orchestrator.fleet.gates import Gate, GateSpecError, evaluate_gate
 from workers.report import EngineReport, EvalMetrics
 
 

@@ -9,11 +9,11 @@ from typing import Any
 
 import pytest
 
-from orchestrator.attempt import AttemptTicket
 from orchestrator.dispatcher import Dispatcher
-from orchestrator.executor import Finished, Unschedulable
-from orchestrator.ray_executor import ClusterShape, task_options, torch_threads
-from orchestrator.specs import engine_spec
+from orchestrator.executors import Finished, Unschedulable
+from orchestrator.executors.ray_executor import ClusterShape, task_options, torch_threads
+from orchestrator.queue.attempt import AttemptTicket
+from orchestrator.queue.specs import engine_spec
 from tests.orchestrator.support import events, gptq_body, load_job, service_settings, sessions_for, submit
 
 CPU_ONLY = ClusterShape(total={"CPU": 8.0}, largest_node={"CPU": 8.0})
@@ -170,7 +170,7 @@ def test_an_autoscaled_cluster_asks_for_gpus_while_none_is_up() -> None:
 
 
 def test_the_demo_shares_the_machines_cpus_between_its_jobs(monkeypatch: pytest.MonkeyPatch) -> None:
-    from api.demo import demo_cpus_per_task
+    from quantfleet.demo import demo_cpus_per_task
 
     monkeypatch.delenv("QF_CPUS_PER_TASK", raising=False)
     assert demo_cpus_per_task(2, 16, configured=1) == 8  # two jobs at once, 8 torch threads each

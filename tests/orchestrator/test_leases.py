@@ -8,9 +8,9 @@ from datetime import timedelta
 from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
-from orchestrator import crud
 from orchestrator.db import make_engine, session_factory, transaction
-from orchestrator.leases import (
+from orchestrator.queue import crud
+from orchestrator.queue.leases import (
     RetryPolicy,
     cancel_attempt,
     claim_jobs,
@@ -20,8 +20,8 @@ from orchestrator.leases import (
     rescue_expired,
     succeed_attempt,
 )
-from orchestrator.models import Artifact, Job, JobEvent, utcnow
-from orchestrator.states import JobState
+from orchestrator.queue.models import Artifact, Job, JobEvent, utcnow
+from orchestrator.queue.states import JobState
 from tests.orchestrator.support import sessions_for
 
 POLICY = RetryPolicy(backoff_seconds=30, backoff_max_seconds=60)

@@ -7,7 +7,7 @@ from alembic.runtime.migration import MigrationContext
 from sqlalchemy import inspect
 
 from orchestrator.db import make_engine, migrate, migration_status
-from orchestrator.models import Base
+from orchestrator.queue.models import Base
 
 
 def test_migrated_schema_equals_models(database_url: str) -> None:

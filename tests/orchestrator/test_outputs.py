@@ -1,4 +1,4 @@
-"""orchestrator.outputs: every attempt writes to a folder of its own job, checked again at run time."""
+"""orchestrator.queue.outputs: every attempt writes to a folder of its own job, checked again at run time."""
 
 from __future__ import annotations
 
@@ -7,10 +7,10 @@ from pathlib import Path
 
 import pytest
 
-from orchestrator.attempt import AttemptTicket, WorkerConfig, output_location
 from orchestrator.dispatcher import Dispatcher, start_in_thread
-from orchestrator.executor import ThreadExecutor
-from orchestrator.outputs import check_output_uri, owner_segment
+from orchestrator.executors import ThreadExecutor
+from orchestrator.queue.attempt import AttemptTicket, WorkerConfig, output_location
+from orchestrator.queue.outputs import check_output_uri, owner_segment
 from orchestrator.settings import Settings
 from tests.orchestrator.support import (
     events,

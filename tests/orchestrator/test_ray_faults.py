@@ -32,7 +32,7 @@ def test_killed_ray_worker_is_retried_and_succeeds(
     slow_model: Path,
     tmp_path: Path,
 ) -> None:
-    from orchestrator.ray_executor import RayExecutor
+    from orchestrator.executors.ray_executor import RayExecutor
 
     settings = service_settings(clean_sqlite_url, allowed_root, tmp_path, executor="ray", lease_seconds=30.0)
     sessions = sessions_for(clean_sqlite_url)

@@ -12,8 +12,8 @@ from pathlib import Path
 import pytest
 from sqlalchemy.engine import make_url
 
-from orchestrator.attempt import AttemptTicket
 from orchestrator.dispatcher import Dispatcher, start_in_thread
+from orchestrator.queue.attempt import AttemptTicket
 from tests.orchestrator.support import (
     check_manifest,
     events,
@@ -74,7 +74,7 @@ def test_a_ray_attempt_reports_through_the_dispatcher_and_never_touches_the_data
     slow_model: Path,
     tmp_path: Path,
 ) -> None:
-    from orchestrator.ray_executor import RayExecutor
+    from orchestrator.executors.ray_executor import RayExecutor
 
     settings = service_settings(database_url, allowed_root, tmp_path, executor="ray", lease_seconds=30.0)
     sessions = sessions_for(database_url)

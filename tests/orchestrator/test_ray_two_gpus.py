@@ -67,7 +67,7 @@ def main(args: dict[str, Any]) -> dict[str, Any]:
     import ray
 
     from orchestrator.dispatcher import Dispatcher
-    from orchestrator.ray_executor import RayExecutor
+    from orchestrator.executors.ray_executor import RayExecutor
     from tests.orchestrator.support import service_settings, sessions_for, submit
 
     # Four CPUs for two tasks of one CPU each: what limits them is the two GPUs. address="local": a new

@@ -20,12 +20,9 @@ import pytest
 from sqlalchemy import select
 
 from api.schemas import JobCreate
-from orchestrator import crud
 from orchestrator.db import transaction
-from orchestrator.delivery_loop import DeliveryLoop
-from orchestrator.leases import claim_jobs, succeed_attempt
-from orchestrator.models import Registration
-from orchestrator.registry_mlflow import (
+from orchestrator.fleet.delivery_loop import DeliveryLoop
+from orchestrator.fleet.registry_mlflow import (
     CANDIDATE_ALIAS,
     GATE_TAG,
     JOB_TAG,
@@ -33,8 +30,11 @@ from orchestrator.registry_mlflow import (
     MlflowRegistry,
     registered_model_name,
 )
+from orchestrator.queue import crud
+from orchestrator.queue.leases import claim_jobs, succeed_attempt
+from orchestrator.queue.models import Registration
+from orchestrator.queue.specs import request_hash
 from orchestrator.settings import Settings
-from orchestrator.specs import request_hash
 from tests.orchestrator.support import sessions_for
 
 pytestmark = pytest.mark.skipif(

@@ -10,13 +10,20 @@ from pathlib import Path
 import pytest
 from sqlalchemy import update
 
-from orchestrator import crud
 from orchestrator.db import transaction
 from orchestrator.dispatcher import Dispatcher, start_in_thread
-from orchestrator.executor import ThreadExecutor
-from orchestrator.leases import RetryPolicy, adopt_leases, claim_jobs, hand_off, renew_adopted, rescue_expired
-from orchestrator.models import Job, utcnow
-from orchestrator.states import JobState
+from orchestrator.executors import ThreadExecutor
+from orchestrator.queue import crud
+from orchestrator.queue.leases import (
+    RetryPolicy,
+    adopt_leases,
+    claim_jobs,
+    hand_off,
+    renew_adopted,
+    rescue_expired,
+)
+from orchestrator.queue.models import Job, utcnow
+from orchestrator.queue.states import JobState
 from tests.orchestrator.support import (
     check_manifest,
     events,
@@ -101,7 +108,7 @@ def test_a_dispatcher_stopping_mid_job_leaves_its_ray_attempt_to_another(
     """The same rolling deploy with the Ray executor: the attempt runs in a detached actor, which outlives
     the dispatcher that started it; the new dispatcher finds it by name, drains its reports from then on
     and records its success under attempt 1."""
-    from orchestrator.ray_executor import RayExecutor
+    from orchestrator.executors.ray_executor import RayExecutor
 
     settings = service_settings(database_url, allowed_root, tmp_path, executor="ray", lease_seconds=6.0)
     sessions = sessions_for(database_url)

@@ -14,9 +14,9 @@ from sqlalchemy import func, select
 
 from api.schemas import JobCreate
 from orchestrator.db import transaction
-from orchestrator.models import Batch, Job, JobLabel, Schedule, ScheduleFire
-from orchestrator.scheduler import fire_once, tick
-from orchestrator.schedules import next_fire_after
+from orchestrator.fleet.scheduler import fire_once, tick
+from orchestrator.fleet.schedules import next_fire_after
+from orchestrator.queue.models import Batch, Job, JobLabel, Schedule, ScheduleFire
 from tests.orchestrator.support import sessions_for
 
 T0 = datetime(2026, 3, 2, 10, 0, tzinfo=UTC)

@@ -7,7 +7,7 @@ from datetime import UTC, datetime, timedelta
 
 import pytest
 
-from orchestrator.schedules import (
+from orchestrator.fleet.schedules import (
     MISSED_COUNT_CAP,
     MissedFirePolicy,
     ScheduleError,

@@ -12,7 +12,7 @@ import pytest
 
 import workers.validation
 from api.schemas import JobCreate
-from orchestrator import submission
+from orchestrator.queue import submission
 from orchestrator.settings import Settings
 from workers.errors import InputError
 

@@ -17,7 +17,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from orchestrator.webhooks import (
+from orchestrator.fleet.webhooks import (
     DELIVERY_HEADER,
     EVENT_HEADER,
     SIGNATURE_HEADER,
