@@ -15,7 +15,7 @@ from sqlalchemy.orm import Session
 
 from orchestrator.queue.models import Artifact, Job, JobEvent, JobLabel, utcnow
 from orchestrator.queue.scoping import newest_first_page, owned_by
-from orchestrator.queue.states import ACTIVE, JobState
+from orchestrator.queue.states import ACTIVE, JobState, check_transition
 
 
 def add_event(session: Session, job_id: str, kind: str, attempt: int, **fields: Any) -> None:
@@ -105,6 +105,7 @@ def request_cancel(session: Session, job: Job) -> Job:
             target, extra = JobState.CANCELLING, {}
         else:
             return job
+        check_transition(state, target)
         done = session.execute(
             update(Job)
             .where(Job.id == job.id, Job.state == state.value)

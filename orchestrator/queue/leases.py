@@ -18,7 +18,7 @@ from sqlalchemy.orm import Session
 from orchestrator.queue.crud import add_event
 from orchestrator.queue.hooks import fire_finished
 from orchestrator.queue.models import Artifact, Job, utcnow
-from orchestrator.queue.states import ACTIVE, JobState
+from orchestrator.queue.states import ACTIVE, IllegalTransition, JobState, sources
 
 ACTIVE_STATES = [s.value for s in ACTIVE]
 
@@ -72,7 +72,10 @@ def claim_jobs(
     )
     rows = session.execute(
         update(Job)
-        .where(Job.id.in_(select(picked.c.id)), Job.state == JobState.QUEUED.value)
+        .where(
+            Job.id.in_(select(picked.c.id)),
+            Job.state.in_(sources(JobState.RUNNING, among=[JobState.QUEUED])),
+        )
         .values(
             state=JobState.RUNNING.value,
             attempts=Job.attempts + 1,
@@ -265,10 +268,13 @@ def record_progress(
 def _finish(
     session: Session, job_id: str, attempt: int, state: JobState, message: str, **values: Any
 ) -> bool:
+    """End the attempt's job in the terminal `state`; False if fenced off or not in a state that may."""
+    if not state.is_terminal:
+        raise IllegalTransition(f"an attempt ends its job in a terminal state, not {state.value}")
     now = utcnow()
     result = session.execute(
         update(Job)
-        .where(_fenced(job_id, attempt))
+        .where(_fenced(job_id, attempt), Job.state.in_(sources(state, among=ACTIVE)))
         .values(state=state.value, lease_owner=None, lease_expires_at=None, finished_at=now, **values)
         .execution_options(synchronize_session=False)
     )
@@ -338,7 +344,7 @@ def fail_attempt(
         return JobState.FAILED
     result = session.execute(
         update(Job)
-        .where(_fenced(job_id, attempt), Job.state == JobState.RUNNING.value)
+        .where(_fenced(job_id, attempt), Job.state.in_(sources(JobState.QUEUED, among=ACTIVE)))
         .values(
             state=JobState.QUEUED.value,
             lease_owner=None,
