@@ -321,8 +321,9 @@ class QuantizedModulesOut(BaseModel):
 
 class DenseModulesOut(BaseModel):
     pattern: str = Field(description="Module name, with the layer index as * inside decoder layers")
-    kind: Literal["embeddings", "lm_head", "norm", "router", "bias", "other"] = Field(
-        description="What it is; bias: the bias of a quantized Linear, kept dense"
+    kind: Literal["embeddings", "lm_head", "norm", "router", "bias", "tower", "other"] = Field(
+        description="What it is; bias: the bias of a quantized Linear, kept dense; tower: a multimodal model's "
+        "vision/audio tower or projector, written as it is"
     )
     count: int
     tensors: list[str] = Field(description="Its tensors, e.g. weight, bias")
@@ -341,6 +342,19 @@ class MemoryEstimateOut(BaseModel):
     )
     activations_cpu: int = Field(description="Calibration hidden states into and out of a layer, float32, bytes")
     activations_gpu: int = Field(description="The same in the model's dtype, per GPU, bytes")
+
+
+class ExpertModulesOut(BaseModel):
+    pattern: str = Field(description="The experts' checkpoint prefix, layer index as *, e.g. model.layers.*.mlp.experts")
+    layers: int = Field(description="Decoder layers with this MoE block")
+    experts: int = Field(description="Experts per layer; every one is quantized")
+    linears: list[str] = Field(description="Each expert's Linears, e.g. gate_proj, up_proj, down_proj")
+    hidden: int
+    intermediate: int
+    fused_in_model: bool = Field(description="transformers holds the experts as fused 3-D parameters")
+    fused_in_checkpoint: bool = Field(description="The source checkpoint stores them fused (written per expert)")
+    dense: list[str] = Field(description="The block's routers and gates, kept dense")
+    statistics_bytes: int = Field(description="Input statistics of one layer's experts held at once, bytes")
 
 
 class JobPlanOut(BaseModel):
@@ -363,6 +377,10 @@ class JobPlanOut(BaseModel):
     weight_bytes: int = Field(description="Size of the original safetensors files")
     memory: MemoryEstimateOut = Field(description="Estimated peak memory of the layer loop")
     output_bytes: dict[str, int] = Field(description="Estimated checkpoint size per requested format, bytes")
+    experts: list[ExpertModulesOut] = Field(default_factory=list, description="Mixture-of-Experts blocks")
+    towers: list[str] = Field(
+        default_factory=list, description="Multimodal towers and projectors kept dense (checkpoint names)"
+    )
 
 
 class JobOut(BaseModel):

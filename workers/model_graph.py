@@ -162,6 +162,7 @@ class ModelGraph:
     others: tuple[str, ...]  # the base model's other children (final norm, rotary embeddings, …)
     stored_layers: str = ""  # the checkpoint's name of the layer list (Gemma-3 multimodal: "language_model.model.layers")
     towers: tuple[str, ...] = ()  # multimodal: the modules beside the language model (vision tower, projector), dense
+    stored_towers: tuple[str, ...] = ()  # … under their checkpoint names (e.g. "vision_tower")
 
     @classmethod
     def of(cls, model: PreTrainedModel) -> ModelGraph:
@@ -190,10 +191,12 @@ class ModelGraph:
                        if name != layers_name and child is not embed)
         towers = tuple(paths[id(child)] for child in outer.children() if child is not base) if base is not outer else ()
         layers = f"{base_path}.{layers_name}"
+        rename = checkpoint_renamer(model)
         return cls(
             architecture=what, model_type=str(config.model_type), base=base_path, layers=layers,
             embed_tokens=paths[id(embed)], lm_head=paths[id(head)], others=others,
-            stored_layers=checkpoint_renamer(model)(f"{layers}.").rstrip("."), towers=towers,
+            stored_layers=rename(f"{layers}.").rstrip("."), towers=towers,
+            stored_towers=tuple(rename(f"{tower}.").rstrip(".") for tower in towers),
         )
 
     def layer_prefix(self, index: int) -> str:

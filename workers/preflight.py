@@ -65,6 +65,22 @@ class DenseModules:
 
 
 @dataclass(frozen=True)
+class ExpertModules:
+    """The routed experts of one MoE block, in every decoder layer that has it (workers/moe.py)."""
+
+    pattern: str  # checkpoint name with the layer index as "*", e.g. "model.layers.*.block_sparse_moe.experts"
+    layers: int  # decoder layers with this block
+    experts: int  # per layer; every one is quantized
+    linears: tuple[str, ...]  # each expert's Linears, e.g. ("w1", "w3", "w2")
+    hidden: int
+    intermediate: int
+    fused_in_model: bool  # transformers holds them as 3-D parameters (the engine splits them into Linears)
+    fused_in_checkpoint: bool  # the checkpoint stores them fused (gpt-oss); written back per expert
+    dense: tuple[str, ...]  # the block's routers and gates, kept dense, e.g. ("block_sparse_moe.gate",)
+    statistics_bytes: int  # statistics of one layer's experts held at once (within the budget)
+
+
+@dataclass(frozen=True)
 class MemoryEstimate:
     """Peak memory of the layer loop, in bytes: `cpu` for a job on CPU (host memory, float32 compute), `gpu`
     per GPU for a job on GPUs (the model's dtype). The parts are given for each."""
@@ -73,7 +89,7 @@ class MemoryEstimate:
     gpu: int
     layer_cpu: int  # one decoder layer's weights in float32
     layer_gpu: int  # … in the model's dtype
-    statistics: int  # input statistics (Hessians / E[xxᵀ], float32) of one layer's Linears
+    statistics: int  # input statistics (Hessians / E[xxᵀ], float32) of one layer's Linears (MoE: one solve pass)
     activations_cpu: int  # calibration hidden states in and out of a layer, float32
     activations_gpu: int  # … in the model's dtype, per GPU
 
@@ -99,6 +115,8 @@ class JobPlan:
     weight_bytes: int  # the checkpoint's safetensors files
     memory: MemoryEstimate
     output_bytes: dict[str, int] = field(default_factory=dict)  # per requested format
+    experts: tuple[ExpertModules, ...] = ()  # Mixture-of-Experts blocks
+    towers: tuple[str, ...] = ()  # multimodal: modules beside the language model, kept dense (checkpoint names)
 
     def to_dict(self) -> dict[str, Any]:
         """Plain JSON types (tuples as lists), as the service stores it."""
@@ -125,18 +143,73 @@ def _nbytes(shape: tuple[int, ...], dtype_bytes: int) -> int:
 
 
 def _kind(module: str, info: ModelInfo, tensors: set[str], quantized: bool) -> str:
+    if module in _towers(info):
+        return "tower"
     if f"{module}." == info.embed_prefix:
         return "embeddings"
     if f"{module}." == info.lm_head_prefix:
         return "lm_head"
     if quantized:
         return "bias"
+    if any(module.endswith(f".{router}") for block in info.architecture.experts for router in block.dense):
+        return "router"
     leaf = module.rsplit(".", 1)[-1].lower()
     if "norm" in leaf or re.fullmatch(r"ln(_\w+)?|\w*_ln", leaf):
         return "norm"
     if "router" in leaf or ("gate" in leaf and tensors == {"weight"} and "proj" not in leaf):
         return "router"
     return "other"
+
+
+def _towers(info: ModelInfo) -> tuple[str, ...]:
+    """Checkpoint names of a multimodal model's towers and projectors (e.g. "vision_tower")."""
+    return info.architecture.graph.stored_towers
+
+
+def _expert_pattern(stored_layers: str, local: str) -> str:
+    """"model.layers.*.mlp.experts.*.w1" for any expert's Linear (the expert index as "*" too)."""
+    collapsed = re.sub(r"(^|[.])experts[.][0-9]+[.]", r"\1experts.*.", local)
+    return f"{stored_layers}*.{collapsed}"
+
+
+def _moe_statistics(info: ModelInfo, layer: int, linears: dict[str, tuple[int, int]]) -> int:
+    """One solve pass's statistics of an MoE layer (workers/moe.py plan_passes): every non-expert Linear's
+    (an upper bound, one per Linear), the experts' shared gate/up input once, and as many expert down_proj
+    Hessians as the budget holds (at least one)."""
+    from workers.moe import STATISTICS_BUDGET_BYTES
+
+    blocks = [b for b in info.architecture.experts if b.layer == layer]
+    inside = tuple(f"{b.path}." for b in blocks)
+    dense = sum(4 * in_f * in_f for name, (_, in_f) in linears.items() if not name.startswith(inside))
+    shared = sum(4 * b.hidden * b.hidden for b in blocks)
+    own = [4 * b.intermediate * b.intermediate for b in blocks for _ in range(b.num_experts)]
+    if dense + shared + sum(own) <= STATISTICS_BUDGET_BYTES:
+        return dense + shared + sum(own)
+    return max(STATISTICS_BUDGET_BYTES, dense + shared + max(own))
+
+
+def _expert_modules(info: ModelInfo, headers: Mapping[str, tuple[str, tuple[int, ...]]]) -> tuple[ExpertModules, ...]:
+    arch = info.architecture
+    stored_layers = arch.layer_prefix(0)[: -len("0.")]
+    by_path: dict[str, list[Any]] = {}
+    for block in arch.experts:
+        by_path.setdefault(block.path, []).append(block)
+    found = []
+    for path, blocks in by_path.items():
+        b = blocks[0]
+        fused = any(f"{arch.layer_prefix(x.layer)}{path}.down_proj" in headers for x in blocks)
+        per_layer = [_moe_statistics(info, x.layer, _layer_linears(info, x.layer)) for x in blocks]
+        found.append(ExpertModules(
+            pattern=f"{stored_layers}*.{path}", layers=len(blocks), experts=b.num_experts, linears=b.linears,
+            hidden=b.hidden, intermediate=b.intermediate, fused_in_model=b.fused, fused_in_checkpoint=fused,
+            dense=b.dense, statistics_bytes=max(per_layer),
+        ))
+    return tuple(found)
+
+
+def _layer_linears(info: ModelInfo, layer: int) -> dict[str, tuple[int, int]]:
+    prefix = f"layers.{layer}."
+    return {name[len(prefix):]: shape for name, shape in info.linear_shapes.items() if name.startswith(prefix)}
 
 
 def build_plan(spec: JobSpec, info: ModelInfo, headers: Mapping[str, tuple[str, tuple[int, ...]]]) -> JobPlan:
@@ -155,7 +228,7 @@ def build_plan(spec: JobSpec, info: ModelInfo, headers: Mapping[str, tuple[str, 
     for module, (out_f, in_f) in info.linear_shapes.items():
         _, index, local = module.split(".", 2)
         quantized_names.add(f"{info.architecture.layer_prefix(int(index))}{local}.weight")
-        pattern = f"{stored_layers}*.{local}"
+        pattern = _expert_pattern(stored_layers, local)
         prev = patterns.get(pattern)
         patterns[pattern] = QuantizedModules(pattern, (prev.count if prev else 0) + 1, out_f, in_f)
     quantized_modules = {name.removesuffix(".weight") for name in quantized_names}
@@ -164,8 +237,12 @@ def build_plan(spec: JobSpec, info: ModelInfo, headers: Mapping[str, tuple[str, 
     dense_bytes = 0
     dense_header = 0
     grouped: dict[str, dict[str, Any]] = {}
+    fused = {f"{info.architecture.layer_prefix(b.layer)}{b.path}.{kind}" for b in info.architecture.experts
+             for kind in ("gate_up_proj", "up_proj", "down_proj")}
+    towers = _towers(info)
+    expert_blocks = {f"{info.architecture.layer_prefix(b.layer)}{b.path}" for b in info.architecture.experts}
     for name, (dtype, shape) in headers.items():
-        if name in quantized_names:
+        if name in quantized_names or name in fused:
             continue
         size = _nbytes(shape, model_bytes if dtype in _FLOAT_DTYPES else _DTYPE_BYTES.get(dtype, 4))
         dense_bytes += size
@@ -173,11 +250,14 @@ def build_plan(spec: JobSpec, info: ModelInfo, headers: Mapping[str, tuple[str, 
         module, _, tensor = name.rpartition(".")
         match = stored_re.match(module) or layer_re.match(module)
         pattern = f"{stored_layers}*.{match.group(2)}" if match else module
+        tower = next((t for t in towers if module == t or module.startswith(f"{t}.")), None)
+        pattern = tower or re.sub(r"[.]experts[.][0-9]+[.]", ".experts.*.", pattern)
+        module = tower or module
         entry = grouped.setdefault(pattern, {"modules": set(), "tensors": set(), "bytes": 0, "quantized": False})
         entry["modules"].add(module)
         entry["tensors"].add(tensor)
         entry["bytes"] += size
-        entry["quantized"] |= module in quantized_modules
+        entry["quantized"] |= module in quantized_modules or module in expert_blocks  # fused experts' biases
     dense: list[DenseModules] = []
     for pattern, entry in grouped.items():
         any_module = next(iter(entry["modules"]))
@@ -187,21 +267,23 @@ def build_plan(spec: JobSpec, info: ModelInfo, headers: Mapping[str, tuple[str, 
         head = info.lm_head_prefix.rstrip(".")
         dense.append(DenseModules(head, "lm_head", 1, ("weight",), 0,
                                   note=f"tied to {info.embed_prefix.rstrip('.')} (not stored again)"))
-    order = {"embeddings": 0, "norm": 2, "router": 3, "bias": 4, "other": 5, "lm_head": 6}
+    order = {"embeddings": 0, "norm": 2, "router": 3, "bias": 4, "other": 5, "lm_head": 6, "tower": 7}
     dense.sort(key=lambda d: (order.get(d.kind, 5), d.pattern))
 
     # memory
     hidden = int(info.config.get("hidden_size") or _hidden_from(info))
-    layer_numel = sum(math.prod(shape) for name, (_, shape) in headers.items()
-                      if name.startswith(info.architecture.layer_prefix(0)))
+    layer_numel = max(sum(math.prod(shape) for name, (_, shape) in headers.items()
+                          if name.startswith(info.architecture.layer_prefix(i))) for i in range(info.num_layers))
     calibrated = spec.calibration.path is not None
-    layer_linears = list(info.architecture.linear_shapes.values())
-    if spec.method in (Method.GPTQ, Method.AWQ, Method.AWQ_GPTQ, Method.AUTO):
-        statistics = sum(4 * in_f * in_f for _, in_f in layer_linears)
-    elif calibrated:  # RTN with calibration: the E[x²] of the range search and the error report
-        statistics = sum(4 * in_f for _, in_f in layer_linears)
-    else:
-        statistics = 0
+    moe_layers = {b.layer for b in info.architecture.experts}
+    statistics = 0  # of the layer that holds the most
+    for i in range(info.num_layers):
+        linears = _layer_linears(info, i)
+        if spec.method in (Method.GPTQ, Method.AWQ, Method.AWQ_GPTQ, Method.AUTO):
+            full = _moe_statistics(info, i, linears) if i in moe_layers else sum(4 * f * f for _, f in linears.values())
+            statistics = max(statistics, full)
+        elif calibrated:  # RTN with calibration: the E[x²] of the range search and the error report
+            statistics = max(statistics, sum(4 * f for _, f in linears.values()))
     tokens = spec.calibration.num_samples * spec.calibration.seq_len if calibrated else 0
     act_cpu = 2 * tokens * hidden * 4
     act_gpu = math.ceil(2 * tokens * hidden * model_bytes / max(1, spec.devices))
@@ -242,6 +324,8 @@ def build_plan(spec: JobSpec, info: ModelInfo, headers: Mapping[str, tuple[str, 
         weight_bytes=info.weight_bytes,
         memory=memory,
         output_bytes=output,
+        experts=_expert_modules(info, headers),
+        towers=towers,
     )
 
 
@@ -281,7 +365,7 @@ def summary_lines(plan: Mapping[str, Any]) -> list[str]:
         f"plan: {plan['architecture']} ({plan['model_type']}, {plan['dtype']}), {plan['num_layers']} decoder layers"
         f" at {plan['layers']}; {plan['method']} {scheme}",
         f"  quantized: {plan['quantized_count']} Linears — "
-        + ", ".join(f"{q['pattern'].rsplit('*.', 1)[-1]} ×{q['count']} [{q['out_features']}×{q['in_features']}]"
+        + ", ".join(f"{q['pattern'].split('*.', 1)[-1]} ×{q['count']} [{q['out_features']}×{q['in_features']}]"
                     for q in plan["quantized"]),
     ]
     kinds: dict[str, list[str]] = {}
@@ -289,6 +373,15 @@ def summary_lines(plan: Mapping[str, Any]) -> list[str]:
         label = d["pattern"] + (f" ×{d['count']}" if "*" in d["pattern"] else "")
         kinds.setdefault(d["kind"], []).append(label + (" (tied)" if d.get("note") else ""))
     lines.append("  dense: " + "; ".join(f"{kind}: {', '.join(names)}" for kind, names in kinds.items()))
+    for e in plan.get("experts", []):
+        lines.append(
+            f"  experts: {e['pattern']} ×{e['layers']} layers, {e['experts']} experts each, all quantized "
+            f"({', '.join(e['linears'])}; {'fused in the model' if e['fused_in_model'] else 'separate Linears'}"
+            f"{', fused in the checkpoint' if e['fused_in_checkpoint'] else ''}); dense: {', '.join(e['dense']) or 'none'}; "
+            f"statistics {_size(e['statistics_bytes'])} per layer"
+        )
+    if plan.get("towers"):
+        lines.append("  dense towers: " + ", ".join(plan["towers"]))
     if plan.get("awq_mappings"):
         lines.append("  AWQ smoothing: " + ", ".join(plan["awq_mappings"]))
     mem = plan["memory"]

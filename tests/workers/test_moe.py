@@ -29,6 +29,7 @@ from workers.errors import InvalidSpecError
 from workers.evaluate import QuantizedWeights
 from workers.loading import CheckpointWeights, LayerwiseModel, WeightSource, run_decoder_layer
 from workers.model_graph import LayerPlan
+from workers.preflight import plan_job, summary_lines
 from workers.report import EngineReport
 from workers.spec import CalibrationSpec, JobSpec, Method, QuantScheme
 from workers.tensor_source import TensorSource
@@ -103,8 +104,18 @@ def test_moe_family_quantizes_every_expert_loads_and_matches(family: str, text: 
     errors = {}
     for method in ("rtn", "gptq"):
         out = tmp_path / method
+        plan = plan_job(spec_for(model_dir, method, text))
         report = run_local(spec_for(model_dir, method, text), out)
         quantized = quantized_modules(out)
+        assert plan.quantized_count == len(quantized) == sum(q.count for q in plan.quantized)
+        written = (out / "model.safetensors").stat().st_size
+        assert abs(plan.output_bytes["compressed-tensors"] - written) <= 0.25 * written
+        (block,) = plan.experts
+        assert (block.layers, block.experts, block.linears) == (len(MOE_LAYERS.get(family, [0, 1])), NUM_EXPERTS,
+                                                                EXPERT_LINEARS[family])
+        assert block.pattern == f"model.layers.*.{BLOCK.get(family, 'mlp')}.experts" and block.fused_in_model
+        assert not block.fused_in_checkpoint and block.dense and all("gate" in d for d in block.dense)
+        assert {d.kind for d in plan.dense if d.pattern.endswith(block.dense)} == {"router"}
         experts = {m for m in quantized if ".experts." in m}
         assert experts == expected_experts(family), method  # every expert of every MoE layer, original names
         assert len(experts) == len(MOE_LAYERS.get(family, [0, 1])) * NUM_EXPERTS * 3
@@ -210,6 +221,24 @@ def test_expert_passes_fit_the_budget_and_give_the_same_checkpoint(
         for name in a.keys():  # noqa: SIM118
             assert torch.equal(a.get_tensor(name), b.get_tensor(name)), name
     assert [e.module for e in one.module_errors] == [e.module for e in split.module_errors]
+
+
+def test_preflight_counts_expert_statistics_within_the_budget(
+    text: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Qwen3-MoE layer: q k v o read 64 features (4·64² bytes each, an upper bound), all experts' gate/up one
+    shared 64-feature input, each expert's down_proj 32 features."""
+    model_dir = make_tiny_moe("qwen3_moe", tmp_path / "model")
+    dense, shared, down = 4 * 4 * 64 * 64, 4 * 64 * 64, 4 * 32 * 32
+    plan = plan_job(spec_for(model_dir, "gptq", text))
+    assert plan.memory.statistics == plan.experts[0].statistics_bytes == dense + shared + NUM_EXPERTS * down
+    monkeypatch.setattr(moe, "STATISTICS_BUDGET_BYTES", dense + shared + 2 * down)  # two experts per pass
+    assert plan_job(spec_for(model_dir, "gptq", text)).memory.statistics == dense + shared + 2 * down
+    monkeypatch.setattr(moe, "STATISTICS_BUDGET_BYTES", 1)  # one expert per pass, the rest in the first
+    assert plan_job(spec_for(model_dir, "gptq", text)).memory.statistics == dense + shared + down
+    summary = "\n".join(summary_lines(plan.to_dict()))
+    assert "experts: model.layers.*.mlp.experts ×2 layers, 4 experts each, all quantized" in summary
+    assert "dense: mlp.gate" in summary and "mlp.experts.*.down_proj ×8 [64×32]" in summary
 
 
 def test_awq_is_refused_for_moe_with_the_reason(text: Path, tmp_path: Path) -> None:

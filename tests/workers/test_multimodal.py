@@ -27,6 +27,7 @@ from tests.workers.test_moe import layerwise_logits, quantized_modules, relative
 from workers.engine import run_local
 from workers.evaluate import QuantizedWeights
 from workers.loading import CheckpointWeights, LayerwiseModel
+from workers.preflight import plan_job, summary_lines
 from workers.tensor_source import TensorSource
 
 CPU = torch.device("cpu")
@@ -61,6 +62,10 @@ def test_multimodal_language_model_quantized_towers_bit_identical(family: str, t
     vision = tensors(model_dir, TOWERS[family])
     assert len(vision) > 10
 
+    plan = plan_job(spec_for(model_dir, "gptq", text))
+    assert plan.towers == tuple(t.rstrip(".") for t in TOWERS[family]) and plan.quantized_count == len(expected)
+    assert {d.pattern for d in plan.dense if d.kind == "tower"} == set(plan.towers)
+    assert "dense towers: " + ", ".join(plan.towers) in "\n".join(summary_lines(plan.to_dict()))
     for method in ("rtn", "gptq", "awq"):
         out = tmp_path / method
         run_local(spec_for(model_dir, method, text), out)
