@@ -105,7 +105,7 @@ def build_model(model_dir: Path, shape: MoeShape, layers: int, device: torch.dev
     """A random Qwen3-MoE model of `shape` with `layers` decoder layers, saved by transformers in bf16."""
     from transformers import AutoModelForCausalLM, Qwen3MoeConfig
 
-    config = Qwen3MoeConfig(
+    config = Qwen3MoeConfig(  # type: ignore[call-arg]
         vocab_size=shape.vocab, hidden_size=shape.hidden, intermediate_size=4 * shape.expert_width,
         moe_intermediate_size=shape.expert_width, num_experts=shape.experts, num_experts_per_tok=shape.routed,
         num_hidden_layers=layers, num_attention_heads=shape.heads, num_key_value_heads=shape.kv_heads,

@@ -154,13 +154,14 @@ class Expert(nn.Module):
         return any(module._forward_pre_hooks for module in self.linears())
 
     def forward(self, x: Tensor, activation: nn.Module, concatenated: bool) -> Tensor:
+        gating: Any = activation  # the fused module's own act_fn / _apply_gate
         up = self.get_submodule(self.names.up)(x)
         if self.names.gate is None:
-            hidden = activation.act_fn(up)
+            hidden = gating.act_fn(up)
         else:
             gate = self.get_submodule(self.names.gate)(x)
             gate_up = torch.cat([gate, up], dim=-1) if concatenated else torch.stack([gate, up], dim=-1).flatten(-2)
-            hidden = activation._apply_gate(gate_up)
+            hidden = gating._apply_gate(gate_up)
         out: Tensor = self.get_submodule(self.names.down)(hidden)
         return out
 
@@ -342,7 +343,8 @@ def _by_dampening(
     layer: nn.Module, plan: LayerPlan, tokens: int, dampening: float, starved: float
 ) -> list[tuple[LayerPlan, float]]:
     """Split a pass into (groups at the job's dampening, starved expert groups at the raised one)."""
-    normal, raised = [], []
+    normal: list[Group] = []
+    raised: list[Group] = []
     for group in plan.groups:
         module = layer.get_submodule(group[0])
         assert isinstance(module, nn.Linear)

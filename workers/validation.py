@@ -139,8 +139,8 @@ def check_against_model(spec: JobSpec) -> ModelInfo:
     model_dir = Path(spec.model_dir)
     config = read_config(model_dir)
     dtype = config_dtype(config)
-    text = config.get("text_config") if isinstance(config.get("text_config"), dict) else {}
-    num_layers = config.get("num_hidden_layers", text.get("num_hidden_layers"))
+    text = config.get("text_config")
+    num_layers = config.get("num_hidden_layers", text.get("num_hidden_layers") if isinstance(text, dict) else None)
     if not isinstance(num_layers, int) or num_layers < 1:
         raise InputError(f"{model_dir}/config.json has no valid num_hidden_layers")
     if not DEVICE_PATTERN.match(spec.device):
