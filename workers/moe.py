@@ -84,7 +84,7 @@ def is_fused_experts(module: nn.Module) -> bool:
     params = module._parameters
     down = params.get("down_proj")
     up = params.get("gate_up_proj", params.get("up_proj"))
-    return down is not None and up is not None and down.dim() == 3 and up.dim() == 3
+    return down is not None and up is not None and down.dim() == 3 and up.dim() == 3 and hasattr(module, "is_transposed")
 
 
 def fused_layout(module: nn.Module) -> ExpertLayout:
@@ -233,12 +233,23 @@ def _split_gate_up(fused: Tensor, layout: ExpertLayout) -> tuple[Tensor, Tensor]
 
 
 def unfuse_experts(model: nn.Module, conversions: list[Any]) -> list[str]:
-    """Replace every fused experts module of `model` by `ExpertLinears`; returns their module paths."""
+    """Replace every fused experts module of `model` by `ExpertLinears`; returns their module paths.
+
+    Experts in any other layout (no `use_experts_implementation` flags saying how the 3-D tensors are laid
+    out, e.g. Llama-4's or DBRX's) are refused rather than silently left unquantized."""
     found = [(name, module) for name, module in model.named_modules() if is_fused_experts(module)]
     for name, fused in found:
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
         parent._modules[child] = ExpertLinears(fused, expert_names(conversions, fused_layout(fused).gated))
+    for name, module in model.named_modules():
+        own = [n for n, p in module.named_parameters(recurse=False)]
+        if own and "expert" in type(module).__name__.lower() and not isinstance(module, nn.Linear):
+            raise InvalidSpecError(
+                f"the experts of {type(model).__name__} ({type(module).__name__} at {name}: {', '.join(own)}) are stored "
+                "in a layout QuantFleet cannot read as Linears (fused 3-D tensors without transformers' experts-layout "
+                "flags); they would stay unquantized, so the model is refused"
+            )
     return [name for name, _ in found]
 
 

@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors import safe_open
-from transformers import AutoModelForCausalLM
+from transformers import AutoModelForCausalLM, Llama4TextConfig
 from transformers.utils.quantization_config import CompressedTensorsConfig
 
 from tests.helpers import write_text_corpus
@@ -28,7 +28,7 @@ from workers.engine import run_local
 from workers.errors import InvalidSpecError
 from workers.evaluate import QuantizedWeights
 from workers.loading import CheckpointWeights, LayerwiseModel, WeightSource, run_decoder_layer
-from workers.model_graph import LayerPlan
+from workers.model_graph import LayerPlan, build_skeleton
 from workers.preflight import plan_job, summary_lines
 from workers.report import EngineReport
 from workers.spec import CalibrationSpec, JobSpec, Method, QuantScheme
@@ -246,3 +246,14 @@ def test_awq_is_refused_for_moe_with_the_reason(text: Path, tmp_path: Path) -> N
     with pytest.raises(InvalidSpecError, match="method awq needs smoothing pairs"):
         run_local(spec_for(model_dir, "awq", text), tmp_path / "out")
     assert set(MOE) >= {"mixtral", "qwen2_moe", "qwen3_moe", "gpt_oss", "deepseek_v3"}
+
+
+def test_experts_in_a_layout_without_transformers_flags_are_refused() -> None:
+    """Llama-4's text experts are fused 3-D tensors with no experts-layout flags (transposed? interleaved?):
+    refused with the reason instead of being left unquantized."""
+    config = Llama4TextConfig(num_hidden_layers=2, hidden_size=64, intermediate_size=32, intermediate_size_mlp=64,
+                              num_local_experts=4, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+                              vocab_size=100)
+    with pytest.raises(InvalidSpecError, match=r"Llama4TextExperts at model\.layers\.0\.feed_forward\.experts: "
+                                                r"gate_up_proj, down_proj\) are stored in a layout"):
+        build_skeleton(config)
