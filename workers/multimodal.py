@@ -8,7 +8,9 @@ the language model, and keeps the processor and preprocessor files next to the t
 with the same processor and model class. Mixture-of-Experts layers keep their routers and gates dense.
 
 The `ignore` list names them for the runtimes, which match it against their own module names (vLLM after its
-own renaming of the checkpoint's, transformers against the model's): so the entries are regular expressions
+own renaming of the checkpoint's, transformers against the model's). vLLM builds some routers as Linears that
+take the checkpoint's quantization unless ignored (Qwen3-MoE's `mlp.gate`: `ReplicatedLinear(…,
+quant_config=quant_config)` in vLLM 0.26), so every router and gate is listed. The entries are regular expressions
 on the part of the name every naming shares — a tower's own name and what is in it (`re:(.*\\.)?vision_tower(\\..*)?$`), a dense Linear's
 path inside its decoder layer (`re:.*\\.mlp\\.shared_expert_gate$`).
 """
@@ -36,7 +38,7 @@ PROCESSOR_FILES = (
 def dense_ignore(arch: ArchitectureInfo) -> list[str]:
     """`ignore` entries for the towers and the dense Linears inside decoder layers (see the module docstring)."""
     entries = [f"re:(.*\\.)?{re.escape(tower.rsplit('.', 1)[-1])}(\\..*)?$" for tower in arch.graph.towers]
-    local = sorted({name.split(".", 1)[1] for name in arch.dense_in_layers})
+    local = sorted({name.split(".", 1)[1] for name in arch.dense_in_layers} | {d for b in arch.experts for d in b.dense})
     entries += [f"re:.*\\.{re.escape(name)}$" for name in local]
     return list(dict.fromkeys(entries))
 
