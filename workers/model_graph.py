@@ -126,11 +126,17 @@ def conversions(model: PreTrainedModel, *, legacy: bool = True) -> list[Any]:
 
 def checkpoint_renamer(model: PreTrainedModel) -> Callable[[str], str]:
     """Module name → the name transformers' `save_pretrained` writes it under (its renamings reversed)."""
-    from transformers.core_model_loading import PrefixChange, WeightRenaming, apply_renamings
+    from transformers.core_model_loading import PrefixChange, WeightRenaming
 
     forward = [c for c in conversions(model, legacy=False) if not isinstance(c, PrefixChange)]
     reverse = [r for r in (c.reverse_transform() for c in forward[::-1]) if isinstance(r, WeightRenaming)]
-    return (lambda name: apply_renamings(name, reverse)) if reverse else (lambda name: name)
+
+    def rename(name: str) -> str:
+        for renaming in reverse:  # as transformers' `apply_renamings` (5.2x) does; 5.17 has no such helper
+            name = renaming.rename_source_key(name)[0]
+        return name
+
+    return rename
 
 
 def _adopt_checkpoint_names(layers: nn.Module, path: str, to_stored: Callable[[str], str]) -> None:
