@@ -31,7 +31,9 @@ MAX_GPUS_PER_JOB = 16  # the engine's limit on JobSpec.devices
 
 FormatName = Literal["compressed-tensors", "gptq"]
 MethodName = Literal["gptq", "awq", "rtn", "awq-gptq", "auto"]
-SchemeName = Literal["fp8-dynamic", "fp8-static", "fp8-block"]  # workers.spec.FP8_PRESETS
+SchemeName = Literal[  # workers.spec.SCHEME_PRESETS
+    "fp8-dynamic", "fp8-static", "fp8-block", "w8a8-int8", "w8a8-int8-smoothquant"
+]
 
 
 def default_formats() -> list[FormatName]:
@@ -102,6 +104,26 @@ class CalibrationIn(Strict):
     seq_len: int = Field(default=512, description="Tokens per calibration sequence (16..32768)")
     seed: int = Field(
         default=0, ge=0, le=MAX_INT64, description="Seed for picking the calibration windows (0..2**63-1)"
+    )
+
+
+class MixedPrecisionIn(Strict):
+    """W4A16 mixed precision: a grid per group of Linears, by rule or by measured sensitivity (not both)."""
+
+    edge_layers: int = Field(default=0, ge=0, le=1024, description="Rule: the first and last N decoder layers at `high_bits`")
+    patterns: list[Annotated[str, Field(max_length=200)]] = Field(
+        default_factory=list, max_length=64,
+        description="Rule: Linears whose full name matches one of these regular expressions (e.g. 'down_proj') at "
+        "`high_bits`",
+    )
+    high_bits: Literal[4, 8] = Field(default=8, description="Rule: the bits of the favoured Linears")
+    high_group_size: int | None = Field(
+        default=None, description="Rule: their group size (default: the job's group_size; -1 one scale per row)"
+    )
+    target_bits_per_weight: float | None = Field(
+        default=None, ge=2, le=16, allow_inf_nan=False,
+        description="By sensitivity: the average stored bits per weight (scales included; w4 g32 is 4.5) to meet; "
+        "each group's error at w4/w8 grids is measured from its Hessian and bits go where they cut it most",
     )
 
 
@@ -188,7 +210,24 @@ class JobCreate(Strict):
         "activations quantized per token at run time; no calibration), 'fp8-static' (per-tensor weight scale, "
         "per-tensor activation scale observed on the calibration data, which it needs) or 'fp8-block' (a scale "
         "per 128×128 weight block, DeepSeek-V3 style; every Linear's dimensions must divide by 128). Needs "
-        "method rtn and the compressed-tensors format only; bits, if given, must be 8 (stored as 8, group_size -1).",
+        "method rtn and the compressed-tensors format only; bits, if given, must be 8 (stored as 8, group_size -1). "
+        "Or INT8 W8A8 for vLLM (compressed-tensors int-quantized): 'w8a8-int8' (per-channel int8 weights, per-token "
+        "dynamic int8 activations; method gptq or rtn) and 'w8a8-int8-smoothquant' (SmoothQuant first, migration "
+        "strength `smoothquant_alpha`, default 0.8; needs calibration).",
+    )
+    smoothquant_alpha: float | None = Field(
+        default=None, ge=0, le=1, allow_inf_nan=False,
+        description="SmoothQuant's migration strength α for scheme w8a8-int8-smoothquant (default 0.8)",
+    )
+    kv_cache_fp8: bool = Field(
+        default=False,
+        description="Record FP8 KV-cache scales (k_scale, v_scale = max|k|, max|v| / 448 over the calibration "
+        "tokens) in the checkpoint's kv_cache_scheme, as vLLM reads them; needs calibration",
+    )
+    mixed_precision: MixedPrecisionIn | None = Field(
+        default=None,
+        description="W4A16 mixed precision (compressed-tensors mixed-precision config groups; the allocation is "
+        "in eval.json); method gptq or rtn",
     )
     calibration: CalibrationIn | None = Field(
         default=None, description="Calibration data; required for gptq and awq"
@@ -240,14 +279,17 @@ class JobCreate(Strict):
 
     @model_validator(mode="after")
     def _fp8_scheme_grid(self) -> JobCreate:
-        """A named FP8 scheme fixes the grid: 8 bits, no groups, symmetric (stored so, for filters and cards)."""
+        """A named scheme fixes the grid: 8 bits, no groups, symmetric (stored so, for filters and cards)."""
+        if self.smoothquant_alpha is not None and self.scheme != "w8a8-int8-smoothquant":
+            raise ValueError("smoothquant_alpha belongs to scheme w8a8-int8-smoothquant: set that scheme or drop it")
         if self.scheme is None:
             return self
         given = self.model_fields_set
         if ("bits" in given and self.bits != 8) or ("group_size" in given and self.group_size != -1) or not self.symmetric:
+            kind = "FP8" if self.scheme.startswith("fp8") else "int8 (W8A8)"
             raise ValueError(
-                f"scheme {self.scheme} has 8-bit symmetric FP8 weights with its own scale layout: drop bits, group_size "
-                "and symmetric (or set bits 8, group_size -1, symmetric true)"
+                f"scheme {self.scheme} has 8-bit symmetric {kind} weights with its own scale layout: drop bits, "
+                "group_size and symmetric (or set bits 8, group_size -1, symmetric true)"
             )
         self.bits, self.group_size = 8, -1
         return self

@@ -28,12 +28,14 @@ from workers.preflight import plan_job, summary_lines
 from workers.progress import Progress
 from workers.report import EngineReport
 from workers.spec import (
-    FP8_PRESETS,
     OBSERVERS,
+    SCHEME_PRESETS,
+    SMOOTHQUANT_PRESETS,
     CalibrationSpec,
     EvalSpec,
     JobSpec,
     Method,
+    MixedPrecisionSpec,
     OutputFormat,
     QuantScheme,
 )
@@ -52,10 +54,20 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--group-size", type=int, default=defaults.group_size, help="-1 (per channel), 32, 64 or 128")
     parser.add_argument("--asym", action="store_true", help="asymmetric grid (zero points); default symmetric")
     parser.add_argument(
-        "--scheme", choices=list(FP8_PRESETS),
-        help="FP8 E4M3 instead of the integer grid (replaces --bits/--group-size/--asym; method rtn; "
-        "fp8-static needs --calibration)",
+        "--scheme", choices=list(SCHEME_PRESETS),
+        help="FP8 E4M3 (method rtn; fp8-static needs --calibration) or INT8 W8A8 (method gptq or rtn; "
+        "w8a8-int8-smoothquant needs --calibration) instead of the integer grid (replaces --bits/--group-size/--asym)",
     )
+    parser.add_argument("--smoothquant-alpha", type=float, default=None,
+                        help="SmoothQuant migration strength for --scheme w8a8-int8-smoothquant (default 0.8)")
+    parser.add_argument("--kv-cache-fp8", action="store_true",
+                        help="record FP8 KV-cache scales (k_scale/v_scale) from calibration, as vLLM reads them")
+    parser.add_argument("--mixed-edge-layers", type=int, default=0, metavar="N",
+                        help="mixed precision: the first and last N decoder layers at 8 bits")
+    parser.add_argument("--mixed-pattern", action="append", default=[], metavar="REGEX",
+                        help="mixed precision: Linears whose full name matches at 8 bits (repeatable), e.g. down_proj")
+    parser.add_argument("--target-bits-per-weight", type=float, default=None, metavar="BITS",
+                        help="mixed precision by measured sensitivity: average stored bits per weight (w4 g32 = 4.5)")
     parser.add_argument(
         "--observer", choices=list(OBSERVERS), default="mse",
         help="group ranges: 'mse', the range with the least E[x²]-weighted rounding error (default), or min-max",
@@ -98,6 +110,12 @@ def spec_from_args(args: argparse.Namespace) -> JobSpec:
         act_order=args.act_order,
         observer=args.observer,
         device=args.device,
+        smoothquant=args.smoothquant_alpha if args.smoothquant_alpha is not None else SMOOTHQUANT_PRESETS.get(args.scheme or ""),
+        kv_cache_fp8=args.kv_cache_fp8,
+        mixed_precision=MixedPrecisionSpec(
+            edge_layers=args.mixed_edge_layers, patterns=tuple(args.mixed_pattern),
+            target_bits_per_weight=args.target_bits_per_weight,
+        ) if args.mixed_edge_layers or args.mixed_pattern or args.target_bits_per_weight is not None else None,
     )
 
 

@@ -149,6 +149,11 @@ def check_against_model(spec: JobSpec) -> ModelInfo:
     arch = ArchitectureInfo.of(skeleton)
     if spec.method.smooths:
         arch.check_awq()
+    if spec.smoothquant is not None and not arch.awq_mappings:  # SmoothQuant folds into AWQ's pairs
+        raise InvalidSpecError(
+            f"SmoothQuant folds its scales into the smoothing pairs AWQ uses, and none are known for {arch.name};"
+            " use scheme w8a8-int8 (no smoothing)"
+        )
 
     source = TensorSource(model_dir, allow_pickle=spec.allow_pickle)
     embed, head = arch.graph.embed_tokens, arch.graph.lm_head

@@ -14,10 +14,12 @@ from typing import Any
 from workers.errors import InvalidSpecError
 from workers.spec import (
     AUTO_CANDIDATES,
+    SMOOTHQUANT_PRESETS,
     CalibrationSpec,
     EvalSpec,
     JobSpec,
     Method,
+    MixedPrecisionSpec,
     OutputFormat,
     QuantScheme,
 )
@@ -68,6 +70,28 @@ def engine_spec(spec: dict[str, Any], resolve: Resolver) -> JobSpec:
         auto_candidates=tuple(spec.get("auto_candidates") or AUTO_CANDIDATES),
         auto_budget_s=spec.get("auto_budget_s"),
         devices=spec.get("gpus", 1),  # specs stored before the field existed asked for one
+        smoothquant=_smoothquant(spec),
+        kv_cache_fp8=bool(spec.get("kv_cache_fp8")),
+        mixed_precision=_mixed_precision(spec.get("mixed_precision"), spec),
     )
     job.validate()
     return job
+
+
+def _smoothquant(spec: dict[str, Any]) -> float | None:
+    """SmoothQuant's α: the one asked for, else the preset's default (scheme w8a8-int8-smoothquant), else none."""
+    alpha = spec.get("smoothquant_alpha")
+    return float(alpha) if alpha is not None else SMOOTHQUANT_PRESETS.get(spec.get("scheme") or "")
+
+
+def _mixed_precision(mixed: dict[str, Any] | None, spec: dict[str, Any]) -> MixedPrecisionSpec | None:
+    if not mixed:
+        return None
+    high = None
+    if mixed.get("edge_layers") or mixed.get("patterns"):
+        group = mixed.get("high_group_size")
+        high = QuantScheme(int(mixed.get("high_bits", 8)), spec["group_size"] if group is None else int(group), spec["symmetric"])
+    return MixedPrecisionSpec(
+        edge_layers=int(mixed.get("edge_layers", 0)), patterns=tuple(mixed.get("patterns") or ()), high=high,
+        target_bits_per_weight=mixed.get("target_bits_per_weight"),
+    )
