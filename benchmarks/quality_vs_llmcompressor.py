@@ -553,8 +553,9 @@ class Reference:
 
 def score(ref: Reference, model: Any) -> dict[str, Any]:
     """ppl of original and quantized over every next-token position; KL(orig ‖ quant) mean/p99; top-1 agreement."""
-    hidden = final_hidden(model, ref.windows)
-    head = model.get_output_embeddings().weight.detach().float()
+    # .to(): a checkpoint saved from an offloaded model may keep accelerate's hooks, which return CPU tensors
+    hidden = final_hidden(model, ref.windows).to(EVAL_DEVICE)
+    head = model.get_output_embeddings().weight.detach().float().to(EVAL_DEVICE)
     d = hidden.shape[-1]
     h_ref = ref.hidden[:, :-1].reshape(-1, d)
     h_q = hidden[:, :-1].reshape(-1, d)
