@@ -171,7 +171,8 @@ def perplexity(model_dir: Path, text: Path, seq_len: int, device: torch.device, 
     windows = torch.tensor(ids[: len(ids) // seq_len * seq_len]).view(-1, seq_len)
     extra = {"quantization_config": CompressedTensorsConfig(dequantize=True)} if quantized else {}
     dtype = torch.float32 if device.type == "cpu" else torch.bfloat16
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype, device_map=str(device), **extra).eval()
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype, device_map=str(device), **extra)
+    model = model.to(dtype).eval()  # transformers 5.17's decompression can leave parts in the checkpoint's dtype
     total, count = 0.0, 0
     with torch.no_grad():
         for window in windows:
