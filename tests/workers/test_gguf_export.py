@@ -1,0 +1,192 @@
+"""GGUF files end to end on tiny models: transformers' GGUF loader (an independent reader built on the `gguf`
+package's dequantizers, which also undoes llama.cpp's q/k permutation) gives back exactly our dequantized
+weights; the Q4_K_M recipe matches llama.cpp's rule; GPTQ on the grid beats RTN on the model's outputs;
+architectures llama.cpp does not know are refused with what to change; and, where llama-cpp-python is
+installed, llama.cpp itself loads the file and its perplexity matches ours within 1 %."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+from pathlib import Path
+
+import gguf
+import numpy as np
+import pytest
+import torch
+import transformers
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
+
+from workers.errors import InvalidSpecError
+from workers.formats import gguf as gguf_format
+from workers.gguf_export import export_gguf
+
+CHAT_TEMPLATE = "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+TEXT = (
+    "to be or not to be that is the question whether tis nobler in the mind to suffer the slings and arrows "
+    "of outrageous fortune or to take arms against a sea of troubles and by opposing end them 0123456789 "
+) * 20
+
+
+def bpe_tokenizer(vocab_size: int = 300) -> PreTrainedTokenizerFast:
+    """A byte-level BPE tokenizer (GPT-2's pre-tokenizer and decoder) trained on TEXT, with chat tokens."""
+    backend = Tokenizer(models.BPE())
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+    backend.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size, special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+    )
+    backend.train_from_iterator([TEXT], trainer)
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=backend, bos_token="<|im_start|>", eos_token="<|im_end|>", unk_token="<|endoftext|>",
+        pad_token="<|im_end|>",
+    )
+    tokenizer.chat_template = CHAT_TEMPLATE
+    return tokenizer
+
+
+def tiny_model(directory: Path, family: str = "llama", hidden: int = 256, tied: bool = True) -> Path:
+    """A random 2-layer model whose rows are whole 256-blocks (K-quants apply) or not (hidden 96)."""
+    tokenizer = bpe_tokenizer()
+    config_class = {"llama": "LlamaConfig", "qwen2": "Qwen2Config", "qwen3": "Qwen3Config"}[family]
+    config = getattr(transformers, config_class)(
+        vocab_size=len(tokenizer), hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512, tie_word_embeddings=tied,
+        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+        **({"head_dim": hidden // 4} if family == "qwen3" else {}),
+    )
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config).to(torch.float16)
+    model.save_pretrained(directory)
+    tokenizer.save_pretrained(directory)
+    return directory
+
+
+def calibration(model_dir: Path, samples: int = 8, length: int = 64) -> torch.Tensor:
+    tokenizer = PreTrainedTokenizerFast.from_pretrained(model_dir)
+    ids = torch.tensor(tokenizer(TEXT)["input_ids"])
+    return torch.stack([ids[i * length : (i + 1) * length] for i in range(samples)])
+
+
+def read_back(path: Path) -> dict[str, torch.Tensor]:
+    model = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=torch.float32)
+    return model.state_dict()
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2", "qwen3"])
+def test_transformers_gguf_loader_reads_exactly_our_weights(tmp_path: Path, family: str) -> None:
+    # transformers' GGUF loader takes Qwen3's head_dim from its config default (128), not from the file
+    model_dir = tiny_model(tmp_path / "model", family, hidden=512 if family == "qwen3" else 256, tied=family != "qwen2")
+    path = tmp_path / "out" / "model-Q4_K_M.gguf"
+    path.parent.mkdir()
+    result = export_gguf(model_dir, path, "Q4_K_M", method="gptq", calibration=calibration(model_dir))
+    state = read_back(path)
+    for name, ours in result.dequantized.items():
+        assert torch.equal(state[name].view(torch.int32), ours.view(torch.int32)), name
+    # the recipe: Q6_K for attn_v / ffn_down of the layers llama.cpp's use_more_bits picks (layer 1 of 2),
+    # the output matrix Q6_K (the token embedding when tied), everything else Q4_K, norms F32
+    types = result.tensor_types
+    assert types["blk.0.attn_v.weight"] == "Q4_K" and types["blk.1.attn_v.weight"] == "Q6_K"
+    assert types["blk.0.ffn_down.weight"] == "Q4_K" and types["blk.1.ffn_down.weight"] == "Q6_K"
+    assert types["blk.0.attn_q.weight"] == "Q4_K" and types["blk.0.attn_norm.weight"] == "F32"
+    assert types["output.weight" if family == "qwen2" else "token_embd.weight"] == "Q6_K"
+    assert ("output.weight" in types) == (family == "qwen2")
+    assert 4.5 < result.bits_per_weight < 6.0
+
+
+def test_metadata_tokenizer_and_chat_template(tmp_path: Path) -> None:
+    model_dir = tiny_model(tmp_path / "model")
+    path = tmp_path / "model-Q8_0.gguf"
+    export_gguf(model_dir, path, "Q8_0")
+    reader = gguf.GGUFReader(str(path))
+    fields = {name: field.contents() for name, field in reader.fields.items()}
+    config = json.loads((model_dir / "config.json").read_text())
+    tokenizer = PreTrainedTokenizerFast.from_pretrained(model_dir)
+    assert fields[gguf.Keys.General.ARCHITECTURE] == "llama"
+    assert fields[gguf.Keys.General.FILE_TYPE] == gguf.LlamaFileType.MOSTLY_Q8_0
+    assert fields[gguf.Keys.LLM.BLOCK_COUNT.format(arch="llama")] == 2
+    assert fields[gguf.Keys.Attention.HEAD_COUNT_KV.format(arch="llama")] == config["num_key_value_heads"]
+    assert fields[gguf.Keys.Tokenizer.MODEL] == "gpt2" and fields[gguf.Keys.Tokenizer.PRE] == "gpt-2"
+    assert fields[gguf.Keys.Tokenizer.CHAT_TEMPLATE] == CHAT_TEMPLATE
+    assert fields[gguf.Keys.Tokenizer.BOS_ID] == tokenizer.bos_token_id
+    assert fields[gguf.Keys.Tokenizer.LIST][: len(tokenizer)] == tokenizer.convert_ids_to_tokens(list(range(len(tokenizer))))
+    assert fields[gguf.Keys.Tokenizer.TOKEN_TYPE][1] == gguf.TokenType.CONTROL
+    # transformers rebuilds the same tokenizer from the file's metadata alone
+    from_file = transformers.AutoTokenizer.from_pretrained(str(tmp_path), gguf_file=path.name)
+    assert from_file(TEXT[:200])["input_ids"] == tokenizer(TEXT[:200])["input_ids"]
+
+
+def _logits(state: dict[str, torch.Tensor], model_dir: Path, ids: torch.Tensor) -> torch.Tensor:
+    config = transformers.AutoConfig.from_pretrained(model_dir)
+    model = AutoModelForCausalLM.from_config(config).to(torch.float32)
+    model.load_state_dict(state, strict=False)
+    model.tie_weights()
+    with torch.no_grad():
+        return model(ids).logits
+
+
+def test_gptq_on_the_gguf_grid_beats_rtn_on_the_model_output(tmp_path: Path) -> None:
+    model_dir = tiny_model(tmp_path / "model")
+    calib = calibration(model_dir, samples=12)
+    rtn = export_gguf(model_dir, tmp_path / "rtn.gguf", "Q4_0")
+    gptq = export_gguf(model_dir, tmp_path / "gptq.gguf", "Q4_0", method="gptq", calibration=calib[:8])
+    original = {k: v.float() for k, v in AutoModelForCausalLM.from_pretrained(model_dir).state_dict().items()}
+    ids = calib[8:]
+    reference = _logits(original, model_dir, ids)
+    error = {name: float((_logits(r.dequantized, model_dir, ids) - reference).square().mean())
+             for name, r in (("rtn", rtn), ("gptq", gptq))}
+    assert error["gptq"] < 0.8 * error["rtn"]
+
+
+def test_rows_that_are_not_whole_super_blocks_fall_back_like_llama_cpp(tmp_path: Path) -> None:
+    model_dir = tiny_model(tmp_path / "model", hidden=96)
+    result = export_gguf(model_dir, tmp_path / "m.gguf", "Q4_K_M")
+    types = result.tensor_types
+    assert types["blk.0.attn_q.weight"] == "Q5_0"  # Q4_K → Q5_0
+    assert types["blk.1.attn_v.weight"] == "Q8_0"  # Q6_K → Q8_0
+    assert types["token_embd.weight"] == "Q8_0"  # the (tied) output: rows of 96 are no 256-blocks
+
+
+@pytest.mark.parametrize(
+    ("model_type", "message"),
+    [("opt", "llama.cpp does not know the architecture 'opt'"),
+     ("made_up", "llama.cpp does not know"),
+     ("gemma2", "not implemented yet")],
+)
+def test_architectures_llama_cpp_does_not_know_are_refused(model_type: str, message: str) -> None:
+    config = {"model_type": model_type, "architectures": ["X"], "num_hidden_layers": 2, "hidden_size": 64}
+    with pytest.raises(InvalidSpecError, match=message):
+        gguf_format.check_model(config, "Q4_K_M")
+
+
+def test_rope_scaling_and_bad_types_are_refused() -> None:
+    config = {"model_type": "llama", "num_hidden_layers": 2, "hidden_size": 64,
+              "rope_scaling": {"rope_type": "llama3", "factor": 8.0}}
+    with pytest.raises(InvalidSpecError, match="RoPE scaling 'llama3'"):
+        gguf_format.check_model(config, "Q4_0")
+    with pytest.raises(InvalidSpecError, match="gguf:Q4_K_M"):
+        gguf_format.parse_format("gguf:Q3_Z")
+    assert gguf_format.parse_format("gguf:q4_k_m") == "Q4_K_M"
+
+
+LLAMA_CPP = importlib.util.find_spec("llama_cpp") is not None
+
+
+@pytest.mark.skipif(not LLAMA_CPP, reason="llama-cpp-python is not installed (benchmarks/gguf_quality.py builds it)")
+def test_llama_cpp_loads_the_file_and_its_perplexity_matches_ours(tmp_path: Path) -> None:
+    from benchmarks.gguf_quality import llama_cpp_perplexity
+
+    model_dir = tiny_model(tmp_path / "model")
+    calib = calibration(model_dir, samples=12)
+    path = tmp_path / "m.gguf"
+    result = export_gguf(model_dir, path, "Q4_K_M", method="gptq", calibration=calib[:8])
+    ids = calib[8:]
+    logits = _logits(result.dequantized, model_dir, ids)
+    nll = -torch.log_softmax(logits[:, :-1].double(), -1).gather(2, ids[:, 1:].unsqueeze(2)).mean()
+    ours = math.exp(float(nll))
+    theirs = llama_cpp_perplexity(path, ids, threads=2)
+    assert abs(theirs / ours - 1) < 0.01, (theirs, ours)
+    assert np.isfinite(theirs)
