@@ -132,7 +132,7 @@ def test_moe_family_quantizes_every_expert_loads_and_matches(family: str, text: 
         ours = layerwise_logits(model, QuantizedWeights(out, model.model_dtype), ids)
         loaded = AutoModelForCausalLM.from_pretrained(
             out, dtype=torch.float32, quantization_config=CompressedTensorsConfig(dequantize=True)
-        )
+        ).float()  # transformers 5.17 leaves decompressed experts in the checkpoint's dtype
         with torch.no_grad():
             assert relative(loaded(ids).logits, ours) < 1e-3, method
         assert 1e-4 < relative(ours, original) < 1.0, method  # quantized, and still the model

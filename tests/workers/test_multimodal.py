@@ -86,7 +86,7 @@ def test_multimodal_language_model_quantized_towers_bit_identical(family: str, t
         ours = layerwise_logits(model, QuantizedWeights(out, model.model_dtype), ids)
         loaded = AutoModelForImageTextToText.from_pretrained(
             out, dtype=torch.float32, quantization_config=CompressedTensorsConfig(dequantize=True)
-        )
+        ).float()  # transformers 5.17 leaves decompressed experts in the checkpoint's dtype
         assert type(loaded) is type(reference)
         with torch.no_grad():
             assert relative(loaded(ids).logits, ours) < 1e-3, method
