@@ -18,6 +18,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import transformers
 from safetensors import safe_open
 from transformers import AutoModelForCausalLM, Llama4TextConfig
 from transformers.utils.quantization_config import CompressedTensorsConfig
@@ -258,3 +259,33 @@ def test_experts_in_a_layout_without_transformers_flags_are_refused() -> None:
     with pytest.raises(InvalidSpecError, match=r"Llama4TextExperts at model\.layers\.0\.feed_forward\.experts: "
                                                 r"gate_up_proj, down_proj\) are stored in a layout"):
         build_skeleton(config)
+
+
+def test_observed_experts_see_every_token_while_the_output_keeps_only_the_routed() -> None:
+    """The calibration forward (pre-hooks on the experts' Linears) runs every token through every expert, and
+    the MoE block's output is still the routed one: equal to the unobserved forward's."""
+    class_name, overrides = MOE["qwen3_moe"]
+    config = getattr(transformers, class_name)(
+        vocab_size=300, hidden_size=64, num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=2, **overrides
+    )
+    torch.manual_seed(0)
+    block = AutoModelForCausalLM.from_config(config).model.layers[0].mlp
+    fused = block.experts
+    moe.unfuse_experts(block, [])
+    experts = block.experts
+    assert isinstance(experts, moe.ExpertLinears) and len(experts.experts()) == NUM_EXPERTS
+    state = experts.split_fused({"gate_up_proj": fused.gate_up_proj.detach(), "down_proj": fused.down_proj.detach()}, "")
+    experts.load_state_dict(state)
+    hidden = torch.randn(1, 40, 64)
+    with torch.no_grad():
+        routed = block(hidden)
+        seen: dict[str, int] = {}
+        handles = [linear.register_forward_pre_hook(
+            lambda m, args, name=name: seen.__setitem__(name, args[0].shape[0]))
+            for name, linear in experts.named_modules() if isinstance(linear, torch.nn.Linear)]
+        observed = block(hidden)
+    for handle in handles:
+        handle.remove()
+    assert seen == {f"{e}.{p}": 40 for e in range(NUM_EXPERTS) for p in ("gate_proj", "up_proj", "down_proj")}
+    assert torch.allclose(observed, routed, atol=1e-6)
+    assert int(experts.routed_tokens.sum()) == 2 * 2 * 40  # two forwards, two experts per token
