@@ -36,10 +36,6 @@ class ChannelAbsMax:
         if rows.shape[0]:
             self.value = torch.maximum(self.value, rows.abs().amax(dim=0).to(self.value.device, torch.float32))
 
-    def divide(self, scales: Tensor) -> None:
-        """The statistic of x / s."""
-        self.value = self.value / scales.to(self.value.device, torch.float32)
-
 
 def smoothing_scales(
     act_abs_max: Tensor, weights: Sequence[Tensor], alpha: float, dtype: torch.dtype = torch.float32
