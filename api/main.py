@@ -17,6 +17,7 @@ from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError
 from sqlalchemy.exc import TimeoutError as PoolTimeout
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from api.deps import KeyCache
 from api.docs import add_docs
 from api.event_stream import EventHub, StreamSlots
 from api.openapi_errors import document_error_bodies
@@ -51,7 +52,7 @@ def _location(loc: tuple[int | str, ...]) -> str:
     return _printable(".".join(parts)) or "body"
 
 
-def storable_parameters(request: Request) -> None:
+async def storable_parameters(request: Request) -> None:
     """Every route's path and query parameters: no NUL characters (nor anything else a database cannot
     store or compare), a 422 naming the parameter rather than a database error."""
     problems = [
@@ -158,6 +159,7 @@ def create_app(settings: Settings | None = None, *, service_metrics: ServiceMetr
     app.state.sessions = session_factory(app.state.engine)
     app.state.event_hub = EventHub(app.state.sessions)
     app.state.stream_slots = StreamSlots(settings.max_streams_per_key)
+    app.state.key_cache = KeyCache(settings.auth_cache_seconds)
     app.add_exception_handler(RequestValidationError, validation_error)
     app.add_exception_handler(StarletteHTTPException, http_error)
     app.add_exception_handler(DBAPIError, database_error)

@@ -55,6 +55,52 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
+def _cpu_seconds(pid: int) -> float:
+    """User + system CPU time of process `pid` (0 if it is gone)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def _database_backends(database: str) -> dict[int, float]:
+    """CPU seconds of each PostgreSQL backend serving `database` (their process title names it)."""
+    found = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/cmdline", "rb") as f:
+                title = f.read()
+        except OSError:
+            continue
+        if title.startswith(b"postgres:") and f" {database} ".encode() in title:
+            found[int(entry)] = _cpu_seconds(int(entry))
+    return found
+
+
+class CpuMeter:
+    """CPU seconds spent by the API server's processes and by the database's backends over a measurement
+    (Linux /proc): what one submit costs, whatever else the machine runs meanwhile. A backend that ends
+    during the measurement is not counted (the API's pool keeps its connections, so few do)."""
+
+    def __init__(self, server_pids: list[int], database: str) -> None:
+        self.server_pids, self.database = server_pids, database
+        self._backends: dict[int, float] = {}
+
+    def start(self) -> float:
+        self._backends = _database_backends(self.database)
+        return sum(_cpu_seconds(p) for p in self.server_pids)
+
+    def since_start(self, server_start: float) -> tuple[float, float]:
+        """(server, database) CPU seconds since start()."""
+        now = _database_backends(self.database)
+        database = sum(cpu - self._backends.get(pid, 0.0) for pid, cpu in now.items())
+        return sum(_cpu_seconds(p) for p in self.server_pids) - server_start, database
+
+
 def _percentile(values: list[float], q: float) -> float:
     ordered = sorted(values)
     if not ordered:
@@ -118,7 +164,28 @@ def _prepare(db_url: str, work: Path) -> dict[str, Any]:
     return {"inputs": inputs, "submitter": submitter, "owners": owners, "readers": readers, "body": body}
 
 
-def _start_server(db_url: str, work: Path, inputs: Path, port: int) -> subprocess.Popen[bytes]:
+def _process_tree(pid: int) -> list[int]:
+    """`pid` and its descendants (uvicorn's worker processes)."""
+    children: dict[int, list[int]] = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as f:
+                    ppid = int(f.read().rsplit(")", 1)[1].split()[1])
+            except OSError:
+                continue
+            children.setdefault(ppid, []).append(int(entry))
+    tree, todo = [], [pid]
+    while todo:
+        p = todo.pop()
+        tree.append(p)
+        todo.extend(children.get(p, []))
+    return tree
+
+
+def _start_server(
+    db_url: str, work: Path, inputs: Path, port: int, workers: int = 1
+) -> subprocess.Popen[bytes]:
     env = {
         **os.environ,
         "QF_DATABASE_URL": db_url,
@@ -129,6 +196,8 @@ def _start_server(db_url: str, work: Path, inputs: Path, port: int) -> subproces
         "QF_MAX_ACTIVE_JOBS_PER_OWNER": str(10**9),  # measure the API, not the per-owner cap
     }
     command = [sys.executable, "-m", "uvicorn", "api.main:app", "--host", "127.0.0.1", "--port", str(port)]
+    if workers > 1:
+        command += ["--workers", str(workers)]
     server = subprocess.Popen([*command, "--log-level", "warning", "--no-access-log"], cwd=REPO, env=env)
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline:
@@ -145,7 +214,7 @@ def _start_server(db_url: str, work: Path, inputs: Path, port: int) -> subproces
 
 
 async def _submits(
-    url: str, tokens: list[str], body: dict[str, Any], clients: int, seconds: float
+    url: str, tokens: list[str], body: dict[str, Any], clients: int, seconds: float, meter: CpuMeter
 ) -> dict[str, Any]:
     """`clients` concurrent clients; client i submits with tokens[i % len(tokens)] (one owner per token)."""
     latencies: list[float] = []
@@ -155,6 +224,7 @@ async def _submits(
         for token in tokens[:clients]:  # warm up: connections, the first validation, each key once
             await client.post("/v1/jobs", json=body, headers={"Authorization": f"Bearer {token}"})
         stop_at = time.perf_counter() + seconds
+        cpu_start, client_start = meter.start(), time.process_time()
 
         async def one_client(i: int) -> None:
             headers = {"Authorization": f"Bearer {tokens[i % len(tokens)]}"}
@@ -167,7 +237,10 @@ async def _submits(
         started = time.perf_counter()
         await asyncio.gather(*(one_client(i) for i in range(clients)))
         elapsed = time.perf_counter() - started
+        server_cpu, database_cpu = meter.since_start(cpu_start)
+        client_cpu = time.process_time() - client_start
     ok = statuses.get(202, 0)
+    n = max(1, len(latencies))
     return {
         "clients": clients,
         "owners": min(clients, len(tokens)),
@@ -177,6 +250,10 @@ async def _submits(
         "other_statuses": {str(k): v for k, v in statuses.items() if k != 202},
         "submits_per_s": round(ok / elapsed, 1),
         **_summary(latencies),
+        "server_cpu_ms_per_submit": round(server_cpu * 1000 / n, 2),
+        "database_cpu_ms_per_submit": round(database_cpu * 1000 / n, 2),
+        "client_cpu_ms_per_submit": round(client_cpu * 1000 / n, 2),  # this load generator's own
+        "load_average": os.getloadavg()[0],
     }
 
 
@@ -249,6 +326,7 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=8.0, help="duration of each submit level")
     parser.add_argument("--clients", default="1,20,100", help="concurrency levels of the submit test")
     parser.add_argument("--probes", type=int, default=300, help="/healthz requests per measurement")
+    parser.add_argument("--workers", type=int, default=1, help="uvicorn worker processes of the API")
     parser.add_argument("--json", type=Path, help="also write the results here")
     args = parser.parse_args()
 
@@ -259,7 +337,8 @@ def main() -> None:
             work = Path(tmp)
             prepared = _prepare(db.url, work)
             port = _free_port()
-            server = _start_server(db.url, work, prepared["inputs"], port)
+            server = _start_server(db.url, work, prepared["inputs"], port, args.workers)
+            meter = CpuMeter(_process_tree(server.pid), db.name)
             url = f"http://127.0.0.1:{port}"
             submits = []
             for clients in (int(c) for c in args.clients.split(",")):
@@ -268,7 +347,7 @@ def main() -> None:
                 for tokens in ([prepared["submitter"]], prepared["owners"]):
                     if len(tokens) > 1 and clients == 1:
                         continue
-                    level = asyncio.run(_submits(url, tokens, prepared["body"], clients, args.seconds))
+                    level = asyncio.run(_submits(url, tokens, prepared["body"], clients, args.seconds, meter))
                     print(json.dumps(level), flush=True)
                     submits.append(level)
             streams = asyncio.run(
@@ -291,6 +370,7 @@ def main() -> None:
             "python": platform.python_version(),
             "platform": platform.platform(),
         },
+        "api_workers": args.workers,
         "submits": submits,
         "streams": streams,
     }

@@ -118,6 +118,11 @@ class Settings(BaseSettings):
     )
 
     no_auth: bool = False
+    auth_cache_seconds: float = Field(
+        default=10.0,
+        ge=0,
+        description="an API process keeps a checked API key this long (a revoked key works at most this much longer); 0: check every request",
+    )
     max_active_jobs_per_owner: int = Field(default=100, ge=1)
     max_streams_per_key: int = Field(
         default=20, ge=1, description="open event streams (events?follow=true) one API key may hold per API process"

@@ -123,12 +123,6 @@ def submit_job(
     try:
         with transaction(sessions) as session:
             crud.lock_owner(session, principal.owner)  # counted and used atomically: no racing past the cap
-            if crud.count_active_jobs(session, principal.owner) >= settings.max_active_jobs_per_owner:
-                raise HTTPException(
-                    status.HTTP_429_TOO_MANY_REQUESTS,
-                    f"{principal.owner} already has {settings.max_active_jobs_per_owner} queued or running jobs; "
-                    "wait for some to finish",
-                )
             job = crud.create_job(
                 session,
                 owner=principal.owner,
@@ -140,7 +134,14 @@ def submit_job(
                 labels=body.labels,
                 idempotency_key=idempotency_key,
                 plan=plan,
+                within_cap=settings.max_active_jobs_per_owner,
             )
+    except crud.OwnerCapReached:
+        raise HTTPException(
+            status.HTTP_429_TOO_MANY_REQUESTS,
+            f"{principal.owner} already has {settings.max_active_jobs_per_owner} queued or running jobs; "
+            "wait for some to finish",
+        ) from None
     except IntegrityError:  # a concurrent request with the same Idempotency-Key won the insert
         with transaction(sessions) as session:
             existing = crud.find_by_idempotency_key(session, principal.owner, idempotency_key or "")
