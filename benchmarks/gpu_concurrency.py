@@ -1,6 +1,6 @@
 """Do two GPUs driven by one process run as fast as one GPU alone? Threads vs processes, per workload.
 
-The data-parallel pipeline (workers/data_parallel.py) drives every GPU of a job from one Python process,
+The layer loop on several devices (workers/devices.py, workers/activations.py) drives every GPU of a job from one Python process,
 one thread per GPU. This times three of its workloads on GPU 0 alone, then on every GPU at once from
 threads of one process, then from one process per GPU (started together behind a barrier):
 
@@ -104,19 +104,21 @@ def make_workload(name: str, device: torch.device) -> Callable[[], None]:
 
         return run
     if name in ("capture", "forward"):
+        from workers.activations import ShardedActivations
         from workers.model_graph import LayerPlan
-        from workers.pipeline import Activations, PipelineOptions, input_statistics
+        from workers.options import PipelineOptions
+        from workers.statistics import collect_statistics
 
         layer, pos = llama_8b_layer(device)
-        acts = Activations(torch.randn(64, 2048, 4096, device=device, dtype=bf16), device, PipelineOptions())
+        acts = ShardedActivations(torch.randn(64, 2048, 4096, device=device, dtype=bf16), [pos], [device], PipelineOptions())
         plan = LayerPlan(LLAMA_PLAN_GROUPS)
 
         def run() -> None:
             with torch.no_grad():
                 if name == "capture":
-                    input_statistics(layer, acts, pos, plan)
+                    collect_statistics([layer], acts, plan)
                 else:
-                    acts.forward(layer, pos, update=False)
+                    acts.forward([layer], update=False)
             torch.cuda.synchronize(device)
 
         return run
@@ -152,8 +154,8 @@ def time_threads(name: str, count: int) -> float:
 
 
 def time_on_each(name: str, count: int) -> float:
-    """As the pipeline drives its devices: `workers.data_parallel._on_each`, a fresh thread pool per call."""
-    from workers.data_parallel import _on_each
+    """A fresh thread pool per call (`workers.devices._on_each`), against the pipeline's long-lived threads."""
+    from workers.devices import _on_each
 
     devices = [torch.device("cuda", d) for d in range(count)]
     runs = [make_workload(name, device) for device in devices]
@@ -164,11 +166,13 @@ def time_on_each(name: str, count: int) -> float:
 
 
 def time_sharded(count: int) -> dict[str, float]:
-    """The pipeline's own multi-device steps on one 8B-shaped layer and 128 windows: `partial_hessians` and
+    """The pipeline's own multi-device steps on one 8B-shaped layer and 128 windows: `collect_statistics` and
     `ShardedActivations.forward` (replicated layer, activations sharded over `count` GPUs)."""
-    from workers.data_parallel import ShardedActivations, partial_hessians, replicate
+    from workers.activations import ShardedActivations
+    from workers.devices import replicate
     from workers.model_graph import LayerPlan
-    from workers.pipeline import PipelineOptions
+    from workers.options import PipelineOptions
+    from workers.statistics import collect_statistics
 
     devices = [torch.device("cuda", d) for d in range(count)]
     layer, pos = llama_8b_layer(devices[0])
@@ -180,7 +184,7 @@ def time_sharded(count: int) -> dict[str, float]:
     out: dict[str, float] = {}
     with torch.no_grad():
         replicas = replicate(layer, devices)
-        for step, fn in (("partial_hessians", lambda: partial_hessians(replicas, acts, plan)),
+        for step, fn in (("partial_hessians", lambda: collect_statistics(replicas, acts, plan)),
                          ("sharded_forward", lambda: acts.forward(replicas, update=False))):
             for _attempt in range(2):  # the first is a warm-up
                 for d in devices:

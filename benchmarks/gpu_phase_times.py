@@ -112,8 +112,8 @@ class PhaseClock:
 
 def instrument(clock: PhaseClock) -> Callable[[], None]:
     """Wrap the engine's phase functions (module attributes, so the callers pick the wrappers up)."""
-    from workers import data_parallel as dp
-    from workers import loading, pipeline
+    from workers import activations, devices, loading, pipeline, statistics
+    from workers.methods import base, groups
 
     saved: list[tuple[Any, str, Any]] = []
 
@@ -123,24 +123,26 @@ def instrument(clock: PhaseClock) -> Callable[[], None]:
 
     every = lambda *a, **k: sync_all()  # noqa: E731
     patch(loading.LayerwiseModel, "decoder_layer", clock.wrap("load layer", loading.LayerwiseModel.decoder_layer, every))
-    patch(pipeline, "input_statistics", clock.wrap("input statistics (capture)", pipeline.input_statistics, every))
-    patch(dp, "replicate", clock.wrap("replicate layer", dp.replicate, every))
-    patch(dp, "sync_replicas", clock.wrap("sync replicas", dp.sync_replicas, every))
-    patch(dp.DeviceThreads, "run", clock.wrap(lambda self, work: f"all devices: {work.__name__}", dp.DeviceThreads.run, every))
+    patch(base, "collect_statistics", clock.wrap("input statistics (capture)", base.collect_statistics, every))
+    patch(pipeline, "replicate", clock.wrap("replicate layer", pipeline.replicate, every))
+    patch(pipeline, "sync_replicas", clock.wrap("sync replicas", pipeline.sync_replicas, every))
+    patch(devices.DeviceThreads, "run", clock.wrap(
+        lambda self, work: f"all devices: {work.__name__}", devices.DeviceThreads.run, every))
 
-    def group_label(self: Any, layer: Any, group: tuple[str, ...], hessian: torch.Tensor) -> str:
+    def group_label(work: Any, solver: Any, device: int, group: tuple[str, ...], hessian: torch.Tensor) -> str:
         return f"solve {group[0].split('.')[-1]} on {hessian.device}"
 
-    patch(pipeline.LayerQuantizer, "solve_group", clock.wrap(
-        group_label, pipeline.LayerQuantizer.solve_group, lambda self, layer, group, hessian: sync_device(hessian.device)))
-    patch(pipeline.Activations, "forward", clock.wrap(
-        lambda self, *a, **k: f"forward shard on {self.device}", pipeline.Activations.forward,
+    patch(groups, "solve_group", clock.wrap(
+        group_label, groups.solve_group, lambda work, solver, device, group, hessian: sync_device(hessian.device)))
+    patch(activations.Activations, "forward", clock.wrap(
+        lambda self, *a, **k: f"forward shard on {self.device}", activations.Activations.forward,
         lambda self, *a, **k: sync_device(self.device)))
-    patch(dp, "capture_inputs", clock.wrap(
-        lambda layer, acts, *a: f"capture shard on {acts.device}", dp.capture_inputs,
+    patch(statistics, "capture_inputs", clock.wrap(
+        lambda layer, acts, *a: f"capture shard on {acts.device}", statistics.capture_inputs,
         lambda layer, acts, *a: sync_device(acts.device)))
-    patch(dp, "merge_hessians", clock.wrap(
-        lambda parts, device: f"merge hessians on {device}", dp.merge_hessians, lambda parts, device: sync_device(device)))
+    patch(statistics, "merge_hessians", clock.wrap(
+        lambda parts, device: f"merge hessians on {device}", statistics.merge_hessians,
+        lambda parts, device: sync_device(device)))
 
     def restore() -> None:
         for owner, attr, original in reversed(saved):

@@ -30,7 +30,7 @@ import torch
 REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT))
 
-from workers import pipeline  # noqa: E402
+from workers import statistics as pipeline  # noqa: E402  (where the layer loop builds its accumulators)
 from workers.assets import calibration_text, eval_text, smollm2_dir  # noqa: E402
 from workers.engine import run_local  # noqa: E402
 from workers.evaluate import evaluate_many  # noqa: E402

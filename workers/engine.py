@@ -27,10 +27,10 @@ import compressed_tensors
 import torch
 import transformers
 
-from workers import auto
+from workers import auto, resume
 from workers.calibration import calibration_windows
 from workers.calibration_cache import CalibrationProvider
-from workers.data_parallel import resolve_devices
+from workers.devices import resolve_devices
 from workers.errors import InputError
 from workers.evaluate import compare_on_windows, evaluate
 from workers.formats.writer import CheckpointWriter
@@ -129,6 +129,7 @@ def run_local(
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
+    resume.clear(options.resume_dir if options else None)  # the job is done: its per-layer resume state goes
     on_progress(Progress("done", message=str(out_dir)))
     return report
 

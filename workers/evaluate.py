@@ -21,12 +21,13 @@ import torch
 from torch import Tensor
 from transformers import PreTrainedTokenizerBase
 
+from workers.activations import Activations
 from workers.calibration import eval_windows, read_text
 from workers.errors import JobCancelled
 from workers.formats.reader import QuantizedCheckpoint
 from workers.loading import CheckpointWeights, LayerwiseModel, WeightSource
 from workers.memory import release_host_memory
-from workers.pipeline import Activations, PipelineOptions
+from workers.options import PipelineOptions
 from workers.progress import CancelCheck, Progress, ProgressCallback, never_cancel, no_progress
 from workers.report import EvalMetrics
 from workers.spec import EvalSpec

@@ -2,7 +2,9 @@
 upload every file, then write manifest.json LAST.
 
 Execution is at-least-once (a retried or rescued job runs again), so this is idempotent: a re-run writes
-the same keys, and because the manifest goes up last a half-uploaded job never looks complete.
+the same keys, and because the manifest goes up last a half-uploaded job never looks complete. A re-run on
+the same node resumes at the first decoder layer the earlier attempt did not finish (`resume_dir`, node-local:
+workers/resume.py) and writes the same bytes.
 """
 
 from __future__ import annotations
@@ -79,13 +81,23 @@ def run_job(
     *,
     base_model: str | None = None,
     calibration_cache: ObjectStore | None = None,
+    resume_dir: Path | None = None,
+    checkpoint_every: int = 1,
 ) -> JobResult:
     """Quantize `spec` and publish the result under `prefix` in `store` (see module docstring).
 
     `calibration_cache`: a store in which prepared calibration tokens are cached by content hash (the
-    service's own store), so jobs sharing a model and calibration set tokenize it once."""
+    service's own store), so jobs sharing a model and calibration set tokenize it once. `resume_dir`: where
+    finished layers are kept for a retry (default: `<work_dir>/resume/<hash of the output location>`, which
+    every attempt of one job shares), the next layer's inputs every `checkpoint_every` layers."""
     from workers.calibration_cache import CalibrationCache
     from workers.engine import run_local  # the engine pulls in torch/transformers; import only when running
+    from workers.options import PipelineOptions
+
+    if resume_dir is None:
+        location = hashlib.sha256(store.uri(prefix).encode()).hexdigest()[:16]
+        resume_dir = Path(work_dir or tempfile.gettempdir()) / "resume" / location
+    options = PipelineOptions(resume_dir=resume_dir, checkpoint_every=checkpoint_every)
 
     scratch = Path(tempfile.mkdtemp(prefix="qf-job-", dir=work_dir))
     try:
@@ -97,7 +109,7 @@ def run_job(
                 on_progress(progress)
 
         provider = CalibrationCache(calibration_cache).provider(spec.model_dir) if calibration_cache else None
-        report = run_local(spec, out_dir, engine_progress, should_cancel, calibration_provider=provider)
+        report = run_local(spec, out_dir, engine_progress, should_cancel, options=options, calibration_provider=provider)
         if not (out_dir / EVAL_FILE).is_file():
             (out_dir / EVAL_FILE).write_text(json.dumps(report.to_dict(), indent=2) + "\n")
         (out_dir / MODEL_CARD).write_text(model_card(spec, report, base_model or Path(spec.model_dir).name))

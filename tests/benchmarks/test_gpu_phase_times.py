@@ -11,9 +11,10 @@ from benchmarks import gpu_concurrency, gpu_phase_times
 
 
 def test_phase_times_wrap_the_engine_and_restore_it(tmp_path: Path) -> None:
-    from workers import data_parallel, pipeline
+    from workers import activations, devices
+    from workers.methods import base
 
-    originals = (pipeline.input_statistics, pipeline.Activations.forward, data_parallel.DeviceThreads.run)
+    originals = (base.collect_statistics, activations.Activations.forward, devices.DeviceThreads.run)
     out = tmp_path / "phases.json"
     assert gpu_phase_times.main(["--work", str(tmp_path), "--shape", "tiny", "--layers", "3", "--samples", "4",
                                  "--seq-len", "32", "--devices", "1", "--results", str(out)]) == 0
@@ -24,7 +25,7 @@ def test_phase_times_wrap_the_engine_and_restore_it(tmp_path: Path) -> None:
     assert all(ms > 0 for ms in phases.values())
     # the layer's wall time holds its phases (layer 1 only: the last layer has no next start)
     assert phases["layer (wall)"] >= 0.5 * (phases["input statistics (capture)"] + phases["solve down_proj on cpu"])
-    assert (pipeline.input_statistics, pipeline.Activations.forward, data_parallel.DeviceThreads.run) == originals
+    assert (base.collect_statistics, activations.Activations.forward, devices.DeviceThreads.run) == originals
 
 
 def test_trace_summary_counts_busy_time_once_per_device(tmp_path: Path) -> None:

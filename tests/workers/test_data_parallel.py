@@ -11,40 +11,32 @@ import pytest
 import torch
 from torch import Tensor, nn
 
+from workers.activations import ShardedActivations
 from workers.calibration import calibration_windows
-from workers.data_parallel import (
+from workers.devices import (
     DeviceThreads,
-    ShardedActivations,
     _on_each,
     assign_groups,
-    group_costs,
-    merge_hessians,
-    merge_sums,
-    merged_statistics,
-    partial_hessians,
     replicate,
     resolve_devices,
     shard_bounds,
-    solve_layer,
     split_group,
     sync_replicas,
 )
 from workers.errors import InvalidSpecError
 from workers.loading import CheckpointWeights, LayerwiseModel, load_tokenizer, run_decoder_layer
-from workers.model_graph import LayerPlan
-from workers.pipeline import (
-    Activations,
-    LayerQuantizer,
-    PipelineOptions,
-    PipelineResult,
-    _deployed,
-    _linear,
-    input_statistics,
-)
-from workers.progress import Progress, no_progress
-from workers.quant.gptq import HessianAccumulator, gptq_quantize_shared
+from workers.methods import method_for
+from workers.methods.awq import merged_statistics
+from workers.methods.base import LayerWork, PipelineResult
+from workers.methods.groups import group_costs
+from workers.model_graph import Group, LayerPlan
+from workers.options import PipelineOptions
+from workers.output_error import deployed
+from workers.progress import Progress, ProgressCallback, no_progress
+from workers.quant.gptq import HessianAccumulator, HessianPrecision, gptq_quantize_shared
 from workers.quant.grid import QuantizedTensor
 from workers.spec import JobSpec
+from workers.statistics import InputStatistics, collect_statistics, merge_hessians, merge_sums
 from workers.tensor_source import TensorSource
 
 CPU = torch.device("cpu")
@@ -69,32 +61,49 @@ class Layer0:
     def layer(self) -> nn.Module:
         return self.model.decoder_layer(0, self.weights)
 
+    def work(
+        self, layer: nn.Module, acts: ShardedActivations, *, precision: HessianPrecision | None = None,
+        on_progress: ProgressCallback = no_progress,
+    ) -> LayerWork:
+        replicas = replicate(layer, acts.devices)
+        return LayerWork(0, replicas, acts, self.model, self.spec, OPTIONS, PipelineResult(), on_progress, precision)
+
+    def statistics(self, layer: nn.Module) -> dict[Group, InputStatistics]:
+        """The one-device statistics of layer 0 (the pipeline's numerics: rescaled float32 running means)."""
+        return collect_statistics([layer], ShardedActivations(self.hidden.clone(), self.calls, [CPU], OPTIONS), self.plan())
+
     def sequential(self) -> tuple[dict[str, QuantizedTensor], Tensor, PipelineResult]:
         """What the one-device pipeline does for layer 0: solve, install, forward."""
-        result, layer = PipelineResult(), self.layer()
-        acts = Activations(self.hidden.clone(), CPU, OPTIONS)
-        with torch.no_grad():
-            solved = LayerQuantizer(self.model, self.spec, OPTIONS, result).solve(0, layer, acts, self.pos, no_progress)
-            install(layer, solved, self.model)
-            acts.forward(layer, self.pos, update=True)
-        return solved, acts.hidden, result
+        return self._run([CPU], precision=None)
 
     def parallel(self, devices: list[torch.device]) -> tuple[dict[str, QuantizedTensor], Tensor, PipelineResult]:
-        """The same through data_parallel: the lines the pipeline integration adds."""
-        result, layer = PipelineResult(), self.layer()
-        acts = ShardedActivations(self.hidden, self.calls, devices, OPTIONS)
+        """The same with unscaled partial sums merged across `devices` (what several devices run; here also one)."""
+        return self._run(devices, precision="half-operands")
+
+    def _run(
+        self, devices: list[torch.device], precision: HessianPrecision | None
+    ) -> tuple[dict[str, QuantizedTensor], Tensor, PipelineResult]:
+        layer = self.layer()
+        acts = ShardedActivations(self.hidden.clone(), self.calls, devices, OPTIONS)
         with torch.no_grad():
-            replicas = replicate(layer, devices)
-            solved = solve_layer(LayerQuantizer(self.model, self.spec, OPTIONS, result), 0, replicas, acts, no_progress)
+            work = self.work(layer, acts, precision=precision)
+            solved = method_for(self.spec).solve(work)
             install(layer, solved, self.model)
-            sync_replicas(replicas)
-            acts.forward(replicas, update=True)
-        return solved, acts.gather(CPU), result
+            sync_replicas(work.replicas)
+            acts.forward(work.replicas, update=True)
+        acts.close()
+        return solved, acts.gather(CPU), work.result
+
+
+def _linear(layer: nn.Module, name: str) -> nn.Linear:
+    module = layer.get_submodule(name)
+    assert isinstance(module, nn.Linear)
+    return module
 
 
 def install(layer: nn.Module, solved: dict[str, QuantizedTensor], model: LayerwiseModel) -> None:
     for name, qt in solved.items():
-        _linear(layer, name).weight.data = _deployed(qt, model, CPU)
+        _linear(layer, name).weight.data = deployed(qt, model, CPU)
 
 
 def norm_weight(layer: nn.Module) -> Tensor:
@@ -265,13 +274,12 @@ def test_partial_hessians_of_a_real_layer_merge_to_the_pipeline_hessians(make_sp
     case = Layer0(make_spec(num_samples=9))  # shards of 5 and 4 windows
     layer = case.layer()
     with torch.no_grad():
-        stats = input_statistics(layer, Activations(case.hidden, CPU, OPTIONS), case.pos, case.plan())
-        single = {group: acc.hessian for group, acc in stats.items()}
+        single = {group: stats.hessian(CPU) for group, stats in case.statistics(layer).items()}
         acts = ShardedActivations(case.hidden, case.calls, [CPU, CPU], OPTIONS)
-        partials = partial_hessians(replicate(layer, acts.devices), acts, case.plan())
-    assert [p[("mlp.down_proj",)].num_samples for p in partials] == [5 * 64, 4 * 64]
+        partials = collect_statistics(replicate(layer, acts.devices), acts, case.plan())
+    assert [p.num_samples for p in partials[("mlp.down_proj",)].parts] == [5 * 64, 4 * 64]
     for group, hessian in single.items():
-        merged = merge_hessians([p[group] for p in partials], CPU)
+        merged = merge_hessians(partials[group].parts, CPU)
         torch.testing.assert_close(merged, hessian, rtol=1e-5, atol=1e-5 * float(hessian.abs().max()))
 
 
@@ -323,9 +331,9 @@ def test_spread_solves_give_the_same_codes_as_one_solve_given_the_same_hessian(m
     layer = case.layer()
     with torch.no_grad():
         acts = ShardedActivations(case.hidden, case.calls, [CPU, CPU], OPTIONS)
-        partials = partial_hessians(replicate(layer, acts.devices), acts, arch)
+        partials = collect_statistics(replicate(layer, acts.devices), acts, arch)
         for group in arch.groups:
-            hessian = merge_hessians([p[group] for p in partials], CPU)
+            hessian = merge_hessians(partials[group].parts, CPU)
             weights = [_linear(layer, name).weight for name in group]
             results = gptq_quantize_shared(
                 weights, hessian, case.spec.scheme, scale_dtype=case.model.model_dtype, act_order=case.spec.act_order,
@@ -344,8 +352,8 @@ def test_three_devices_split_rows_and_searches_without_changing_a_code(make_spec
     layer = case.layer()
     with torch.no_grad():
         acts = ShardedActivations(case.hidden, case.calls, [CPU] * 3, OPTIONS)
-        replicas = replicate(layer, acts.devices)
-        solved = solve_layer(LayerQuantizer(case.model, case.spec, OPTIONS, PipelineResult()), 0, replicas, acts, seen.append)
+        solved = method_for(case.spec).solve(case.work(layer, acts, on_progress=seen.append))
+        acts.close()
     one, _, _ = case.parallel([CPU])
     assert code_mismatch(one, solved) == 0.0
     assert all(torch.equal(one[n].scale, solved[n].scale) for n in one)
@@ -362,13 +370,13 @@ def test_awq_on_two_devices_merges_the_same_statistics_and_codes(make_spec: Call
     arch = case.plan()
     layer = case.layer()
     with torch.no_grad():
-        single = input_statistics(layer, Activations(case.hidden, CPU, OPTIONS), case.pos, arch)
+        single = case.statistics(layer)
         acts = ShardedActivations(case.hidden, case.calls, [CPU, CPU, CPU], OPTIONS)
-        merged = merged_statistics(replicate(layer, acts.devices), acts, arch)
+        merged = merged_statistics(case.work(layer, acts))
         acts.close()
     for group in arch.groups:  # the same sums, added in another order
-        assert torch.allclose(merged[group].second_moment, single[group].second_moment, rtol=1e-5, atol=1e-7), group
-        assert torch.allclose(merged[group].mean_abs, single[group].mean_abs, rtol=1e-5), group
+        assert torch.allclose(merged[group].second_moment, single[group].second_moment(CPU), rtol=1e-5, atol=1e-7), group
+        assert torch.allclose(merged[group].mean_abs, single[group].mean_abs(CPU), rtol=1e-5), group
 
     seq_codes, seq_hidden, _ = case.sequential()
     two_codes, two_hidden, two_result = case.parallel([CPU, CPU])

@@ -16,7 +16,8 @@ from workers.calibration import calibration_windows
 from workers.errors import JobCancelled
 from workers.formats.writer import CheckpointWriter
 from workers.loading import CheckpointWeights, LayerwiseModel, load_tokenizer, run_decoder_layer
-from workers.pipeline import PipelineOptions, PipelineResult, _fold_scales, quantize_model
+from workers.methods.awq import _fold_scales
+from workers.pipeline import PipelineOptions, PipelineResult, quantize_model
 from workers.progress import Progress
 from workers.quant.grid import QuantizedTensor
 from workers.quant.rtn import rtn_quantize

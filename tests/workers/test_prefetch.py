@@ -14,7 +14,7 @@ from torch import Tensor
 
 from workers.background_writer import BackgroundWriter
 from workers.loading import CheckpointWeights
-from workers.pipeline import output_error, report_precision
+from workers.output_error import output_error, report_precision
 from workers.prefetch import LayerPrefetcher
 from workers.quant.rtn import rtn_quantize
 from workers.spec import QuantScheme
@@ -218,7 +218,7 @@ def test_bf16_operands_move_the_report_by_less_than_1e2() -> None:
 
 
 def test_fast_report_is_scoped_to_its_block() -> None:
-    from workers import pipeline
+    from workers import output_error as pipeline
 
     assert pipeline._FAST_REPORT.get() is True
     with report_precision(False):

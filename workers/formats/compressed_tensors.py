@@ -20,10 +20,25 @@ from torch import Tensor
 from workers.errors import InputError
 from workers.formats.packing import pack_int32, unpack_int32
 from workers.quant.grid import QuantizedTensor
-from workers.spec import QuantScheme
+from workers.spec import OutputFormat, QuantScheme
 
 FORMAT = "pack-quantized"
 SUFFIXES = ("weight_packed", "weight_scale", "weight_shape", "weight_zero_point")
+MARKER = "weight_packed"
+OUTPUT = OutputFormat.COMPRESSED_TENSORS
+
+
+def writes(output: OutputFormat, scheme: QuantScheme) -> bool:
+    """Integer weight-only grids, as compressed-tensors."""
+    return output is OutputFormat.COMPRESSED_TENSORS and scheme.type == "int" and scheme.activations == "none"
+
+
+def reads(quant_config: dict[str, Any]) -> bool:
+    return quant_config.get("quant_method") == "compressed-tensors" and quant_config.get("format") == FORMAT
+
+
+def check_scheme(scheme: QuantScheme) -> None:
+    scheme.validate()
 
 
 def quantization_config(scheme: QuantScheme, *, act_order: bool = False) -> dict[str, Any]:
@@ -119,3 +134,7 @@ def scheme_from_config(quant_config: dict[str, Any]) -> tuple[QuantScheme, bool]
     group_size = -1 if w.get("strategy") == "channel" else int(w["group_size"])
     scheme = QuantScheme(bits=int(w["num_bits"]), group_size=group_size, symmetric=bool(w["symmetric"]))
     return scheme, w.get("actorder") is not None
+
+
+def read_scheme(quant_config: dict[str, Any]) -> tuple[QuantScheme, bool]:
+    return scheme_from_config(quant_config)

@@ -20,11 +20,12 @@ from workers.errors import InputError, InvalidSpecError
 from workers.formats.compressed_tensors import config_group_document
 from workers.quant.fp8 import FloatQuantizedTensor
 from workers.quant.grid import QuantizedTensor
-from workers.spec import FP8_BLOCK, Activations, QuantScheme
+from workers.spec import FP8_BLOCK, Activations, OutputFormat, QuantScheme
 
 FORMAT = "float-quantized"
 SUFFIXES = ("weight", "weight_scale", "input_scale")
 MARKER = "weight_scale"  # the tensor that tells a quantized Linear from a dense one
+OUTPUT = OutputFormat.COMPRESSED_TENSORS
 
 
 def _args(strategy: str, *, dynamic: bool, group_size: int | None = None, block: bool = False) -> dict[str, Any]:
@@ -43,6 +44,15 @@ def _args(strategy: str, *, dynamic: bool, group_size: int | None = None, block:
         "type": "float",
         "zp_dtype": None,
     }
+
+
+def writes(output: OutputFormat, scheme: QuantScheme) -> bool:
+    """FP8 schemes, as compressed-tensors."""
+    return output is OutputFormat.COMPRESSED_TENSORS and scheme.is_float
+
+
+def reads(quant_config: dict[str, Any]) -> bool:
+    return quant_config.get("quant_method") == "compressed-tensors" and quant_config.get("format") == FORMAT
 
 
 def check_scheme(scheme: QuantScheme) -> None:
@@ -110,3 +120,7 @@ def scheme_from_config(quant_config: dict[str, Any]) -> QuantScheme:
     except InvalidSpecError as e:
         raise InputError(f"{FORMAT}: {e}") from e
     return scheme
+
+
+def read_scheme(quant_config: dict[str, Any]) -> tuple[QuantScheme, bool]:
+    return scheme_from_config(quant_config), False

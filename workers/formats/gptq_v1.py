@@ -22,10 +22,20 @@ from torch import Tensor
 from workers.errors import InputError, InvalidSpecError
 from workers.formats.packing import pack_int32, unpack_int32
 from workers.quant.grid import QuantizedTensor
-from workers.spec import QuantScheme
+from workers.spec import OutputFormat, QuantScheme
 
 GPTQ_BITS = (2, 4, 8)
 SUFFIXES = ("qweight", "qzeros", "scales", "g_idx")
+MARKER = "qweight"
+OUTPUT = OutputFormat.GPTQ
+
+
+def writes(output: OutputFormat, scheme: QuantScheme) -> bool:
+    return output is OutputFormat.GPTQ
+
+
+def reads(quant_config: dict[str, Any]) -> bool:
+    return quant_config.get("quant_method") == "gptq"
 
 
 def check_scheme(scheme: QuantScheme) -> None:
@@ -106,6 +116,10 @@ def from_linear_tensors(tensors: dict[str, Tensor], scheme: QuantScheme) -> Quan
     scale = tensors["scales"].T.to(torch.float32).contiguous()
     zero_point = None if scheme.symmetric else (zero - offset).to(torch.int8)
     return QuantizedTensor(q, scale, zero_point, scheme)
+
+
+def read_scheme(quant_config: dict[str, Any]) -> tuple[QuantScheme, bool]:
+    return scheme_from_config(quant_config), False
 
 
 def scheme_from_config(quant_config: dict[str, Any]) -> QuantScheme:

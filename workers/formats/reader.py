@@ -8,15 +8,13 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from types import ModuleType
 from typing import Any
 
 import torch
 from torch import Tensor
 
 from workers.errors import InputError
-from workers.formats import compressed_tensors, float_quantized, gptq_v1
-from workers.spec import OutputFormat
+from workers.formats.base import for_reading
 from workers.tensor_source import TensorSource
 
 
@@ -31,25 +29,17 @@ class QuantizedCheckpoint:
         self.config: dict[str, Any] = json.loads(config_path.read_text())
         quant_config = self.config.get("quantization_config")
         method = quant_config.get("quant_method") if isinstance(quant_config, dict) else None
-        if method == "compressed-tensors" and quant_config.get("format") == float_quantized.FORMAT:
-            self.format = OutputFormat.COMPRESSED_TENSORS
-            self.scheme, self.act_order = float_quantized.scheme_from_config(quant_config), False
-            self._module: ModuleType = float_quantized
-            self._marker = float_quantized.MARKER
-        elif method == "compressed-tensors":
-            self.format = OutputFormat.COMPRESSED_TENSORS
-            self.scheme, self.act_order = compressed_tensors.scheme_from_config(quant_config)
-            self._module = compressed_tensors
-            self._marker = "weight_packed"
-        elif method == "gptq":
-            self.format = OutputFormat.GPTQ
-            self.scheme, self.act_order = gptq_v1.scheme_from_config(quant_config), False
-            self._module = gptq_v1
-            self._marker = "qweight"
-        else:
+        fmt = for_reading(quant_config) if isinstance(quant_config, dict) else None
+        if fmt is None:
+            fmt_name = quant_config.get("format") if isinstance(quant_config, dict) else None
             raise InputError(
-                f"{config_path} has no compressed-tensors or gptq quantization_config (quant_method={method!r})"
+                f"{config_path} has no quantization_config that QuantFleet reads (quant_method={method!r}, format="
+                f"{fmt_name!r}): no format module of workers/formats reads it"
             )
+        self.format = fmt.OUTPUT  # the format module that reads it (workers/formats/base.py)
+        self.scheme, self.act_order = fmt.read_scheme(quant_config)
+        self._module: Any = fmt
+        self._marker = fmt.MARKER
         self.source = TensorSource(self.path)
 
     def dense_prefix(

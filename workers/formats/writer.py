@@ -1,4 +1,4 @@
-"""Stream a quantized checkpoint to disk, one decoder layer at a time.
+"""Stream a quantized checkpoint to disk, one decoder layer at a time, in any format of workers/formats/base.py.
 
 Tensors are buffered until the next addition would push the buffer past `max_shard_bytes`; then the buffer
 is written as a shard under a temporary name, so peak memory is about one shard (or one layer, whichever is
@@ -20,7 +20,7 @@ from safetensors.torch import save_file
 from torch import Tensor
 
 from workers.errors import InvalidSpecError
-from workers.formats import compressed_tensors, float_quantized, gptq_v1
+from workers.formats.base import for_writing
 from workers.quant.grid import QuantizedTensor
 from workers.spec import OutputFormat, QuantScheme
 
@@ -47,17 +47,8 @@ class CheckpointWriter:
         max_shard_bytes: int = 2 * 2**30,
         act_order: bool = False,
     ) -> None:
-        if fmt == OutputFormat.GPTQ:
-            gptq_v1.check_scheme(scheme)
-            self._format: Any = gptq_v1
-        elif fmt == OutputFormat.COMPRESSED_TENSORS and scheme.is_float:
-            float_quantized.check_scheme(scheme)
-            self._format = float_quantized
-        elif fmt == OutputFormat.COMPRESSED_TENSORS:
-            scheme.validate()
-            self._format = compressed_tensors
-        else:
-            raise InvalidSpecError(f"unknown output format {fmt!r}")
+        self._format: Any = for_writing(fmt, scheme)  # the format module that writes it (workers/formats/base.py)
+        self._format.check_scheme(scheme)
         if not dtype.is_floating_point:
             raise InvalidSpecError(f"the model dtype must be a floating-point dtype, not {dtype}")
         if max_shard_bytes < 1:
