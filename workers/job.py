@@ -18,7 +18,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from workers.errors import JobCancelled
+from workers.errors import InputError, InvalidSpecError, JobCancelled
 from workers.progress import CancelCheck, Progress, ProgressCallback, never_cancel, no_progress
 from workers.report import EngineReport
 from workers.spec import JobSpec
@@ -90,6 +90,7 @@ def run_job(
     service's own store), so jobs sharing a model and calibration set tokenize it once. `resume_dir`: where
     finished layers are kept for a retry (default: `<work_dir>/resume/<hash of the output location>`, which
     every attempt of one job shares), the next layer's inputs every `checkpoint_every` layers."""
+    from workers import resume
     from workers.calibration_cache import CalibrationCache
     from workers.engine import run_local  # the engine pulls in torch/transformers; import only when running
     from workers.options import PipelineOptions
@@ -97,6 +98,7 @@ def run_job(
     if resume_dir is None:
         location = hashlib.sha256(store.uri(prefix).encode()).hexdigest()[:16]
         resume_dir = Path(work_dir or tempfile.gettempdir()) / "resume" / location
+        resume.prune(resume_dir.parent)  # state of jobs that never came back (their last attempt failed)
     options = PipelineOptions(resume_dir=resume_dir, checkpoint_every=checkpoint_every)
 
     scratch = Path(tempfile.mkdtemp(prefix="qf-job-", dir=work_dir))
@@ -109,7 +111,12 @@ def run_job(
                 on_progress(progress)
 
         provider = CalibrationCache(calibration_cache).provider(spec.model_dir) if calibration_cache else None
-        report = run_local(spec, out_dir, engine_progress, should_cancel, options=options, calibration_provider=provider)
+        try:
+            report = run_local(spec, out_dir, engine_progress, should_cancel, options=options,
+                               calibration_provider=provider)
+        except (JobCancelled, InputError, InvalidSpecError):  # no retry resumes it: a cancel, or bad input
+            resume.clear(resume_dir)
+            raise
         if not (out_dir / EVAL_FILE).is_file():
             (out_dir / EVAL_FILE).write_text(json.dumps(report.to_dict(), indent=2) + "\n")
         (out_dir / MODEL_CARD).write_text(model_card(spec, report, base_model or Path(spec.model_dir).name))

@@ -23,6 +23,7 @@ import hashlib
 import json
 import os
 import shutil
+import time
 from pathlib import Path
 from typing import Any
 
@@ -38,6 +39,7 @@ from workers.spec import JobSpec, QuantScheme
 
 STATE = "state.json"
 QT_FIELDS = ("q", "scale", "zero_point", "input_scale")
+MAX_AGE_S = 7 * 24 * 3600  # `prune` removes the state of jobs untouched this long (their last attempt failed)
 
 
 def fingerprint(spec: JobSpec, options: dict[str, Any], calibration: Tensor | None, devices: int) -> str:
@@ -80,8 +82,11 @@ class LayerCheckpoints:
             return 0, None
         hidden = None
         if inputs is not None:
-            with safe_open(str(self.dir / inputs), framework="pt") as f:
-                hidden = f.get_tensor("hidden")
+            try:
+                with safe_open(str(self.dir / inputs), framework="pt") as f:
+                    hidden = f.get_tensor("hidden")
+            except OSError:  # e.g. removed by a concurrent attempt of the same job (a rescued lease): start over
+                return 0, None
         return next_layer, hidden
 
     def save_layer(
@@ -150,6 +155,20 @@ def _atomic(path: Path, write: Any) -> None:
 
 
 def clear(root: Path | None) -> None:
-    """Remove a finished job's resume state."""
+    """Remove a job's resume state (it finished, was cancelled, or its input can never work)."""
     if root is not None:
         shutil.rmtree(root, ignore_errors=True)
+
+
+def prune(parent: Path, max_age_s: float = MAX_AGE_S) -> None:
+    """Remove every job's resume state under `parent` not written to for `max_age_s` seconds."""
+    if not parent.is_dir():
+        return
+    now = time.time()
+    for job in parent.iterdir():
+        try:
+            newest = max((p.stat().st_mtime for p in job.rglob("*") if p.is_file()), default=job.stat().st_mtime)
+        except OSError:  # being written or removed by another attempt right now
+            continue
+        if now - newest > max_age_s:
+            clear(job)

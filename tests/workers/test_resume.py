@@ -9,6 +9,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -18,6 +19,7 @@ import torch
 from tests.helpers import make_tiny_llama
 from tests.workers.resume_job import spec_fields
 from tests.workers.test_pipeline import RecordingSink, run
+from workers import resume
 from workers.errors import JobCancelled
 from workers.job import run_job
 from workers.pipeline import PipelineOptions
@@ -126,3 +128,54 @@ def test_a_changed_spec_does_not_resume_stale_layers(make_spec: Callable[..., Jo
     events: list[Progress] = []
     run(other, options=options, on_progress=events.append)
     assert not [e for e in events if e.stage == "resume"]
+
+
+def test_a_retry_through_run_job_resumes_in_the_shared_node_local_directory(
+    make_spec: Callable[..., JobSpec], four_layers: Path, tmp_path: Path
+) -> None:
+    """The orchestrator retries a job by calling run_job again with the same store, prefix and work_dir
+    (orchestrator/queue/attempt.py): the retry finds the state the failed attempt left."""
+    spec = make_spec("gptq", with_eval=False, model_dir=four_layers)
+    store, work = open_store(str(tmp_path / "store")), tmp_path / "work"
+    work.mkdir()
+    stops = iter([False, False, False, OSError("worker lost its disk mount")])
+
+    def fail_before_layer_3(_: Progress) -> None:
+        if _.stage == "quantize" and _.module is None and isinstance(error := next(stops), Exception):
+            raise error
+
+    with pytest.raises(OSError, match="disk mount"):  # a retryable failure: the state stays
+        run_job(spec, store, "jobs/j2", fail_before_layer_3, work_dir=work)
+    events: list[Progress] = []
+    run_job(spec, store, "jobs/j2", events.append, work_dir=work)
+    assert [e.layer for e in events if e.stage == "resume"] == [3]
+    assert not list(work.glob("resume/*"))
+
+
+def test_a_cancelled_job_leaves_no_resume_state(make_spec: Callable[..., JobSpec], four_layers: Path, tmp_path: Path) -> None:
+    spec = make_spec("rtn", with_eval=False, model_dir=four_layers, calibration=False)
+    work = tmp_path / "work"
+    work.mkdir()
+    with pytest.raises(JobCancelled):
+        run_job(spec, open_store(str(tmp_path / "store")), "jobs/j3", should_cancel=cancel_at(2), work_dir=work)
+    assert not list(work.glob("resume/*"))
+
+
+def test_prune_removes_only_state_untouched_for_a_week(tmp_path: Path) -> None:
+    old, fresh = tmp_path / "old" / "key", tmp_path / "fresh" / "key"
+    for d in (old, fresh):
+        d.mkdir(parents=True)
+        (d / "state.json").write_text("{}")
+    week_ago = time.time() - 8 * 24 * 3600
+    os.utime(old / "state.json", (week_ago, week_ago))
+    resume.prune(tmp_path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["fresh"]
+
+
+def test_state_whose_inputs_are_gone_starts_over(tmp_path: Path) -> None:
+    checkpoints = resume.LayerCheckpoints(tmp_path, "key", num_layers=4)
+    checkpoints.save_layer(0, {"w": torch.ones(2)}, {}, [], [])
+    checkpoints.save_inputs(1, torch.zeros(1, 2, 3))
+    assert checkpoints.start()[0] == 1 and torch.equal(checkpoints.start()[1], torch.zeros(1, 2, 3))  # type: ignore[arg-type]
+    (checkpoints.dir / "inputs-00001.safetensors").unlink()  # a concurrent attempt of the same job removed it
+    assert checkpoints.start() == (0, None)
