@@ -66,6 +66,12 @@ class ArchitectureInfo:
 
     def check_awq(self) -> None:
         """InvalidSpecError unless AWQ has smoothing pairs for this family (never smooth with nothing)."""
+        if not self.awq_mappings and self.experts:
+            raise InvalidSpecError(
+                f"method awq needs smoothing pairs for {self.name}, and its Mixture-of-Experts layers have none: the "
+                "routed experts read different subsets of the norm's output, so no scale folds into it; use method "
+                "gptq or rtn"
+            )
         if not self.awq_mappings:
             known = ", ".join(sorted(AWQ_MAPPINGS))
             raise InvalidSpecError(
