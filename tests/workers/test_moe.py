@@ -31,7 +31,9 @@ from workers.errors import InvalidSpecError
 from workers.evaluate import QuantizedWeights
 from workers.loading import CheckpointWeights, LayerwiseModel, WeightSource, run_decoder_layer
 from workers.model_graph import LayerPlan, build_skeleton
+from workers.pipeline import quantize_model
 from workers.preflight import plan_job, summary_lines
+from workers.quant.grid import QuantizedTensor
 from workers.report import EngineReport
 from workers.spec import CalibrationSpec, JobSpec, Method, QuantScheme
 from workers.tensor_source import TensorSource
@@ -293,3 +295,36 @@ def test_observed_experts_see_every_token_while_the_output_keeps_only_the_routed
     assert seen == {f"{e}.{p}": 40 for e in range(NUM_EXPERTS) for p in ("gate_proj", "up_proj", "down_proj")}
     assert torch.allclose(observed, routed, atol=1e-6)
     assert int(experts.routed_tokens.sum()) == 2 * 2 * 40  # two forwards, two experts per token
+
+
+class _Collect:
+    """A checkpoint sink that keeps what it is given."""
+
+    def __init__(self) -> None:
+        self.quantized: dict[str, QuantizedTensor] = {}
+
+    def add_dense(self, name: str, tensor: torch.Tensor) -> None:
+        pass
+
+    def add_quantized(self, module_name: str, qt: QuantizedTensor) -> None:
+        self.quantized[module_name] = qt
+
+
+def test_two_devices_calibrate_every_expert_like_one(text: Path, tmp_path: Path) -> None:
+    """Calibration windows split over two devices: each replica routes its own tokens, the counts add up to the
+    one-device counts, and the codes are those of one device (Hessian sums differ only in addition order)."""
+    model_dir = make_tiny_moe("qwen2_moe", tmp_path / "model")
+    spec = spec_for(model_dir, "gptq", text)
+    ids = torch.randint(4, 290, (8, SEQ_LEN), generator=torch.Generator().manual_seed(0))
+    runs = {}
+    for devices in ([CPU], [CPU, CPU]):
+        model = LayerwiseModel(model_dir, CPU)
+        sink = _Collect()
+        result = quantize_model(model, CheckpointWeights(TensorSource(model_dir)), spec, [sink], ids, devices=devices)
+        runs[len(devices)] = (sink.quantized, {(e.layer, e.module): e.note for e in result.module_errors})
+    (one, one_notes), (two, two_notes) = runs[1], runs[2]
+    assert one.keys() == two.keys() and len([n for n in one if ".experts." in n]) == 2 * NUM_EXPERTS * 3
+    experts = {k: v for k, v in one_notes.items() if ".experts." in k[1]}
+    assert experts and all(two_notes[k] == note for k, note in experts.items())  # same routed counts, summed
+    codes = sum(int((one[n].q != two[n].q).sum()) for n in one)
+    assert codes <= 1e-3 * sum(one[n].q.numel() for n in one)
