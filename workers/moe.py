@@ -27,8 +27,8 @@ expert's down projection (E · 4·I² bytes). When they exceed `STATISTICS_BUDGE
 in passes: the first with every other group and as many experts as fit, then further chunks of experts,
 each pass one capture forward over the calibration windows holding only its own statistics.
 
-Too few tokens: an expert whose statistics come from fewer tokens than its down projection has inputs
-(a rank-deficient Hessian) is solved with `STARVED_DAMPENING_FACTOR` times the job's dampening; if Cholesky
+Too few tokens: an expert Linear whose statistics come from fewer tokens than it has inputs (a rank-deficient
+Hessian) is solved with `STARVED_DAMPENING_FACTOR` times the job's dampening; if Cholesky
 still fails, GPTQ falls back to RTN for that module (workers/quant/gptq.py). Both are recorded per module, and
 every expert Linear's entry in eval.json's `module_errors` notes its routed and calibration token counts.
 Routers and gates stay dense (`dense_linears`: Linears that are direct children of an MoE block, e.g.
