@@ -6,6 +6,7 @@ from __future__ import annotations
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, Header, HTTPException, Query, Request, Response, status
+from fastapi.responses import JSONResponse
 from pydantic import StringConstraints
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
@@ -45,12 +46,28 @@ ERRORS: dict[int | str, dict[str, Any]] = {
 }
 
 
+_JOB_URL_TEMPLATES: dict[str, str] = {}  # base URL -> the job URL with a placeholder id; a few hosts at most
+
+
+def job_url(request: Request, job_id: str) -> str:
+    """The job's URL, from a template per base URL (Starlette's url_for tries every route in turn)."""
+    base = str(request.base_url)
+    template = _JOB_URL_TEMPLATES.get(base)
+    if template is None:
+        template = str(request.url_for("get_job", job_id="0"))
+        if len(_JOB_URL_TEMPLATES) < 16:  # the Host header is the client's: never an unbounded cache
+            _JOB_URL_TEMPLATES[base] = template
+    if not job_id.isalnum():
+        return str(request.url_for("get_job", job_id=job_id))
+    return template[:-1] + job_id
+
+
 def job_out(job: Job, request: Request) -> JobOut:
     result = job.result or {}
     succeeded = job.state == JobState.SUCCEEDED.value
     return JobOut(
         id=job.id,
-        url=str(request.url_for("get_job", job_id=job.id)),
+        url=job_url(request, job.id),
         state=job.state,  # type: ignore[arg-type]
         owner=job.owner,
         priority=job.priority,
@@ -148,8 +165,13 @@ def submit_job(
             if existing is None:
                 raise
             job = _same_or_conflict(existing, digest, idempotency_key or "")
-    response.headers["Location"] = str(request.url_for("get_job", job_id=job.id))
-    return job_out(job, request)
+    out = job_out(job, request)
+    # Already a JobOut: answered as is, without FastAPI validating it a second time against the model.
+    return JSONResponse(  # type: ignore[return-value]
+        out.model_dump(mode="json"),
+        status_code=status.HTTP_202_ACCEPTED,
+        headers={"Location": out.url},
+    )
 
 
 @router.get("/jobs", response_model=JobPage, responses=ERRORS)

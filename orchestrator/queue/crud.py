@@ -150,7 +150,9 @@ def lock_owner(session: Session, owner: str) -> None:
     PostgreSQL: a transaction-level advisory lock keyed by the owner's name. SQLite needs none: every
     transaction begins IMMEDIATE there (orchestrator.db), one writer at a time."""
     if session.get_bind().dialect.name == "postgresql":
-        session.execute(select(func.pg_advisory_xact_lock(func.hashtext(f"quantfleet.owner:{owner}"))))
+        session.connection().exec_driver_sql(
+            "SELECT pg_advisory_xact_lock(hashtext(%(key)s))", {"key": f"quantfleet.owner:{owner}"}
+        )
 
 
 def count_active_jobs(session: Session, owner: str) -> int:
