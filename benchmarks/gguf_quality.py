@@ -128,6 +128,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--eval-windows", type=int, default=16)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--device", default="cpu", help="where the exports and the evaluation run (cuda: GPTQ on the GPU)")
     p.add_argument("--no-llama-cpp", action="store_true", help="skip llama.cpp even where it is installed")
     p.add_argument("--work", type=Path, default=Path("/tmp/qf-gguf-quality"))
     p.add_argument("--results", type=Path, default=Path("benchmarks/results/gguf-quality.jsonl"))
@@ -138,6 +139,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
 
     torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
     model = args.assets / "smollm2-135m"
     args.work.mkdir(parents=True, exist_ok=True)
     tokenizer = load_tokenizer(model)
@@ -151,7 +153,8 @@ def main(argv: list[str] | None = None) -> int:
     if use_llama and not f16.exists():
         export_gguf(model, f16, "F16", keep_dequantized=False)
     protocol = {"calibration": f"{args.num_samples}x{args.seq_len} seed {args.seed}",
-                "eval": f"{windows.shape[0]}x{args.seq_len}", "threads": args.threads}
+                "eval": f"{windows.shape[0]}x{args.seq_len}", "threads": args.threads,
+                "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"}
 
     rows: list[dict[str, Any]] = []
     for file_type in args.types.split(","):
@@ -159,7 +162,7 @@ def main(argv: list[str] | None = None) -> int:
         for method in args.methods.split(","):
             path = args.work / f"ours-{method}-{file_type}.gguf"
             result = export_gguf(model, path, file_type, method=method,  # type: ignore[arg-type]
-                                 calibration=calibration if method == "gptq" else None)
+                                 calibration=calibration if method == "gptq" else None, device=device)
             row = {"type": file_type, "source": f"QuantFleet {method}", "bits_per_weight": result.bits_per_weight,
                    "file_bytes": result.file_bytes, "seconds": round(result.seconds, 1), **protocol}
             print(f"{file_type} {method}: {result.seconds:.1f} s, {result.bits_per_weight:.3f} bpw", flush=True)
@@ -176,7 +179,7 @@ def main(argv: list[str] | None = None) -> int:
             state = read_back(path)
             row["bits_per_weight"] = _bits_per_weight(path)
             variants.append((row, DenseWeights(state), path))
-        metrics = compare_on_windows(model, [v[1] for v in variants], windows, torch.device("cpu"))
+        metrics = compare_on_windows(model, [v[1] for v in variants], windows, device)
         for (row, _weights, path), m in zip(variants, metrics, strict=True):
             row.update(ppl_original=m.ppl_original, ppl=m.ppl_quantized, delta_ppl_pct=m.delta_ppl_pct,
                        kl_mean=m.kl_mean, kl_p99=m.kl_p99, top1=m.top1_agreement)

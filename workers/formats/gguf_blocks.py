@@ -99,9 +99,9 @@ def pack(t: GGUFTensor) -> np.ndarray:
     kind = t.kind
     out, n = t.shape
     n_blocks = out * (n // kind.block)
-    stored = (t.codes.to(torch.int32) + kind.offset).reshape(n_blocks, kind.block).numpy()
+    stored = (t.codes.cpu().to(torch.int32) + kind.offset).reshape(n_blocks, kind.block).numpy()
     q = stored.astype(np.int16) if kind.name == "Q8_0" else stored.astype(U8)
-    fields = {name: value.reshape(n_blocks, -1) for name, value in t.fields.items()}
+    fields = {name: value.cpu().reshape(n_blocks, -1) for name, value in t.fields.items()}
     packed = PACKERS[kind.name](q, fields)
     expected = GGML_QUANT_SIZES[kind.qtype][1]
     assert packed.shape == (n_blocks, expected), (packed.shape, expected)
