@@ -68,13 +68,15 @@ class Windows:
         return stats
 
 
-def relative_output_error(reference: Tensor, quantized: Tensor, hessian: Tensor) -> float:
-    """trace(ΔW H ΔWᵀ) / trace(W H Wᵀ): the output error relative to the output's power."""
+def output_error(reference: Tensor, quantized: Tensor, hessian: Tensor) -> tuple[float, float]:
+    """(mean squared output error over the calibration inputs, that / the output's mean square), from
+    H = 2 E[x xᵀ]: trace(ΔW E[xxᵀ] ΔWᵀ) / out, as the pipeline's error report."""
     ref = reference.to(torch.float32)
     delta = quantized.to(ref.device, torch.float32) - ref
-    h = hessian.to(ref.device, torch.float32)
-    power = float(((ref @ h) * ref).sum())
-    return float(((delta @ h) * delta).sum()) / power if power > 0 else 0.0
+    sigma = hessian.to(ref.device, torch.float32) / 2
+    error = float(((delta @ sigma) * delta).sum()) / ref.shape[0]
+    power = float(((ref @ sigma) * ref).sum()) / ref.shape[0]
+    return error, (error / power if power > 0 else 0.0)
 
 
 class DenseWeights:
@@ -98,7 +100,7 @@ class GGUFExport:
     seconds: float
     notes: list[str] = field(default_factory=list)
     fallback_modules: list[str] = field(default_factory=list)
-    module_errors: dict[str, float] = field(default_factory=dict)  # relative output error per Linear (with calibration)
+    module_errors: dict[str, tuple[float, float]] = field(default_factory=dict)  # Linear → (mse, relative), calibrated
     dequantized: dict[str, Tensor] = field(default_factory=dict)
 
     def weights(self) -> DenseWeights:
@@ -223,7 +225,7 @@ def _solve_layer(
         for name, weight, (qt, fell_back) in zip(group, group_weights, outcomes, strict=True):
             if fell_back:
                 result.fallback_modules.append(f"{prefix}{name}: Cholesky failed, RTN on the GGUF grid")
-            result.module_errors[f"{prefix}{name}"] = relative_output_error(weight, qt.dequantize(), accumulator.hessian)
+            result.module_errors[f"{prefix}{name}"] = output_error(weight, qt.dequantize(), accumulator.hessian)
             solved[name] = qt
     return solved
 

@@ -54,6 +54,19 @@ def parse_candidate(text: str) -> tuple[Method, Observer]:
 class OutputFormat(StrEnum):
     COMPRESSED_TENSORS = "compressed-tensors"
     GPTQ = "gptq"
+    # GGUF for llama.cpp, one file type each (workers/formats/gguf.py FILE_TYPES; workers/gguf_job.py)
+    GGUF_Q4_0 = "gguf:Q4_0"
+    GGUF_Q4_1 = "gguf:Q4_1"
+    GGUF_Q5_0 = "gguf:Q5_0"
+    GGUF_Q5_1 = "gguf:Q5_1"
+    GGUF_Q8_0 = "gguf:Q8_0"
+    GGUF_Q4_K_M = "gguf:Q4_K_M"
+    GGUF_Q6_K = "gguf:Q6_K"
+    GGUF_F16 = "gguf:F16"
+
+    @property
+    def is_gguf(self) -> bool:
+        return self.value.startswith("gguf:")
 
 
 SUPPORTED_BITS = (2, 3, 4, 8)
@@ -291,6 +304,8 @@ class JobSpec:
             raise InvalidSpecError(f"method {self.method.value} needs calibration data (calibration.path)")
         if not self.formats:
             raise InvalidSpecError("at least one output format is required")
+        if any(f.is_gguf for f in self.formats):
+            self._validate_gguf()
         if self.scheme.is_float:
             self._validate_fp8()
         if OutputFormat.GPTQ in self.formats and self.scheme.bits not in (2, 4, 8):
@@ -319,6 +334,22 @@ class JobSpec:
             self._validate_kv_cache()
         if self.mixed_precision is not None:
             self._validate_mixed_precision(self.mixed_precision)
+
+    def _validate_gguf(self) -> None:
+        """GGUF formats are solved on GGUF's own grids (the scheme does not apply), by rtn or gptq, alone."""
+        if not all(f.is_gguf for f in self.formats):
+            raise InvalidSpecError(
+                "GGUF formats are solved on GGUF's own block grids, not the job's scheme: ask for GGUF formats in a"
+                " job of their own (formats like ['gguf:Q4_K_M']), and compressed-tensors/gptq in another"
+            )
+        if self.method not in (Method.RTN, Method.GPTQ):
+            raise InvalidSpecError(
+                f"GGUF export solves with rtn or gptq on the GGUF grid, not {self.method.value}; set method rtn or gptq"
+            )
+        if self.scheme.type != "int" or self.mixed_precision is not None or self.smoothquant is not None:
+            raise InvalidSpecError("GGUF formats take no FP8/W8A8/mixed-precision scheme (the GGUF type is the grid)")
+        if self.kv_cache_fp8 or self.devices != 1:
+            raise InvalidSpecError("GGUF export runs on one device without FP8 KV-cache scales; set devices 1")
 
     def _one_device_compressed_tensors(self, what: str) -> None:
         if self.formats != (OutputFormat.COMPRESSED_TENSORS,):
