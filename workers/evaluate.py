@@ -21,6 +21,8 @@ import torch
 from torch import Tensor
 from transformers import PreTrainedTokenizerBase
 
+from workers.activation_quant import Quantizer
+from workers.activation_quant import attach as attach_input_quantizers
 from workers.activations import Activations
 from workers.calibration import eval_windows, read_text
 from workers.errors import JobCancelled
@@ -45,6 +47,10 @@ class QuantizedWeights:
 
     def tensors(self, prefix: str, device: torch.device) -> dict[str, Tensor]:
         return self.checkpoint.dense_prefix(prefix, device, self.dtype)
+
+    def input_quantizers(self, prefix: str) -> dict[str, Quantizer]:
+        """W8A8 / FP8 checkpoints: the runtime's quantization of each Linear's input (workers/activation_quant.py)."""
+        return self.checkpoint.input_quantizers(prefix)
 
 
 def open_weights(path: str | Path, dtype: torch.dtype) -> WeightSource:
@@ -126,6 +132,8 @@ def compare_on_windows(
             on_progress(Progress("evaluate", index, model.num_layers))
             for src, stream in zip(sources, streams, strict=True):
                 layer = model.decoder_layer(index, src)
+                if isinstance(src, QuantizedWeights):  # score what a W8A8 runtime computes
+                    attach_input_quantizers(layer, src.input_quantizers(model.graph.layer_prefix(index)))
                 stream.forward(layer, calls[index], update=True)
                 del layer
             release_host_memory()

@@ -187,7 +187,8 @@ class MixedPrecisionSpec:
       layers and for every Linear whose name (e.g. "model.layers.3.mlp.down_proj") matches one of
       `patterns` (regular expressions, searched); the job's scheme elsewhere; or
     * by measured sensitivity, when `target_bits_per_weight` is set: each group's output error at each of
-      `candidates` (default: 4 and 8 bits at group sizes 128, 64, 32, the job's symmetry) is measured from its
+      `candidates` (default: 4 bits per channel and at group sizes 128, 64, 32, 8 bits per channel and at
+      group size 128, the job's symmetry) is measured from its
       Hessian, and precision is bought greedily where it cuts the error most per bit until the average bits per
       weight (scales and zero points included) would pass the target.
     Written as compressed-tensors config groups (format `mixed-precision`); the allocation is in eval.json."""

@@ -20,6 +20,7 @@ from safetensors.torch import save_file
 from torch import Tensor
 
 from workers.errors import InvalidSpecError
+from workers.formats import mixed_precision
 from workers.formats.base import for_writing
 from workers.quant.grid import QuantizedTensor
 from workers.spec import OutputFormat, QuantScheme
@@ -46,9 +47,14 @@ class CheckpointWriter:
         *,
         max_shard_bytes: int = 2 * 2**30,
         act_order: bool = False,
+        mixed: bool = False,
+        kv_cache_scheme: dict[str, Any] | None = None,
     ) -> None:
-        self._format: Any = for_writing(fmt, scheme)  # the format module that writes it (workers/formats/base.py)
-        self._format.check_scheme(scheme)
+        if fmt == OutputFormat.COMPRESSED_TENSORS and mixed:  # a grid per Linear, recorded as they come
+            self._format: Any = mixed_precision.MixedPrecisionDocument()
+        else:
+            self._format = for_writing(fmt, scheme)  # the format module that writes it (workers/formats/base.py)
+            self._format.check_scheme(scheme)
         if not dtype.is_floating_point:
             raise InvalidSpecError(f"the model dtype must be a floating-point dtype, not {dtype}")
         if max_shard_bytes < 1:
@@ -56,6 +62,7 @@ class CheckpointWriter:
         self.out_dir = Path(out_dir)
         self.out_dir.mkdir(parents=True, exist_ok=True)
         self.fmt, self.scheme, self.dtype, self.act_order = fmt, scheme, dtype, act_order
+        self.kv_cache_scheme = kv_cache_scheme  # quantization_config.kv_cache_scheme (FP8 KV-cache scales)
         self.max_shard_bytes = max_shard_bytes
         self._buffer: dict[str, Tensor] = {}
         self._buffer_bytes = 0
@@ -72,7 +79,9 @@ class CheckpointWriter:
 
     def add_quantized(self, module_name: str, qt: QuantizedTensor) -> None:
         """One quantized Linear, e.g. module_name "model.layers.0.self_attn.q_proj"."""
-        if qt.scheme != self.scheme:
+        if isinstance(self._format, mixed_precision.MixedPrecisionDocument):
+            self._format.record(module_name, qt.scheme)
+        elif qt.scheme != self.scheme:
             raise InvalidSpecError(
                 f"{module_name} was quantized with {qt.scheme}, the checkpoint uses {self.scheme}"
             )
@@ -134,6 +143,8 @@ class CheckpointWriter:
         config["quantization_config"] = self._format.quantization_config(
             self.scheme, act_order=self.act_order
         )
+        if self.kv_cache_scheme is not None:
+            config["quantization_config"]["kv_cache_scheme"] = self.kv_cache_scheme
         (self.out_dir / CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n")
         written.append(CONFIG_FILE)
         return written

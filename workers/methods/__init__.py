@@ -6,6 +6,7 @@ import importlib
 import pkgutil
 
 from workers.methods.base import REGISTRY, QuantMethod
+from workers.methods.kv_cache import KvCacheScales
 from workers.spec import JobSpec
 
 _loaded: list[bool] = []
@@ -20,9 +21,14 @@ def _load_all() -> None:
 
 
 def method_for(spec: JobSpec) -> QuantMethod:
-    """The method that solves `spec`'s layers: "<method>:<scheme type>" if one is registered, else "<method>"."""
+    """The method that solves `spec`'s layers: "smoothquant" / "mixed-precision" when the spec asks for them
+    (they run the job's gptq or rtn themselves), else "<method>:<scheme type>" if one is registered, else
+    "<method>"; wrapped to record FP8 KV-cache scales when `spec.kv_cache_fp8`."""
     _load_all()
-    for name in (f"{spec.method.value}:{spec.scheme.type}", spec.method.value):
+    variants = [v for v, on in (("smoothquant", spec.smoothquant is not None),
+                                ("mixed-precision", spec.mixed_precision is not None)) if on]
+    for name in (*variants, f"{spec.method.value}:{spec.scheme.type}", spec.method.value):
         if name in REGISTRY:
-            return REGISTRY[name]()
+            method = REGISTRY[name]()
+            return KvCacheScales(method) if spec.kv_cache_fp8 else method  # k_scale/v_scale from its forwards
     raise ValueError(f"no quantization method is registered for {spec.method.value!r}; known: {sorted(REGISTRY)}")

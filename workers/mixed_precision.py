@@ -1,0 +1,260 @@
+"""W4A16 mixed precision: an integer grid per group of Linears that share an input (q/k/v, o, gate/up, down),
+so a runtime's fused projections get one grid (see MixedPrecisionSpec in workers/spec.py).
+
+By rule, the group takes `high` (default 8 bits at the job's group size) in the first/last `edge_layers`
+decoder layers or when any of its Linears' full names matches a pattern, and the job's scheme elsewhere.
+
+By sensitivity (`target_bits_per_weight`): one forward pass through the original model (`measure`) gives each
+group's input Hessian, hence its output error at every candidate grid without running it,
+
+    error(group, grid) = Σ over its Linears of trace(ΔW Σ ΔWᵀ)   (Σ = E[x xᵀ], ΔW = RTN(W, grid) − W)
+
+(the summed squared output error per token, with the job's observer choosing the ranges). Every group starts
+at its cheapest grid; then, while the budget target · (number of weights) allows, the upgrade with the largest
+error reduction per extra bit, over all groups and costlier grids, is bought (along each group's convex hull of
+(cost, error), so one costly 8-bit step that is worth more per bit than many cheap steps elsewhere is not
+crowded out by them; the budget left at the end buys the best upgrades that still fit). Cost in bits per weight counts
+the stored scales (16 bits per group of weights) and zero points: w4 g32 is 4.5, w4 g128 4.125, w8 g32 8.5.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import itertools
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from workers.activations import ShardedActivations
+from workers.errors import InvalidSpecError
+from workers.loading import LayerwiseModel, WeightSource
+from workers.memory import release_host_memory
+from workers.methods.base import LayerWork
+from workers.options import PipelineOptions
+from workers.output_error import deployed, output_error
+from workers.progress import Progress, ProgressCallback, no_progress
+from workers.quant.rtn import rtn_quantize
+from workers.spec import JobSpec, QuantScheme
+
+SCALE_BITS = 16  # scales are stored in the model dtype (fp16 / bf16)
+
+
+def bits_per_weight(scheme: QuantScheme, in_features: int) -> float:
+    """Stored bits per weight of a Linear with `in_features` inputs on `scheme`: codes, scales, zero points."""
+    group = in_features if scheme.group_size == -1 else scheme.group_size
+    zero = 0 if scheme.symmetric else scheme.bits
+    return scheme.bits + (SCALE_BITS + zero) / group
+
+
+def high_scheme(spec: JobSpec) -> QuantScheme:
+    mixed = spec.mixed_precision
+    assert mixed is not None
+    return mixed.high or dataclasses.replace(spec.scheme, bits=8)
+
+
+def candidates(spec: JobSpec) -> tuple[QuantScheme, ...]:
+    mixed = spec.mixed_precision
+    assert mixed is not None
+    if mixed.candidates:
+        return mixed.candidates
+    sym = spec.scheme.symmetric
+    return (*(QuantScheme(4, group, sym) for group in (-1, 128, 64, 32)), QuantScheme(8, -1, sym), QuantScheme(8, 128, sym))
+
+
+def fits(scheme: QuantScheme, in_features: int) -> bool:
+    return scheme.group_size == -1 or in_features % scheme.group_size == 0
+
+
+@dataclass
+class GroupChoice:
+    """One group of Linears (full names), its weight count, and its measured error per candidate grid."""
+
+    layer: int
+    modules: tuple[str, ...]
+    in_features: int
+    weights: int
+    errors: dict[QuantScheme, float] = field(default_factory=dict)
+    chosen: QuantScheme | None = None
+
+    def cost(self, scheme: QuantScheme) -> float:
+        return self.weights * bits_per_weight(scheme, self.in_features)
+
+
+def hull(group: GroupChoice) -> list[QuantScheme]:
+    """The group's grids on the lower convex hull of (cost, error), cheapest first: the only ones worth buying
+    in order, each step buying less error per bit than the one before."""
+    points = sorted(group.errors, key=lambda s: (group.cost(s), group.errors[s]))
+    chain: list[QuantScheme] = []
+    for scheme in points:
+        if chain and group.errors[scheme] >= group.errors[chain[-1]]:
+            continue  # costs more, no better
+        while len(chain) >= 2:
+            a, b = chain[-2], chain[-1]
+            slope_ab = (group.errors[a] - group.errors[b]) / (group.cost(b) - group.cost(a))
+            slope_bc = (group.errors[b] - group.errors[scheme]) / (group.cost(scheme) - group.cost(b))
+            if slope_bc < slope_ab:
+                break
+            chain.pop()  # b lies above the segment a → scheme
+        chain.append(scheme)
+    return chain
+
+
+def allocate(groups: Sequence[GroupChoice], target_bits_per_weight: float) -> float:
+    """Greedy allocation (module docstring), on each group's convex hull: every group starts at its cheapest
+    grid; the step (over all groups) that removes the most error per extra bit is bought while it fits, so
+    the bits go where they cut the error most (a costly 8-bit step for a sensitive group is taken before
+    cheap small steps elsewhere when it is worth more per bit); then any budget left buys the best upgrades
+    that still fit. Sets each group's `chosen`; returns the bits per weight reached."""
+    total_weights = sum(g.weights for g in groups)
+    budget = target_bits_per_weight * total_weights * (1 + 1e-9)
+    chains = []
+    for g in groups:
+        if not g.errors:
+            raise InvalidSpecError(f"no mixed-precision candidate grid fits {g.modules[0]} ({g.in_features} inputs)")
+        chains.append(hull(g))
+        g.chosen = chains[-1][0]
+    spent = sum(g.cost(chain[0]) for g, chain in zip(groups, chains, strict=True))
+    if spent > budget:
+        raise InvalidSpecError(
+            f"target_bits_per_weight={target_bits_per_weight} is below the cheapest candidates' "
+            f"{spent / total_weights:.3f} bits per weight; raise it or add cheaper candidates"
+        )
+    steps = [  # (error removed per bit, group, from, to) along each hull
+        ((g.errors[a] - g.errors[b]) / (g.cost(b) - g.cost(a)), i, a, b)
+        for i, (g, chain) in enumerate(zip(groups, chains, strict=True))
+        for a, b in itertools.pairwise(chain)
+    ]
+    blocked: set[int] = set()  # a group whose next hull step did not fit takes no later step of its hull
+    for _, i, a, b in sorted(steps, key=lambda step: -step[0]):
+        g = groups[i]
+        if i in blocked or g.chosen != a:
+            continue
+        extra = g.cost(b) - g.cost(a)
+        if spent + extra > budget:
+            blocked.add(i)
+            continue
+        spent += extra
+        g.chosen = b
+    while True:  # budget left over: the best upgrade anywhere that still fits
+        best: tuple[float, GroupChoice, QuantScheme] | None = None
+        for g in groups:
+            assert g.chosen is not None
+            now_cost, now_error = g.cost(g.chosen), g.errors[g.chosen]
+            for scheme, error in g.errors.items():
+                extra = g.cost(scheme) - now_cost
+                if extra <= 0 or error >= now_error or spent + extra > budget:
+                    continue
+                if best is None or (now_error - error) / extra > best[0]:
+                    best = ((now_error - error) / extra, g, scheme)
+        if best is None:
+            return spent / total_weights
+        _, g, scheme = best
+        assert g.chosen is not None
+        spent += g.cost(scheme) - g.cost(g.chosen)
+        g.chosen = scheme
+
+
+def measure(
+    model: LayerwiseModel,
+    weights: WeightSource,
+    spec: JobSpec,
+    calibration: Tensor,
+    *,
+    options: PipelineOptions | None = None,
+    on_progress: ProgressCallback = no_progress,
+) -> list[GroupChoice]:
+    """Each group's error at each candidate grid, on the original model's inputs (one forward per layer)."""
+    options = options or PipelineOptions()
+    grids, dtype, device = candidates(spec), model.model_dtype, model.device
+    groups: list[GroupChoice] = []
+    with torch.no_grad(), contextlib.ExitStack() as cleanup:
+        calls = model.layer_calls(calibration.shape[1], weights)
+        acts = ShardedActivations(model.embed(calibration, weights, batch_tokens=options.batch_tokens), calls, [device], options)
+        cleanup.callback(acts.close)
+        for index in range(model.num_layers):
+            on_progress(Progress("calibrate", index, model.num_layers, message="mixed precision: measuring sensitivity"))
+            layer = model.decoder_layer(index, weights)
+            acts.at_layer(index)
+            work = LayerWork(index, [layer], acts, model, spec, options)
+            prefix = model.graph.layer_prefix(index)
+            for group, statistics in work.statistics.items():
+                linears = [work.linear(name) for name in group]
+                choice = GroupChoice(index, tuple(prefix + n for n in group), linears[0].in_features,
+                                     sum(int(m.weight.numel()) for m in linears))
+                sigma = statistics.second_moment(device)
+                importance = statistics.hessian(device).diagonal()
+                for grid in (g for g in grids if fits(g, choice.in_features)):
+                    error = 0.0
+                    for m in linears:
+                        qt = rtn_quantize(m.weight, grid, scale_dtype=dtype, observer=spec.observer, importance=importance)
+                        mse, _ = output_error(m.weight, deployed(qt, model, device), sigma)
+                        error += mse * m.out_features
+                    choice.errors[grid] = error
+                groups.append(choice)
+            acts.forward([layer], update=True)
+            del layer, work
+            release_host_memory()
+    return groups
+
+
+def with_allocation(spec: JobSpec, measured: Sequence[GroupChoice]) -> tuple[JobSpec, float]:
+    """`spec` with the greedy allocation of `measured` recorded in it, and the bits per weight it reaches."""
+    mixed = spec.mixed_precision
+    assert mixed is not None and mixed.target_bits_per_weight is not None
+    reached = allocate(measured, mixed.target_bits_per_weight)
+    allocation = tuple((name, g.chosen) for g in measured for name in g.modules if g.chosen is not None)
+    return dataclasses.replace(spec, mixed_precision=dataclasses.replace(mixed, allocation=allocation)), reached
+
+
+def group_scheme(spec: JobSpec, layer: int, num_layers: int, modules: Sequence[str], in_features: int) -> QuantScheme:
+    """The grid of one group of Linears (full names, `in_features` inputs) of decoder layer `layer`: the measured
+    allocation's, or by rule (`high` where its group size divides the inputs, else the job's scheme)."""
+    mixed = spec.mixed_precision
+    assert mixed is not None
+    if mixed.allocation:
+        schemes = {mixed.scheme_of(m) for m in modules}
+        if len(schemes) != 1 or None in schemes:
+            raise ValueError(f"the allocation gives {modules} no single grid: {schemes}")
+        scheme = schemes.pop()
+        assert scheme is not None
+        return scheme
+    edge = layer < mixed.edge_layers or layer >= num_layers - mixed.edge_layers
+    matched = any(re.search(p, m) for p in mixed.patterns for m in modules)
+    high = high_scheme(spec)
+    return high if (edge or matched) and fits(high, in_features) else spec.scheme
+
+
+def describe(scheme: QuantScheme) -> str:
+    return f"w{scheme.bits} g{scheme.group_size} {'sym' if scheme.symmetric else 'asym'}"
+
+
+def report(
+    spec: JobSpec, written: dict[str, QuantScheme], in_features: dict[str, int], weights: dict[str, int],
+    measured: Sequence[GroupChoice] = (),
+) -> dict[str, Any]:
+    """eval.json's `mixed_precision`: mode, target and reached bits per weight, the Linears per grid, and (by
+    sensitivity) each group's grid and measured errors. `written`: full Linear name → grid, as in config.json."""
+    mixed = spec.mixed_precision
+    assert mixed is not None
+    total = sum(weights[m] for m in written)
+    reached = sum(weights[m] * bits_per_weight(s, in_features[m]) for m, s in written.items()) / max(total, 1)
+    per_grid: dict[str, list[str]] = {}
+    for name, scheme in written.items():
+        per_grid.setdefault(describe(scheme), []).append(name)
+    return {
+        "mode": "sensitivity" if mixed.by_sensitivity else "rule",
+        "target_bits_per_weight": mixed.target_bits_per_weight,
+        "bits_per_weight": round(reached, 4),
+        "linears_per_grid": {grid: len(names) for grid, names in per_grid.items()},
+        "grids": {grid: sorted(names) for grid, names in per_grid.items()},
+        "measured": [
+            {"layer": g.layer, "modules": list(g.modules), "chosen": describe(g.chosen) if g.chosen else None,
+             "errors": {describe(s): e for s, e in g.errors.items()}}
+            for g in measured
+        ],
+    }
