@@ -13,9 +13,13 @@ PostgreSQL database created for the run (and dropped after), then measures from 
    next to the same measured with no stream open.
 
 The client shares the machine with the server: on 2 cores both compete for the CPU, so the throughput is a
-floor of what the server alone does. Run from the repository root:
+floor of what the server alone does. The submits are sent by a minimal keep-alive HTTP/1.1 client
+(`RawClient`, a fraction of httpx's CPU per request; `--client httpx` for httpx). Each level also reports
+the CPU time per submit of the API processes, of the database's backends and of the load generator
+itself (from /proc), and the load average: throughput on a shared machine depends on what else runs, the
+CPU per submit much less. Run from the repository root:
 
-    .venv/bin/python benchmarks/api_load.py [--seconds 8] [--json results.json]
+    .venv/bin/python benchmarks/api_load.py [--seconds 8] [--workers 1] [--json results.json]
 """
 
 from __future__ import annotations
@@ -213,20 +217,67 @@ def _start_server(
     raise SystemExit("the API server did not become ready in 60 s")
 
 
+class RawClient:
+    """A minimal HTTP/1.1 keep-alive client on asyncio streams: one connection, the request's bytes built
+    once, the response read by its Content-Length. A load generator on the same 2 cores as the server must
+    cost far less than the server: httpx spends 2-6 ms of CPU per request here, more than a submit costs
+    the API, so it measured itself as much as the server."""
+
+    def __init__(self, host: str, port: int) -> None:
+        self.host, self.port = host, port
+        self._reader: asyncio.StreamReader | None = None
+        self._writer: asyncio.StreamWriter | None = None
+
+    @staticmethod
+    def request(method: str, path: str, host: str, headers: dict[str, str], body: bytes) -> bytes:
+        lines = [f"{method} {path} HTTP/1.1", f"Host: {host}", f"Content-Length: {len(body)}"]
+        lines += [f"{k}: {v}" for k, v in headers.items()]
+        return ("\r\n".join(lines) + "\r\n\r\n").encode() + body
+
+    async def send(self, raw: bytes) -> int:
+        """Send a prepared request; returns the response status (the body is read and dropped)."""
+        if self._writer is None:
+            self._reader, self._writer = await asyncio.open_connection(self.host, self.port)
+        assert self._reader is not None
+        self._writer.write(raw)
+        head = await self._reader.readuntil(b"\r\n\r\n")
+        status = int(head[9:12])
+        length = 0
+        for line in head.split(b"\r\n")[1:]:
+            name, _, value = line.partition(b":")
+            if name.strip().lower() == b"content-length":
+                length = int(value)
+        await self._reader.readexactly(length)
+        return status
+
+    async def close(self) -> None:
+        if self._writer is not None:
+            self._writer.close()
+
+
 async def _submits(
-    url: str, tokens: list[str], body: dict[str, Any], clients: int, seconds: float, meter: CpuMeter
+    url: str,
+    tokens: list[str],
+    body: dict[str, Any],
+    clients: int,
+    seconds: float,
+    meter: CpuMeter,
+    client_kind: str = "raw",
 ) -> dict[str, Any]:
     """`clients` concurrent clients; client i submits with tokens[i % len(tokens)] (one owner per token)."""
     latencies: list[float] = []
     statuses: dict[int, int] = {}
     limits = httpx.Limits(max_connections=clients, max_keepalive_connections=clients)
+    host_port = url.removeprefix("http://")
+    host, port = host_port.rsplit(":", 1)
+    payload = json.dumps(body).encode()
     async with httpx.AsyncClient(base_url=url, limits=limits, timeout=60) as client:
         for token in tokens[:clients]:  # warm up: connections, the first validation, each key once
             await client.post("/v1/jobs", json=body, headers={"Authorization": f"Bearer {token}"})
         stop_at = time.perf_counter() + seconds
         cpu_start, client_start = meter.start(), time.process_time()
 
-        async def one_client(i: int) -> None:
+        async def one_httpx_client(i: int) -> None:
             headers = {"Authorization": f"Bearer {tokens[i % len(tokens)]}"}
             while time.perf_counter() < stop_at:
                 t0 = time.perf_counter()
@@ -234,6 +285,23 @@ async def _submits(
                 latencies.append(time.perf_counter() - t0)
                 statuses[r.status_code] = statuses.get(r.status_code, 0) + 1
 
+        async def one_raw_client(i: int) -> None:
+            headers = {
+                "Authorization": f"Bearer {tokens[i % len(tokens)]}",
+                "Content-Type": "application/json",
+            }
+            raw = RawClient.request("POST", "/v1/jobs", host_port, headers, payload)
+            connection = RawClient(host, int(port))
+            try:
+                while time.perf_counter() < stop_at:
+                    t0 = time.perf_counter()
+                    code = await connection.send(raw)
+                    latencies.append(time.perf_counter() - t0)
+                    statuses[code] = statuses.get(code, 0) + 1
+            finally:
+                await connection.close()
+
+        one_client = one_raw_client if client_kind == "raw" else one_httpx_client
         started = time.perf_counter()
         await asyncio.gather(*(one_client(i) for i in range(clients)))
         elapsed = time.perf_counter() - started
@@ -242,6 +310,7 @@ async def _submits(
     ok = statuses.get(202, 0)
     n = max(1, len(latencies))
     return {
+        "client": client_kind,
         "clients": clients,
         "owners": min(clients, len(tokens)),
         "seconds": round(elapsed, 2),
@@ -327,6 +396,12 @@ def main() -> None:
     parser.add_argument("--clients", default="1,20,100", help="concurrency levels of the submit test")
     parser.add_argument("--probes", type=int, default=300, help="/healthz requests per measurement")
     parser.add_argument("--workers", type=int, default=1, help="uvicorn worker processes of the API")
+    parser.add_argument(
+        "--client",
+        choices=["raw", "httpx"],
+        default="raw",
+        help="submit load generator: a minimal keep-alive HTTP/1.1 client (default) or httpx",
+    )
     parser.add_argument("--json", type=Path, help="also write the results here")
     args = parser.parse_args()
 
@@ -347,7 +422,9 @@ def main() -> None:
                 for tokens in ([prepared["submitter"]], prepared["owners"]):
                     if len(tokens) > 1 and clients == 1:
                         continue
-                    level = asyncio.run(_submits(url, tokens, prepared["body"], clients, args.seconds, meter))
+                    level = asyncio.run(
+                        _submits(url, tokens, prepared["body"], clients, args.seconds, meter, args.client)
+                    )
                     print(json.dumps(level), flush=True)
                     submits.append(level)
             streams = asyncio.run(
