@@ -34,6 +34,7 @@ from workers.devices import resolve_devices
 from workers.errors import InputError
 from workers.evaluate import compare_on_windows, evaluate
 from workers.formats.writer import CheckpointWriter
+from workers.gguf_job import build_gguf
 from workers.loading import CheckpointWeights, LayerwiseModel, load_tokenizer
 from workers.memory import PeakMemory
 from workers.pipeline import PipelineOptions, PipelineResult, quantize_model
@@ -165,6 +166,8 @@ def _build(
     options: PipelineOptions | None,
     calibration_provider: CalibrationProvider | None = None,
 ) -> EngineReport:
+    if any(f.is_gguf for f in spec.formats):  # GGUF's own grids, one export per format: workers/gguf_job.py
+        return build_gguf(spec, info, staging, devices[0], on_progress, should_cancel, calibration_provider)
     report = EngineReport(
         model=str(info.model_dir),
         architecture=info.architecture.name,

@@ -359,7 +359,7 @@ def test_three_devices_split_rows_and_searches_without_changing_a_code(make_spec
     assert all(torch.equal(one[n].scale, solved[n].scale) for n in one)
     messages = [p.message for p in seen]
     if method == "gptq":
-        assert "inverse on cpu, rows over 3 devices" in messages
+        assert "Cholesky on cpu, inverse and rows over 3 devices" in messages
     else:
         assert messages.count("awq scale search on cpu") == 3  # v_proj → o_proj is skipped (GQA shapes)
         assert messages.count("awq clip search on cpu") == len(case.plan().linears)

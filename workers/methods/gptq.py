@@ -2,7 +2,8 @@
 
 Dampening, a blocked column sweep, act-order with static groups, and an RTN fallback for the module when
 Cholesky fails (recorded, never a crash). Several devices: groups spread by cost, and the costliest group's
-rows split over all of them (workers/methods/groups.py); the integers are those of one device.
+triangular inverse and rows split over all of them (workers/methods/groups.py); the integers are those of one
+device up to codes on a rounding boundary (its factor is reached by another rounding path).
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from workers.methods.base import LayerWork, QuantMethod, register
 from workers.methods.groups import Solved, solve_groups
 from workers.quant.gptq import GPTQResult, PreparedHessian, gptq_quantize_shared, gptq_solve, prepare_hessian
 from workers.quant.grid import QuantizedTensor
+from workers.quant.split_inverse import FlippedCholesky, flipped_cholesky
 
 
 class GptqGroups:
@@ -32,6 +34,9 @@ class GptqGroups:
 
     def prepare(self, hessian: Tensor) -> PreparedHessian:
         return prepare_hessian(hessian, dampening=self.spec.dampening, act_order=self.spec.act_order)
+
+    def factor(self, hessian: Tensor) -> FlippedCholesky:
+        return flipped_cholesky(hessian, dampening=self.spec.dampening, act_order=self.spec.act_order)
 
     def sweep(self, rows: Tensor, prepared: PreparedHessian) -> GPTQResult:
         return gptq_solve(rows, prepared, self.spec.scheme, block_size=self.work.options.gptq_block_size,

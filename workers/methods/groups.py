@@ -3,10 +3,20 @@
 Groups go to devices by cost (out·in² + in³, largest first onto the least loaded); every group's Hessian is
 merged on its device before any solve starts (a copy queued behind another device's solve would wait for
 it). With a row-splitting solver (GPTQ) the costliest group, when it is more than an even share of the layer
-(Llama-3-8B: down_proj, 82%), only has its inverse factored in round one, and round two sweeps its output
-rows split over all devices: rows are independent in GPTQ (a row's codes depend only on that row and H⁻¹), so
-the split changes no integer. Results and module errors are gathered on the primary, recorded in group order.
-One device is the same code with every group on device 0, inline.
+(Llama-3-8B: down_proj, 82%), is factored and swept by all devices (workers/quant/split_inverse.py):
+
+    round one    its owner computes the one Cholesky factor of its (reversed, damped) Hessian, n³/3, while
+                 the other devices solve the other groups (spread by cost, the Cholesky counted as n³/4 of the
+                 in³ that stands for a whole factorisation);
+    round two    every device solves its range of columns of the triangular inverse L⁻¹ (even work);
+    round three  every device assembles U = P·L⁻¹·P and sweeps its contiguous share of the output rows.
+
+Rows are independent in GPTQ (a row's codes depend only on that row and H⁻¹), so the row split changes no
+integer; the factor itself is the one-device U reached by another rounding path (one Cholesky and a
+triangular inverse instead of Cholesky, `cholesky_inverse`, Cholesky), so a code on a rounding boundary may
+flip against one device, and the ranges do not change it: 2, 3 or 4 devices give one another's codes on CPU.
+Results and module errors are gathered on the primary, recorded in group order. One device is the same code
+with every group on device 0, inline, and its numerics unchanged.
 """
 
 from __future__ import annotations
@@ -24,6 +34,7 @@ from workers.model_graph import Group, LayerPlan
 from workers.output_error import output_error
 from workers.quant.gptq import GPTQResult, PreparedHessian
 from workers.quant.grid import QuantizedTensor
+from workers.quant.split_inverse import FlippedCholesky, column_ranges, flipped_upper, inverse_columns
 
 Solved = tuple[QuantizedTensor, bool, str | None]  # result, fell back to RTN, note
 GroupOutcome = tuple[str, QuantizedTensor, float, float, bool, str | None]  # name, result, mse, relative, fallback, note
@@ -36,6 +47,7 @@ class GroupSolver(Protocol):
 
 class RowSplitSolver(GroupSolver, Protocol):
     def prepare(self, hessian: Tensor) -> PreparedHessian: ...
+    def factor(self, hessian: Tensor) -> FlippedCholesky: ...
     def sweep(self, rows: Tensor, prepared: PreparedHessian) -> GPTQResult: ...
 
 
@@ -69,15 +81,15 @@ def solve_groups(
     split = split_group(costs, len(devices)) if rows is not None else None
     if split is not None and min(_linear(layer, n).out_features for n in groups[split]) < len(devices):
         split = None  # fewer rows than devices (tiny models)
-    if split is not None:  # round 1 only factors its Hessian: n³ of its out·n² + n³
-        costs[split] = _linear(layer, groups[split][0]).in_features ** 3
+    if split is not None:  # round 1 only computes its Cholesky factor: n³/3 of the 4/3·n³ that n³ stands for
+        costs[split] = _linear(layer, groups[split][0]).in_features ** 3 // 4
     owner = assign_groups(costs, len(devices))
     hessians = [hessian_of(g, devices[d]) for g, d in zip(groups, owner, strict=True)]
     for g, (group, d) in enumerate(zip(groups, owner, strict=True)):
-        note = f"inverse on {devices[d]}, rows over {len(devices)} devices" if g == split else work.where(d)
+        note = f"Cholesky on {devices[d]}, inverse and rows over {len(devices)} devices" if g == split else work.where(d)
         work.progress(", ".join(group), note)
 
-    prepared: list[PreparedHessian] = []
+    factors: list[FlippedCholesky] = []
 
     def round_one(d: int) -> dict[int, list[GroupOutcome]]:
         solved = {}
@@ -85,7 +97,7 @@ def solve_groups(
             if owner[g] != d:
                 continue
             if g == split and rows is not None:
-                prepared.append(rows.prepare(hessians[g]))
+                factors.append(rows.factor(hessians[g]))
                 continue
             solved[g] = [
                 (name, to_device(qt, devices[0]), mse, rel, fallback, note)
@@ -95,7 +107,8 @@ def solve_groups(
 
     by_group = {g: out for per_device in work.threads.run(round_one) for g, out in per_device.items()}
     if split is not None and rows is not None:
-        by_group[split] = _split_sweep(work, rows, groups[split], prepared[0], hessians[split])
+        prepared = _split_inverse(work, rows, factors[0], hessians[split])
+        by_group[split] = _split_sweep(work, rows, groups[split], prepared, hessians[split])
     result: dict[str, QuantizedTensor] = {}
     for g in range(len(groups)):  # recorded in group order, whatever device solved them
         for name, qt, mse, rel, fallback, note in by_group[g]:
@@ -104,19 +117,45 @@ def solve_groups(
     return result
 
 
+def _split_inverse(
+    work: LayerWork, rows: RowSplitSolver, factor: FlippedCholesky, hessian: Tensor
+) -> list[PreparedHessian]:
+    """Round two: each device solves its range of columns of L⁻¹ (even work); the PreparedHessian of each device
+    (U assembled there in round three). A factor that is not finite is redone by the one-device path."""
+    devices, lower = work.devices, factor.lower
+    if lower is None:  # every dampening failed: the sweep falls back to RTN on every device
+        return [_prepared_on(factor.prepared(None), d) for d in devices]
+    n = lower.shape[0]
+    ranges = column_ranges(n, [1.0] * len(devices))
+
+    def solve(d: int) -> Tensor:
+        a, b = ranges[d]
+        return inverse_columns(lower.to(devices[d]), a, b)  # copied after round one: nothing queued behind it
+
+    blocks = work.threads.run(solve)
+
+    def assemble(d: int) -> PreparedHessian:
+        return factor.prepared(flipped_upper(blocks, ranges, n, devices[d]))
+
+    prepared = work.threads.run(assemble)
+    if prepared[0].hinv is None or not bool(torch.isfinite(prepared[0].hinv).all()):  # the same U everywhere
+        one = rows.prepare(hessian.to(devices[0]))  # the serial factorisation, as one device does it
+        prepared = [_prepared_on(one, d) for d in devices]
+    return prepared
+
+
 def _split_sweep(
-    work: LayerWork, rows: RowSplitSolver, group: Group, prepared: PreparedHessian, hessian: Tensor
+    work: LayerWork, rows: RowSplitSolver, group: Group, prepared: Sequence[PreparedHessian], hessian: Tensor
 ) -> list[GroupOutcome]:
-    """Round two: each device sweeps its contiguous share of every module's output rows; errors on the primary."""
+    """Round three: each device sweeps its contiguous share of every module's output rows; errors on the primary."""
     devices = work.devices
-    copies = [_prepared_on(prepared, d) for d in devices]  # queued here, after round one's factoring
 
     def sweep(d: int) -> list[GPTQResult]:
         results = []
         for name in group:
             weight = work.linear(name, d).weight
             a, b = shard_bounds(weight.shape[0], len(devices))[d]
-            results.append(rows.sweep(weight[a:b], copies[d]))
+            results.append(rows.sweep(weight[a:b], prepared[d]))
         return results
 
     per_device = work.threads.run(sweep)

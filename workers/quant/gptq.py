@@ -182,14 +182,23 @@ def prepare_hessian(
     hessian: Tensor, *, dampening: float = 0.01, act_order: bool = False, device: torch.device | None = None
 ) -> PreparedHessian:
     """Dead inputs, sweep order and the damped inverse factor of `hessian` `[in, in]` (not modified)."""
+    h, perm, dead = hessian_in_sweep_order(hessian, act_order=act_order, device=device)
+    hinv, damp = _upper_cholesky_of_inverse(h, dampening)
+    return PreparedHessian(hinv, perm, dead, hessian.diagonal().to(h.device, torch.float32), damp, dampening)
+
+
+def hessian_in_sweep_order(
+    hessian: Tensor, *, act_order: bool = False, device: torch.device | None = None
+) -> tuple[Tensor, Tensor | None, Tensor]:
+    """(H in float32 with dead inputs' diagonal set to 1, permuted to the sweep order; the order or None; the
+    dead inputs): what any factorisation of `hessian` starts from (`prepare_hessian`, workers/quant/split_inverse.py)."""
     if hessian.ndim != 2 or hessian.shape[0] != hessian.shape[1]:
         raise ValueError(f"the Hessian must be a square [in, in] matrix, got shape {tuple(hessian.shape)}")
     h = hessian.detach().to(device or hessian.device, torch.float32).clone()
     dead = h.diagonal() == 0  # inputs that were always zero: any value works, so make them exact zeros
     h.diagonal()[dead] = 1.0
     perm = torch.argsort(h.diagonal(), descending=True) if act_order else None
-    hinv, damp = _upper_cholesky_of_inverse(h[perm][:, perm] if perm is not None else h, dampening)
-    return PreparedHessian(hinv, perm, dead, hessian.diagonal().to(h.device, torch.float32), damp, dampening)
+    return (h[perm][:, perm] if perm is not None else h), perm, dead
 
 
 def gptq_quantize(
