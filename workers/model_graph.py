@@ -125,7 +125,11 @@ def conversions(model: PreTrainedModel, *, legacy: bool = True) -> list[Any]:
 
 
 def checkpoint_renamer(model: PreTrainedModel) -> Callable[[str], str]:
-    """Module name → the name transformers' `save_pretrained` writes it under (its renamings reversed)."""
+    """Module name → the name transformers' `save_pretrained` writes it under (its renamings reversed); built
+    once per model."""
+    cached = model.__dict__.get("_qf_checkpoint_renamer")
+    if cached is not None:
+        return cached  # type: ignore[no-any-return]
     from transformers.core_model_loading import PrefixChange, WeightRenaming
 
     forward = [c for c in conversions(model, legacy=False) if not isinstance(c, PrefixChange)]
@@ -136,6 +140,7 @@ def checkpoint_renamer(model: PreTrainedModel) -> Callable[[str], str]:
             name = renaming.rename_source_key(name)[0]
         return name
 
+    model.__dict__["_qf_checkpoint_renamer"] = rename
     return rename
 
 
