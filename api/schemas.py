@@ -29,7 +29,10 @@ EXAMPLE_JOB: dict[str, Any] = {
 
 MAX_GPUS_PER_JOB = 16  # the engine's limit on JobSpec.devices
 
-FormatName = Literal["compressed-tensors", "gptq"]
+FormatName = Literal[  # workers.spec.OutputFormat; gguf:<type> is a llama.cpp file (a job of GGUF formats only)
+    "compressed-tensors", "gptq", "gguf:Q4_0", "gguf:Q4_1", "gguf:Q5_0", "gguf:Q5_1", "gguf:Q8_0", "gguf:Q4_K_M",
+    "gguf:Q6_K", "gguf:F16",
+]
 MethodName = Literal["gptq", "awq", "rtn", "awq-gptq", "auto"]
 SchemeName = Literal[  # workers.spec.SCHEME_PRESETS
     "fp8-dynamic", "fp8-static", "fp8-block", "w8a8-int8", "w8a8-int8-smoothquant"

@@ -296,6 +296,11 @@ def build_plan(spec: JobSpec, info: ModelInfo, headers: Mapping[str, tuple[str, 
     # output sizes
     output: dict[str, int] = {}
     for fmt in spec.formats:
+        if fmt.is_gguf:  # GGUF's own block types, by the file type's recipe
+            from workers.formats.gguf import estimate_bytes, parse_format
+
+            output[fmt.value] = estimate_bytes(info.config, parse_format(fmt.value), headers)
+            continue
         total = dense_bytes + dense_header
         for module, (out_f, in_f) in info.linear_shapes.items():
             total += _quantized_bytes(fmt.value, out_f, in_f, spec, model_bytes)

@@ -21,6 +21,8 @@ from transformers import AutoConfig
 
 from workers.architectures import ArchitectureInfo
 from workers.errors import InputError, InvalidSpecError
+from workers.formats.gguf import check_model as check_gguf_model
+from workers.formats.gguf import parse_format as parse_gguf_format
 from workers.model_graph import build_skeleton, stored_prefixes
 from workers.quant.grid import check_group_size
 from workers.spec import FP8_BLOCK, JobSpec, OutputFormat
@@ -165,10 +167,14 @@ def check_against_model(spec: JobSpec) -> ModelInfo:
     if tied and config.get("tie_word_embeddings") is False:
         raise InputError(f"the checkpoint in {model_dir} lacks {head}.weight and its embeddings are not tied")
     shapes = _linear_shapes(source, arch, num_layers)
-    for module, (out_features, in_features) in shapes.items():
-        check_group_size(module, in_features, spec.scheme)
-        _check_gptq_format(spec, module, out_features, in_features)
-        _check_fp8_blocks(spec, module, out_features, in_features)
+    if any(f.is_gguf for f in spec.formats):  # GGUF's block types are the grid, not the job's scheme
+        for fmt in spec.formats:
+            check_gguf_model(config, parse_gguf_format(fmt.value), model_dir)
+    else:
+        for module, (out_features, in_features) in shapes.items():
+            check_group_size(module, in_features, spec.scheme)
+            _check_gptq_format(spec, module, out_features, in_features)
+            _check_fp8_blocks(spec, module, out_features, in_features)
 
     has_tokenizer = any((model_dir / name).is_file() for name in TOKENIZER_FILES)
     needs_text = spec.calibration.path is not None or spec.eval is not None

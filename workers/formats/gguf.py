@@ -21,7 +21,7 @@ from __future__ import annotations
 import json
 import shutil
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -160,16 +160,34 @@ class Recipe:
         return block
 
 
-def check_model(config: dict[str, Any], file_type: str) -> None:
-    """Submit-time checks from config.json alone: a known architecture, rows that the blocks tile."""
+def check_model(config: dict[str, Any], file_type: str, model_dir: Path | None = None) -> None:
+    """Submit-time checks from config.json (and the tokenizer, given `model_dir`): an architecture llama.cpp
+    knows and we export, no RoPE scaling, rows that the recipe's blocks tile; InvalidSpecError otherwise."""
     recipe = Recipe.for_config(config, file_type)
-    hidden, inter = int(config["hidden_size"]), int(config.get("intermediate_size", 0))
-    for width in (hidden, inter):
-        if width and FILE_TYPES[file_type][1] is not None and width % 32 != 0:
-            raise InvalidSpecError(
-                f"GGUF {file_type} needs layer input sizes divisible by 32; this model has {width}"
-            )
-    del recipe
+    hidden = int(config.get("hidden_size", 0))
+    inter = int(config.get("intermediate_size", 0))
+    for width, what in ((hidden, "hidden_size"), (inter, "intermediate_size")):
+        if width:  # every 2-D weight reads one of these; the recipe raises if no block type tiles its rows
+            recipe.block_type(gguf.MODEL_TENSOR.FFN_UP, f"({what})", width)
+    if model_dir is not None:
+        _vocab(Path(model_dir))
+
+
+def estimate_bytes(config: dict[str, Any], file_type: str, headers: Mapping[str, tuple[str, tuple[int, ...]]]) -> int:
+    """The tensor data of the GGUF file from the checkpoint's tensor headers (name → (dtype, shape)), by the
+    recipe (the metadata, mostly the vocabulary, comes on top)."""
+    recipe = Recipe.for_config(config, file_type)
+    total = 0
+    for name, (_dtype, shape) in headers.items():
+        target = recipe.target(name, tuple(shape))
+        if target is None:
+            continue
+        count = int(np.prod(shape)) if shape else 1
+        if target.block is not None:
+            total += count // target.block.block * gguf.GGML_QUANT_SIZES[target.block.qtype][1]
+        else:
+            total += count * (2 if len(shape) == 2 else 4)
+    return total
 
 
 def permute(rows: Tensor | np.ndarray, n_head: int) -> Any:

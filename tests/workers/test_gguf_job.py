@@ -1,0 +1,103 @@
+"""GGUF formats through the job spec: `run_local` writes each GGUF format of a job (evaluated like every
+checkpoint), the submit-time checks refuse what cannot be written with a message saying what to change, the
+preflight estimates the file, and the API schema and CLI accept `gguf:<type>`."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import gguf
+import pytest
+from pydantic import ValidationError
+
+from api.schemas import OutputIn
+from tests.families import make_tiny_family
+from tests.workers.test_gguf_export import TEXT, tiny_model
+from workers.engine import run_local
+from workers.errors import InvalidSpecError
+from workers.preflight import plan_job
+from workers.spec import CalibrationSpec, EvalSpec, JobSpec, Method, OutputFormat
+from workers.validation import check_against_model
+
+Q4_K_M, Q8_0 = OutputFormat.GGUF_Q4_K_M, OutputFormat.GGUF_Q8_0
+
+
+def _spec(model_dir: Path, text: Path, **changes: object) -> JobSpec:
+    fields: dict[str, object] = dict(
+        model_dir=str(model_dir), method=Method.GPTQ, formats=(Q4_K_M, Q8_0),
+        calibration=CalibrationSpec(str(text), num_samples=8, seq_len=64),
+        eval=EvalSpec(str(text), seq_len=64, max_windows=4),
+    )
+    fields.update(changes)
+    return JobSpec(**fields)  # type: ignore[arg-type]
+
+
+@pytest.fixture
+def model_and_text(tmp_path: Path) -> tuple[Path, Path]:
+    text = tmp_path / "text.txt"
+    text.write_text(TEXT)
+    return tiny_model(tmp_path / "model"), text
+
+
+def test_run_local_writes_every_gguf_format_and_evaluates_the_first(tmp_path: Path, model_and_text: tuple[Path, Path]) -> None:
+    model_dir, text = model_and_text
+    spec = _spec(model_dir, text)
+    plan = plan_job(spec)
+    report = run_local(spec, tmp_path / "out")
+    primary = tmp_path / "out" / "model-Q4_K_M.gguf"
+    second = tmp_path / "out" / "gguf-Q8_0" / "model-Q8_0.gguf"
+    assert primary.is_file() and second.is_file()
+    types = {t.name: t.tensor_type.name for t in gguf.GGUFReader(str(second)).tensors}
+    assert types["blk.0.attn_q.weight"] == "Q8_0" and types["token_embd.weight"] == "Q8_0"
+    saved = json.loads((tmp_path / "out" / "eval.json").read_text())
+    assert saved["formats"] == ["gguf:Q4_K_M", "gguf:Q8_0"]
+    assert sorted(saved["files"]) == sorted(["model-Q4_K_M.gguf", "gguf-Q8_0/model-Q8_0.gguf", "eval.json"])
+    assert report.eval is not None and report.eval.tokens > 0 and report.eval.kl_mean > 0
+    assert report.bytes_quantized == primary.stat().st_size
+    assert report.bits_per_weight is not None and 4.5 < report.bits_per_weight < 6.0
+    assert len(report.module_errors) == 14 and all(0 < m.relative_error < 1 for m in report.module_errors)
+    # the preflight's estimate: the tensor data of each file (the metadata, mostly the vocabulary, on top)
+    for fmt, path in ((Q4_K_M, primary), (Q8_0, second)):
+        data = sum(int(t.n_bytes) for t in gguf.GGUFReader(str(path)).tensors)
+        assert plan.output_bytes[fmt.value] == data
+
+
+@pytest.mark.parametrize(
+    ("changes", "message"),
+    [
+        ({"formats": (OutputFormat.COMPRESSED_TENSORS, Q4_K_M)}, "GGUF formats in a job of their own"),
+        ({"method": Method.AWQ}, "set method rtn or gptq"),
+        ({"devices": 2}, "set devices 1"),
+    ],
+)
+def test_spec_refuses_what_gguf_cannot_do(model_and_text: tuple[Path, Path], changes: dict[str, object], message: str) -> None:
+    model_dir, text = model_and_text
+    with pytest.raises(InvalidSpecError, match=message):
+        _spec(model_dir, text, **changes).validate()
+
+
+def test_submit_check_refuses_an_architecture_gguf_export_does_not_cover(
+    tmp_path: Path, model_and_text: tuple[Path, Path]
+) -> None:
+    _, text = model_and_text
+    model_dir = make_tiny_family("gemma2", tmp_path / "gemma2")
+    with pytest.raises(InvalidSpecError, match="GGUF export of llama.cpp architecture 'gemma2' is not implemented"):
+        check_against_model(_spec(model_dir, text))
+
+
+def test_the_scheme_group_size_does_not_apply_to_gguf(tmp_path: Path, model_and_text: tuple[Path, Path]) -> None:
+    """Hidden 96 is no multiple of the default group size 128; GGUF's 32-blocks tile it (K-quants fall back)."""
+    _, text = model_and_text
+    model_dir = tiny_model(tmp_path / "narrow", hidden=96)
+    info = check_against_model(_spec(model_dir, text, method=Method.RTN, formats=(Q4_K_M,)))
+    assert info.num_layers == 2
+
+
+def test_api_schema_and_cli_accept_gguf_formats() -> None:
+    assert OutputIn(formats=["gguf:Q4_K_M", "gguf:Q8_0"]).formats == ["gguf:Q4_K_M", "gguf:Q8_0"]
+    with pytest.raises(ValidationError):
+        OutputIn(formats=["gguf:Q3_Z"])  # type: ignore[list-item]
+    from workers.formats.gguf import FILE_TYPES
+
+    assert {f.value for f in OutputFormat if f.is_gguf} == {f"gguf:{t}" for t in FILE_TYPES}
