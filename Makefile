@@ -6,7 +6,7 @@ CACHE  ?= .cache
 ASSETS := $(CACHE)/assets
 export QF_ASSETS_DIR ?= $(abspath $(ASSETS))
 
-.PHONY: venv assets test test-fast demo serve lint clean quality
+.PHONY: venv assets test test-fast demo serve lint clean quality llama-cpp gguf-quality
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -28,6 +28,19 @@ assets: $(ASSETS)/.ready
 # Results: benchmarks/results/quality-vs-llmcompressor/; e.g. make quality QUALITY_ARGS="--tools quantfleet".
 quality: venv assets
 	$(PY) benchmarks/quality_vs_llmcompressor.py $(QUALITY_ARGS)
+
+# llama.cpp itself for the GGUF checks: llama-cpp-python built from its PyPI sdist (CPU build, 375 s on this
+# 2-core machine), the wheel cached in .cache/wheels. Not part of `make test`: without it the llama.cpp test of
+# tests/workers/test_gguf_export.py is skipped. GGUF quality beside llama.cpp's own quantizer (benchmarks/quality.md).
+LLAMA_CPP_VERSION ?= 0.3.36
+llama-cpp: venv
+	ls $(CACHE)/wheels/llama_cpp_python-$(LLAMA_CPP_VERSION)-*.whl >/dev/null 2>&1 || \
+	  CMAKE_ARGS="-DGGML_NATIVE=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_TESTS=OFF" CMAKE_BUILD_PARALLEL_LEVEL=2 \
+	  nice $(PY) -m pip wheel -q --no-deps llama-cpp-python==$(LLAMA_CPP_VERSION) -w $(CACHE)/wheels
+	$(PY) -m pip install -q $(CACHE)/wheels/llama_cpp_python-$(LLAMA_CPP_VERSION)-*.whl
+
+gguf-quality: llama-cpp assets
+	$(PY) benchmarks/gguf_quality.py $(GGUF_ARGS)
 
 test: venv assets
 	$(PY) -m pytest -q -p no:cacheprovider
