@@ -22,21 +22,25 @@ from collections.abc import Callable
 from functools import partial
 from importlib import metadata
 from pathlib import Path
+from typing import Any
 
 import compressed_tensors
 import torch
 import transformers
 
-from workers import auto, resume
+from workers import auto, mixed_precision, resume
+from workers.bits_per_weight import bits_per_weight
 from workers.calibration import calibration_windows
 from workers.calibration_cache import CalibrationProvider
 from workers.devices import resolve_devices
 from workers.errors import InputError
 from workers.evaluate import compare_on_windows, evaluate
+from workers.formats.mixed_precision import schemes_from_config
 from workers.formats.writer import CheckpointWriter
 from workers.gguf_job import build_gguf
 from workers.loading import CheckpointWeights, LayerwiseModel, load_tokenizer
 from workers.memory import PeakMemory
+from workers.methods.kv_cache import kv_cache_scheme
 from workers.pipeline import PipelineOptions, PipelineResult, quantize_model
 from workers.progress import CancelCheck, Progress, ProgressCallback, never_cancel, no_progress
 from workers.quant.gptq import warm_up
@@ -207,6 +211,7 @@ def _build(
         if warming is not None:
             warming.join()
         timings["write"] = 0.0  # the writes of `build`, inside the quantize step
+        spec, measured = _mixed_precision_allocation(spec, model, weights, calibration, options, on_progress)
         build = partial(_quantize_into, model=model, weights=weights, info=info, calibration=calibration,
                         devices=devices, on_progress=on_progress, should_cancel=should_cancel, options=options,
                         timings=timings)
@@ -217,6 +222,9 @@ def _build(
         report.module_errors, report.fallback_modules = result.module_errors, result.fallback_modules
         timings["quantize"] = time.perf_counter() - mark - timings["write"]
         report.bytes_quantized = _weights_bytes(dirs[0])
+        report.bits_per_weight = bits_per_weight(info.model_dir, dirs[0])
+        if spec.mixed_precision is not None:
+            report.mixed_precision = _mixed_precision_report(spec, info, dirs[0], measured)
 
         if spec.eval is not None and tokenizer is not None:
             mark = time.perf_counter()
@@ -238,7 +246,10 @@ def _quantize_into(
     """Quantize with `spec` and write every format of it under `root` (see the module docstring's layout)."""
     dirs = _checkpoint_dirs(spec, root)
     writers = [
-        CheckpointWriter(d, fmt, spec.scheme, info.dtype, act_order=spec.act_order and spec.method.sweeps)
+        CheckpointWriter(
+            d, fmt, spec.scheme, info.dtype, act_order=spec.act_order and spec.method.sweeps,
+            mixed=spec.mixed_precision is not None, kv_cache_scheme=kv_cache_scheme() if spec.kv_cache_fp8 else None,
+        )
         for d, fmt in zip(dirs, spec.formats, strict=True)
     ]
     result = quantize_model(
@@ -252,6 +263,31 @@ def _quantize_into(
         _copy_tokenizer(info.model_dir, directory)
     timings["write"] += time.perf_counter() - mark
     return dirs, result
+
+
+def _mixed_precision_allocation(
+    spec: JobSpec, model: LayerwiseModel, weights: CheckpointWeights, calibration: torch.Tensor | None,
+    options: PipelineOptions | None, on_progress: ProgressCallback,
+) -> tuple[JobSpec, list[mixed_precision.GroupChoice]]:
+    """Mixed precision by sensitivity: `spec` with the greedy allocation on each group's measured errors (one
+    extra forward pass through the original model, workers/mixed_precision.py), and the measurements."""
+    if spec.mixed_precision is None or not spec.mixed_precision.by_sensitivity:
+        return spec, []
+    if calibration is None:
+        raise InputError("mixed precision by sensitivity needs calibration text")
+    measured = mixed_precision.measure(model, weights, spec, calibration, options=options, on_progress=on_progress)
+    return mixed_precision.with_allocation(spec, measured)[0], measured
+
+
+def _mixed_precision_report(
+    spec: JobSpec, info: ModelInfo, directory: Path, measured: list[mixed_precision.GroupChoice]
+) -> dict[str, Any]:
+    """eval.json's allocation, read back from the checkpoint's config groups."""
+    written = schemes_from_config(json.loads((directory / "config.json").read_text())["quantization_config"])
+    shapes = {name: shape for name, (_, shape) in TensorSource(info.model_dir).headers().items()}
+    in_features = {m: shapes[f"{m}.weight"][1] for m in written}
+    counts = {m: shapes[f"{m}.weight"][0] * shapes[f"{m}.weight"][1] for m in written}
+    return mixed_precision.report(spec, written, in_features, counts, measured)
 
 
 def _choose_candidate(
