@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 from sqlalchemy.engine import make_url
 
+from orchestrator.db import transaction
 from orchestrator.dispatcher import Dispatcher, start_in_thread
 from orchestrator.queue.attempt import AttemptTicket
 from tests.orchestrator.support import (
@@ -126,3 +127,49 @@ def test_a_ray_attempt_reports_through_the_dispatcher_and_never_touches_the_data
     assert all(e.attempt == 1 for e in history if e.kind == "progress")
     assert load_job(sessions, job_id).progress["stage"] == "done"
     check_manifest(LocalStore(settings.object_store), f"jobs/{job_id}")
+
+
+@pytest.mark.ray
+def test_a_cancel_reaches_a_ray_attempt_through_the_dispatcher_and_its_actor_is_gone_after(
+    ray_cluster: None,
+    clean_sqlite_url: str,
+    allowed_root: Path,
+    tiny_assets: dict,
+    slow_model: Path,
+    tmp_path: Path,
+) -> None:
+    """The verdict travels back with each drain: a cancel requested mid-quantization stops the attempt at
+    a layer boundary, its Cancelled report is recorded, and the attempt's detached actor is killed."""
+    import ray
+
+    from orchestrator.executors.ray_executor import NAMESPACE, RayExecutor, actor_name
+    from orchestrator.queue import crud
+    from orchestrator.queue.models import Job
+
+    settings = service_settings(clean_sqlite_url, allowed_root, tmp_path, executor="ray", lease_seconds=30.0)
+    sessions = sessions_for(clean_sqlite_url)
+    job_id = submit(sessions, slow_body(tiny_assets, slow_model), settings)
+    worker = start_in_thread(Dispatcher(sessions, RayExecutor(capacity=1), settings, name="cancel"))
+    try:
+        wait_for(
+            lambda: any(e.stage == "quantize" for e in events(sessions, job_id)), 120, "quantization to start"
+        )
+        assert ray.get_actor(actor_name(job_id, 1), namespace=NAMESPACE) is not None
+        with transaction(sessions) as s:
+            assert crud.request_cancel(s, s.get(Job, job_id)).state == "cancelling"
+        job = wait_for_state(sessions, job_id, {"cancelled", "succeeded", "failed"}, timeout=120)
+
+        def actor_gone() -> bool:
+            try:
+                ray.get_actor(actor_name(job_id, 1), namespace=NAMESPACE)
+            except ValueError:
+                return True
+            return False
+
+        wait_for(actor_gone, 30, "the attempt's actor to be killed")
+    finally:
+        stop(worker)
+    assert job.state == "cancelled" and job.attempts == 1, job.error
+    history = events(sessions, job_id)
+    assert [e.state for e in history if e.kind == "state"] == ["queued", "running", "cancelling", "cancelled"]
+    assert max(e.layer for e in history if e.stage == "quantize") < 7  # stopped before the last layer
