@@ -134,7 +134,7 @@ def usable_cpus() -> int:
 
 
 def demo_cpus_per_task(jobs: int, cpu_count: int, configured: int) -> int:
-    """CPUs each demo job's Ray task gets: the machine's CPUs shared by the jobs that run at once (each
+    """CPUs each demo job's Ray attempt gets: the machine's CPUs shared by the jobs that run at once (each
     task then runs torch with that many threads), unless QF_CPUS_PER_TASK says otherwise."""
     if "QF_CPUS_PER_TASK" in os.environ:
         return configured

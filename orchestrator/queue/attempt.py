@@ -53,7 +53,7 @@ class WorkerConfig:
     allowed_output_roots: tuple[str, ...]
     cache_dir: str
     work_dir: str
-    heartbeat_seconds: float = 20.0  # how often the worker writes its own heartbeat (a third of a lease)
+    heartbeat_seconds: float = 20.0  # how often the worker reports its heartbeat (a third of a lease)
 
     @classmethod
     def from_settings(cls, s: Settings) -> WorkerConfig:

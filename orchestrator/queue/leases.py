@@ -191,9 +191,10 @@ def renew_adopted(
     lease_seconds: float,
     now: datetime | None = None,
 ) -> set[str]:
-    """Extend adopted leases while their worker is alive: the worker writes heartbeat_at itself
-    (orchestrator.queue.attempt), so a worker that died stops being renewed and its lease expires into a rescue.
-    Returns the job ids still held."""
+    """Extend adopted leases while their worker is alive: heartbeat_at is written from the worker's own
+    heartbeat reports (orchestrator.queue.attempt, recorded by whichever dispatcher receives them), so a
+    worker that died stops being renewed and its lease expires into a rescue. Returns the job ids still
+    held."""
     now = now or utcnow()
     held: set[str] = set()
     for job_id, attempt in attempts.items():
