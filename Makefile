@@ -56,7 +56,7 @@ serve: venv
 
 lint: venv
 	$(VENV)/bin/ruff check .
-	$(VENV)/bin/mypy api orchestrator workers
+	$(VENV)/bin/mypy api orchestrator quantfleet workers
 
 clean:
 	rm -rf var $(VENV)
