@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 import torch
@@ -16,6 +17,8 @@ from workers.methods import method_for
 from workers.progress import Progress
 from workers.quant.gptq import gptq_solve, prepare_hessian
 from workers.quant.split_inverse import (
+    SharedInverse,
+    column_chunks,
     column_ranges,
     flipped_cholesky,
     flipped_upper,
@@ -101,9 +104,48 @@ def test_blocks_assemble_in_any_order_of_devices() -> None:
     factor = flipped_cholesky(hessian(200, seed=2))
     assert factor.lower is not None
     n, ranges = 200, column_ranges(200, [1.0, 2.0, 1.0])
-    blocks = [inverse_columns(factor.lower, a, b, chunk=16) for a, b in ranges]
+    blocks = [inverse_columns(factor.lower, a, b, min_chunk=16) for a, b in ranges]
     full = torch.linalg.solve_triangular(factor.lower, torch.eye(n), upper=False)
     torch.testing.assert_close(flipped_upper(blocks, ranges, n, CPU), full.flip(0, 1), rtol=1e-5, atol=1e-6)
+
+
+def test_column_chunks_are_fine_enough_to_share_out() -> None:
+    chunks = column_chunks(0, 14336, 14336)
+    assert chunks[0][0] == 0 and chunks[-1][1] == 14336
+    assert all(b == c for (_, b), (c, _) in zip(chunks, chunks[1:], strict=False))
+    work = [(14336 - a) ** 2 * (b - a) for a, b in chunks]  # what each solve does
+    assert max(work) < 0.1 * sum(work)
+    exact = sum((14336 - c) ** 2 for c in range(14336))
+    assert sum(work) < 1.04 * exact  # the zero rows skipped but for ~3 %
+
+
+@pytest.mark.parametrize("workers", [1, 2, 4])
+def test_chunks_pulled_by_any_devices_give_the_one_device_factor(workers: int) -> None:
+    h = hessian(700, seed=5)
+    one = prepare_hessian(h)
+    assert one.hinv is not None
+    inverse = SharedInverse(min_chunk=16)
+    with ThreadPoolExecutor(workers) as pool:
+        joined = [pool.submit(inverse.work, CPU) for _ in range(workers)]  # they wait for the factor
+        inverse.publish(flipped_cholesky(h))
+        for future in joined:
+            future.result(timeout=60)
+    covered = sorted(rng for rng, _ in inverse.blocks)
+    assert covered == column_chunks(0, 700, 700, 16)
+    torch.testing.assert_close(inverse.upper(CPU), one.hinv, rtol=1e-4, atol=1e-5 * float(one.hinv.abs().max()))
+
+
+def test_a_failed_factorisation_releases_the_waiting_devices() -> None:
+    inverse = SharedInverse()
+    with ThreadPoolExecutor(2) as pool:
+        waiting = [pool.submit(inverse.work, CPU) for _ in range(2)]
+        inverse.publish(None)  # the factoring device raised
+        assert [f.result(timeout=10) for f in waiting] == [None, None]
+    failed = flipped_cholesky(-torch.eye(4))
+    inverse = SharedInverse()
+    inverse.publish(failed)  # every dampening failed: nothing to solve
+    inverse.work(CPU)
+    assert inverse.blocks == []
 
 
 def test_dampening_is_raised_like_the_one_device_path_and_fails_to_none() -> None:

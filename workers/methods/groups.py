@@ -5,11 +5,12 @@ merged on its device before any solve starts (a copy queued behind another devic
 it). With a row-splitting solver (GPTQ) the costliest group, when it is more than an even share of the layer
 (Llama-3-8B: down_proj, 82%), is factored and swept by all devices (workers/quant/split_inverse.py):
 
-    round one    its owner computes the one Cholesky factor of its (reversed, damped) Hessian, n³/3, while
-                 the other devices solve the other groups (spread by cost, the Cholesky counted as n³/4 of the
-                 in³ that stands for a whole factorisation);
-    round two    every device solves its range of columns of the triangular inverse L⁻¹ (even work);
-    round three  every device assembles U = P·L⁻¹·P and sweeps its contiguous share of the output rows.
+    round one    its owner computes the one Cholesky factor of its (reversed, damped) Hessian first, n³/3,
+                 while the other devices solve the other groups (spread by cost, the Cholesky counted as n³/4
+                 of the in³ that stands for a whole factorisation); then every device, as soon as its own
+                 groups are done, solves chunks of columns of the triangular inverse L⁻¹ until none is left
+                 (`SharedInverse`: the idle device takes the next chunk, so no device waits for another);
+    round two    every device assembles U = P·L⁻¹·P and sweeps its contiguous share of the output rows.
 
 Rows are independent in GPTQ (a row's codes depend only on that row and H⁻¹), so the row split changes no
 integer; the factor itself is the one-device U reached by another rounding path (one Cholesky and a
@@ -34,7 +35,7 @@ from workers.model_graph import Group, LayerPlan
 from workers.output_error import output_error
 from workers.quant.gptq import GPTQResult, PreparedHessian
 from workers.quant.grid import QuantizedTensor
-from workers.quant.split_inverse import FlippedCholesky, column_ranges, flipped_upper, inverse_columns
+from workers.quant.split_inverse import FlippedCholesky, SharedInverse
 
 Solved = tuple[QuantizedTensor, bool, str | None]  # result, fell back to RTN, note
 GroupOutcome = tuple[str, QuantizedTensor, float, float, bool, str | None]  # name, result, mse, relative, fallback, note
@@ -89,25 +90,30 @@ def solve_groups(
         note = f"Cholesky on {devices[d]}, inverse and rows over {len(devices)} devices" if g == split else work.where(d)
         work.progress(", ".join(group), note)
 
-    factors: list[FlippedCholesky] = []
+    inverse = SharedInverse()
 
     def round_one(d: int) -> dict[int, list[GroupOutcome]]:
+        if split is not None and rows is not None and owner[split] == d:
+            factor = None
+            try:  # first, so that the other devices can join the inverse as soon as they are free
+                factor = rows.factor(hessians[split])
+            finally:
+                inverse.publish(factor)
         solved = {}
         for g, group in enumerate(groups):
-            if owner[g] != d:
-                continue
-            if g == split and rows is not None:
-                factors.append(rows.factor(hessians[g]))
+            if owner[g] != d or g == split:
                 continue
             solved[g] = [
                 (name, to_device(qt, devices[0]), mse, rel, fallback, note)
                 for name, qt, mse, rel, fallback, note in solve_group(work, solver, d, group, hessians[g])
             ]
+        if split is not None:
+            inverse.work(devices[d])
         return solved
 
     by_group = {g: out for per_device in work.threads.run(round_one) for g, out in per_device.items()}
     if split is not None and rows is not None:
-        prepared = _split_inverse(work, rows, factors[0], hessians[split])
+        prepared = _prepared_everywhere(work, rows, inverse, hessians[split])
         by_group[split] = _split_sweep(work, rows, groups[split], prepared, hessians[split])
     result: dict[str, QuantizedTensor] = {}
     for g in range(len(groups)):  # recorded in group order, whatever device solved them
@@ -117,27 +123,16 @@ def solve_groups(
     return result
 
 
-def _split_inverse(
-    work: LayerWork, rows: RowSplitSolver, factor: FlippedCholesky, hessian: Tensor
+def _prepared_everywhere(
+    work: LayerWork, rows: RowSplitSolver, inverse: SharedInverse, hessian: Tensor
 ) -> list[PreparedHessian]:
-    """Round two: each device solves its range of columns of L⁻¹ (even work); the PreparedHessian of each device
-    (U assembled there in round three). A factor that is not finite is redone by the one-device path."""
-    devices, lower = work.devices, factor.lower
-    if lower is None:  # every dampening failed: the sweep falls back to RTN on every device
+    """Round two's start: U assembled on every device from the chunks of L⁻¹. A U that is not finite is redone
+    by the one-device factorisation; a factor that failed at every dampening gives RTN on every device."""
+    devices, factor = work.devices, inverse.factor
+    assert factor is not None, "the factoring device published its factor (or raised)"
+    if factor.lower is None:
         return [_prepared_on(factor.prepared(None), d) for d in devices]
-    n = lower.shape[0]
-    ranges = column_ranges(n, [1.0] * len(devices))
-
-    def solve(d: int) -> Tensor:
-        a, b = ranges[d]
-        return inverse_columns(lower.to(devices[d]), a, b)  # copied after round one: nothing queued behind it
-
-    blocks = work.threads.run(solve)
-
-    def assemble(d: int) -> PreparedHessian:
-        return factor.prepared(flipped_upper(blocks, ranges, n, devices[d]))
-
-    prepared = work.threads.run(assemble)
+    prepared = work.threads.run(lambda d: factor.prepared(inverse.upper(devices[d])))
     if prepared[0].hinv is None or not bool(torch.isfinite(prepared[0].hinv).all()):  # the same U everywhere
         one = rows.prepare(hessian.to(devices[0]))  # the serial factorisation, as one device does it
         prepared = [_prepared_on(one, d) for d in devices]
@@ -147,7 +142,7 @@ def _split_inverse(
 def _split_sweep(
     work: LayerWork, rows: RowSplitSolver, group: Group, prepared: Sequence[PreparedHessian], hessian: Tensor
 ) -> list[GroupOutcome]:
-    """Round three: each device sweeps its contiguous share of every module's output rows; errors on the primary."""
+    """Round two: each device sweeps its contiguous share of every module's output rows; errors on the primary."""
     devices = work.devices
 
     def sweep(d: int) -> list[GPTQResult]:

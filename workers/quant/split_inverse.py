@@ -25,15 +25,22 @@ tests/workers/test_data_parallel.py).
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import Tensor
 
 from workers.quant.gptq import DAMPENING_RETRIES, PreparedHessian, hessian_in_sweep_order
 
-SOLVE_CHUNK = 2048  # columns per triangular solve within one device's range (rows above a chunk are skipped)
+# Columns per triangular solve: a chunk starting at column c solves against the n − c rows below it, so its
+# columns do (n − c)² work each where column j needs (n − j)²; chunks of at most (n − c)/32 columns keep that
+# excess under ~3 % and the first chunk under ~10 % of the work (fine enough to share out), at least
+# SOLVE_MIN_CHUNK wide (a triangular solve with fewer right-hand sides runs well below the GEMM rate).
+SOLVE_MIN_CHUNK = 256
+SOLVE_CHUNK_FRACTION = 32
 
 
 @dataclass
@@ -92,17 +99,93 @@ def column_ranges(n: int, shares: Sequence[float]) -> list[tuple[int, int]]:
     return list(zip(cuts[:-1], cuts[1:], strict=True))
 
 
-def inverse_columns(lower: Tensor, a: int, b: int, chunk: int = SOLVE_CHUNK) -> Tensor:
+def column_chunks(a: int, b: int, n: int, min_chunk: int = SOLVE_MIN_CHUNK) -> list[tuple[int, int]]:
+    """Columns [a, b) of an n-column L⁻¹ in consecutive chunks (see SOLVE_CHUNK_FRACTION)."""
+    chunks, c = [], a
+    while c < b:
+        d = min(c + max(min_chunk, (n - c) // SOLVE_CHUNK_FRACTION), b)
+        chunks.append((c, d))
+        c = d
+    return chunks
+
+
+def inverse_columns(lower: Tensor, a: int, b: int, min_chunk: int = SOLVE_MIN_CHUNK) -> Tensor:
     """Rows a: of columns [a, b) of L⁻¹ (its rows above a are zero), `[n − a, b − a]`, by triangular solves
-    against identity columns, `chunk` columns at a time (each chunk skips the zero rows above it)."""
+    against identity columns, a chunk of columns at a time (each chunk skips the zero rows above it)."""
     n = lower.shape[0]
     out = torch.zeros(n - a, b - a, dtype=lower.dtype, device=lower.device)
-    for c in range(a, b, chunk):
-        d = min(c + chunk, b)
+    for c, d in column_chunks(a, b, n, min_chunk):
         eye = torch.zeros(n - c, d - c, dtype=lower.dtype, device=lower.device)
         eye.diagonal().fill_(1.0)
         out[c - a:, c - a:d - a] = torch.linalg.solve_triangular(lower[c:, c:], eye, upper=False)
     return out
+
+
+class SharedInverse:
+    """L⁻¹ of one Cholesky factor, solved in column chunks by whichever device is free (workers/methods/groups.py).
+
+    The device that factors calls `publish` (also on failure: nobody waits forever); every device calls `work`
+    once it is done with its own groups: it waits for the factor, copies it, then takes the next unsolved chunk
+    until none is left (on a GPU it finishes each chunk before taking another, so a busy device takes none).
+    Chunk boundaries are fixed, so U is the same whichever device solves which chunk.
+    """
+
+    def __init__(self, min_chunk: int = SOLVE_MIN_CHUNK) -> None:
+        self.min_chunk = min_chunk
+        self.factor: FlippedCholesky | None = None
+        self.blocks: list[tuple[tuple[int, int], Tensor]] = []  # ((a, b), rows a: of columns [a, b) of L⁻¹)
+        self._ready, self._lock = threading.Event(), threading.Lock()
+        self._chunks: list[tuple[int, int]] = []
+        self._copy_streams: dict[torch.device, Any] = {}
+
+    def publish(self, factor: FlippedCholesky | None) -> None:
+        """Called on the factoring device's thread once its Cholesky is done (None: it failed with an error)."""
+        lower = factor.lower if factor is not None else None
+        if lower is not None:
+            if lower.is_cuda:
+                torch.cuda.synchronize(lower.device)  # others copy it on a side stream: it must be complete
+                self._copy_streams = {lower.device: torch.cuda.Stream(lower.device)}
+            self._chunks = column_chunks(0, lower.shape[0], lower.shape[0], self.min_chunk)
+        self.factor = factor
+        self._ready.set()
+
+    def work(self, device: torch.device) -> None:
+        """On `device`'s thread: solve chunks until none is left (returns at once when the factor failed)."""
+        self._ready.wait()
+        lower = self.factor.lower if self.factor is not None else None
+        if lower is None:
+            return
+        lower = self._copy(lower, device)
+        n = lower.shape[0]
+        while True:
+            with self._lock:
+                if not self._chunks:
+                    return
+                a, b = self._chunks.pop(0)
+            block = inverse_columns(lower, a, b, min_chunk=b - a)  # one solve: rows a: of columns [a, b)
+            if block.is_cuda:
+                torch.cuda.current_stream(device).synchronize()  # done before taking another chunk
+            with self._lock:
+                self.blocks.append(((a, b), block))
+            assert block.shape == (n - a, b - a)
+
+    def _copy(self, lower: Tensor, device: torch.device) -> Tensor:
+        if lower.device == device:
+            return lower
+        if not lower.is_cuda:
+            return lower.to(device)
+        # on a side stream of the factoring GPU: not queued behind the chunks that GPU solves meanwhile
+        stream = self._copy_streams[lower.device]
+        with self._lock, torch.cuda.stream(stream):
+            copy = lower.to(device)
+            stream.synchronize()
+        return copy
+
+    def upper(self, device: torch.device) -> Tensor:
+        """U = P·L⁻¹·P on `device` from every chunk (after every device's `work` has returned)."""
+        assert self.factor is not None and self.factor.lower is not None
+        ranges, blocks = zip(*sorted(self.blocks, key=lambda rb: rb[0]), strict=True)
+        return flipped_upper(blocks, ranges, self.factor.lower.shape[0], device)
 
 
 def flipped_upper(blocks: Sequence[Tensor], ranges: Sequence[tuple[int, int]], n: int, device: torch.device) -> Tensor:
