@@ -141,3 +141,74 @@ def test_a_dispatcher_stopping_mid_job_leaves_its_ray_attempt_to_another(
     layers = [e.layer for e in history if e.kind == "progress" and e.stage == "quantize"]
     assert layers == list(range(8))  # every layer quantized once, all reported (drained by both)
     check_manifest(LocalStore(settings.object_store), f"jobs/{job_id}")
+
+
+@pytest.mark.ray
+@pytest.mark.postgres
+def test_a_dispatcher_process_stopping_leaves_its_ray_attempt_running_for_another(
+    ray_cluster: None,
+    clean_postgres_url: str,
+    allowed_root: Path,
+    tiny_assets: dict,
+    slow_model: Path,
+    tmp_path: Path,
+) -> None:
+    """A real rolling deploy: `quantfleet dispatcher --executor ray` in a process of its own (its own Ray
+    driver, on this session's Ray) gets SIGTERM mid-job and exits; its attempt's actor outlives it (detached)
+    and a dispatcher of this process adopts the lease, drains the actor and records the success."""
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    import ray
+
+    from orchestrator.executors.ray_executor import RayExecutor
+
+    settings = service_settings(clean_postgres_url, allowed_root, tmp_path, executor="ray", lease_seconds=6.0)
+    sessions = sessions_for(clean_postgres_url)
+    job_id = submit(sessions, slow_body(tiny_assets, slow_model), settings)
+    env = {
+        **os.environ,
+        "QF_DATABASE_URL": clean_postgres_url,
+        "QF_OBJECT_STORE": settings.object_store,
+        "QF_ALLOWED_ROOTS": str(allowed_root),
+        "QF_CACHE_DIR": str(settings.cache_dir),
+        "QF_WORK_DIR": str(settings.work_dir),
+        "QF_LEASE_SECONDS": "6",
+        "QF_POLL_SECONDS": "0.1",
+        "QF_CONCURRENCY": "1",
+        "RAY_ADDRESS": ray.get_runtime_context().gcs_address,
+    }
+    old = subprocess.Popen(
+        [sys.executable, "-m", "quantfleet.cli", "dispatcher", "--executor", "ray", "--name", "old-process"],
+        cwd=Path(__file__).resolve().parents[2],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    new = None
+    try:
+        wait_for(
+            lambda: any(e.stage == "quantize" for e in events(sessions, job_id)),
+            180,
+            "the attempt to quantize",
+        )
+        new = start_in_thread(Dispatcher(sessions, RayExecutor(capacity=1), settings, name="new"))
+        old.send_signal(signal.SIGTERM)  # graceful: the deploy replaces this dispatcher
+        assert old.wait(timeout=60) == 0
+        job = wait_for_state(sessions, job_id, {"succeeded", "failed", "queued"}, timeout=180)
+    finally:
+        if old.poll() is None:
+            old.kill()
+        if new is not None:
+            stop(new)
+    assert job.state == "succeeded", job.error
+    assert job.attempts == 1  # the actor outlived its dispatcher's process; no attempt burned
+    history = events(sessions, job_id)
+    messages = [e.message or "" for e in history if e.kind == "attempt"]
+    assert any("dispatcher old-process stopped; attempt 1 keeps running" in m for m in messages), messages
+    assert any("dispatcher new adopted the lease of attempt 1" in m for m in messages), messages
+    layers = [e.layer for e in history if e.kind == "progress" and e.stage == "quantize"]
+    assert layers == list(range(8))
+    check_manifest(LocalStore(settings.object_store), f"jobs/{job_id}")
