@@ -18,6 +18,12 @@ Usage (GPU machine, wheels as in benchmarks/README.md):
     python3 benchmarks/gpu_phase_times.py --work /tmp/qfb --layers 6 --devices 1,2
 CPU smoke test: python benchmarks/gpu_phase_times.py --work /tmp/qfp --shape tiny --layers 3 --samples 8 \\
     --seq-len 64 --devices 1
+Several CPU "devices" (the multi-device code path on one CPU, threads sharing its cores: the schedule and each
+device's busy time, not a speed-up): --cpu-devices, e.g.
+    python benchmarks/gpu_phase_times.py --work /tmp/qfp --shape llama3-8b-div8 --layers 3 --samples 8 \\
+        --seq-len 256 --devices 1,2,4 --cpu-devices
+Phases named "… [qf-device-i]" are busy times on device i's thread; "round one" is the wall time of the solve
+round where the costliest group's factorisation runs (and where one device waited for the others before).
 """
 
 from __future__ import annotations
@@ -130,7 +136,9 @@ def instrument(clock: PhaseClock) -> Callable[[], None]:
         lambda self, work: f"all devices: {work.__name__}", devices.DeviceThreads.run, every))
 
     def group_label(work: Any, solver: Any, device: int, group: tuple[str, ...], hessian: torch.Tensor) -> str:
-        return f"solve {group[0].split('.')[-1]} on {hessian.device}"
+        thread = threading.current_thread().name  # logical CPU devices all say "cpu": name the device's thread
+        where = f" [{thread}]" if hessian.device.type == "cpu" and thread.startswith("qf-device") else ""
+        return f"solve {group[0].split('.')[-1]} on {hessian.device}{where}"
 
     patch(groups, "solve_group", clock.wrap(
         group_label, groups.solve_group, lambda work, solver, device, group, hessian: sync_device(hessian.device)))
@@ -143,12 +151,49 @@ def instrument(clock: PhaseClock) -> Callable[[], None]:
     patch(statistics, "merge_hessians", clock.wrap(
         lambda parts, device: f"merge hessians on {device}", statistics.merge_hessians,
         lambda parts, device: sync_device(device)))
+    _instrument_factorisation(clock, patch)
 
     def restore() -> None:
         for owner, attr, original in reversed(saved):
             setattr(owner, attr, original)
 
     return restore
+
+
+def _thread_label(what: str) -> Callable[..., str]:
+    """`what [thread]`: per-device busy times (device threads are named qf-device-i; one device runs inline)."""
+    return lambda *a, **k: f"{what} [{threading.current_thread().name}]"
+
+
+def _instrument_factorisation(clock: PhaseClock, patch: Callable[[Any, str, Any], None]) -> None:
+    """The inverse-Hessian factorisations: one device's (`prepare_hessian`, three steps on one device) and the
+    split one (workers/quant/split_inverse.py: Cholesky on one device, chunks of columns of the triangular
+    inverse on whichever device is free, U assembled on every device)."""
+    from workers.methods import gptq as gptq_method
+    from workers.methods import groups
+    from workers.quant import gptq
+
+    try:
+        from workers.quant import split_inverse
+    except ImportError:  # an engine from before the split factorisation (a "before" measurement)
+        patch(gptq, "prepare_hessian", clock.wrap(_thread_label("factor H (one device)"), gptq.prepare_hessian,
+                                                  lambda *a, **k: None))
+        return
+
+    every = lambda *a, **k: sync_all()  # noqa: E731
+    mine = lambda *a, **k: torch.cuda.synchronize() if torch.cuda.is_available() else None  # noqa: E731  (the thread's GPU)
+    patch(gptq, "prepare_hessian", clock.wrap(_thread_label("factor H (one device)"), gptq.prepare_hessian, mine))
+    patch(gptq_method, "prepare_hessian", clock.wrap(_thread_label("factor H (one device)"), gptq_method.prepare_hessian, mine))
+    patch(gptq_method, "flipped_cholesky", clock.wrap(_thread_label("split: Cholesky"), gptq_method.flipped_cholesky, mine))
+    patch(split_inverse, "inverse_columns", clock.wrap(_thread_label("split: inverse chunks"), split_inverse.inverse_columns, mine))
+    patch(split_inverse, "flipped_upper", clock.wrap(_thread_label("split: assemble U"), split_inverse.flipped_upper, mine))
+    patch(split_inverse.SharedInverse, "work", clock.wrap(
+        lambda self, device: f"split: wait for L + copy + chunks [{threading.current_thread().name}]",
+        split_inverse.SharedInverse.work, mine))
+    patch(split_inverse.SharedInverse, "_copy", clock.wrap(
+        lambda self, lower, device: f"split: copy L [{threading.current_thread().name}]", split_inverse.SharedInverse._copy, mine))
+    patch(groups, "_split_sweep", clock.wrap("split: row sweep (wall)", groups._split_sweep, every))
+    patch(groups, "_prepared_everywhere", clock.wrap("split: assemble U everywhere (wall)", groups._prepared_everywhere, every))
 
 
 def gemm_concurrency(count: int, reps: int = 40) -> dict[str, float]:
@@ -198,6 +243,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                            torch.device("cuda" if cuda else "cpu"))
     out: dict[str, Any] = {"layers": args.layers, "method": args.method, "no_overlap": args.no_overlap, "runs": {}}
     counts = [int(c) for c in args.devices.split(",")]
+    if args.cpu_devices and not cuda:
+        _allow_cpu_devices()
     if cuda and max(counts) > 1:
         out["gemm"] = gemm_concurrency(max(counts))
         print(f"bf16 GEMM: {json.dumps({k: round(v, 1) for k, v in out['gemm'].items()})}", flush=True)
@@ -223,6 +270,13 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         if trace is not None and trace.exists():
             out["runs"][str(count)]["trace"] = summarize_trace(trace)
     return out
+
+
+def _allow_cpu_devices() -> None:
+    """run_local gives several devices only to CUDA GPUs; here N logical CPU devices, as the CPU tests run them."""
+    from workers import engine
+
+    engine.resolve_devices = lambda device, count: [torch.device("cpu")] * count  # type: ignore[assignment]
 
 
 def summarize_trace(path: Path) -> dict[str, Any]:
@@ -275,6 +329,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--no-overlap", action="store_true", help="no read-ahead thread, no background writes")
     p.add_argument("--trace-dir", default=None, help="write a Chrome trace of --trace-layer per device count here")
     p.add_argument("--trace-layer", type=int, default=2)
+    p.add_argument("--cpu-devices", action="store_true",
+                   help="without CUDA: run --devices counts as that many logical CPU devices (the code path, not a speed-up)")
     args = p.parse_args(argv)
     if args.layers < 2:
         p.error("--layers must be at least 2 (layer 0 is left out of the averages)")

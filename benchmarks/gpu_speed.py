@@ -109,7 +109,10 @@ class ModelShape:
 LLAMA3_8B = ModelShape(hidden=4096, intermediate=14336, layers=32, heads=32, kv_heads=8, vocab=128256)
 LLAMA3_70B = ModelShape(hidden=8192, intermediate=28672, layers=80, heads=64, kv_heads=8, vocab=128256)
 TINY = ModelShape(hidden=256, intermediate=512, layers=4, heads=4, kv_heads=2, vocab=1024)  # CPU tests
-SHAPES = {"llama3-8b": LLAMA3_8B, "llama3-70b": LLAMA3_70B, "tiny": TINY}
+# Llama-3-8B's proportions at 1/8 of the width (hidden:intermediate 1:3.5, head_dim 128, 4 query heads per KV
+# head): the factorisation costs keep their ratios (n³), for CPU measurements of the multi-device schedule
+LLAMA3_8B_DIV8 = ModelShape(hidden=512, intermediate=1792, layers=32, heads=4, kv_heads=1, vocab=1024)
+SHAPES = {"llama3-8b": LLAMA3_8B, "llama3-70b": LLAMA3_70B, "tiny": TINY, "llama3-8b-div8": LLAMA3_8B_DIV8}
 
 
 def tensor_seed(seed: int, name: str) -> int:
@@ -779,6 +782,11 @@ def decoder_layer_forward_seconds(
 
 def run_child(args: argparse.Namespace) -> None:
     """One (tool, method) in this process; writes its Result as JSON."""
+    if os.environ.get("QF_BENCH_CPU_DEVICES") == "1" and not torch.cuda.is_available():
+        sys.path.insert(0, str(REPO_ROOT))
+        from workers import engine  # --devices N as N logical CPU devices (gpu_scaling.py --cpu-devices)
+
+        engine.resolve_devices = lambda device, count: [torch.device("cpu")] * count  # type: ignore[assignment]
     shape = SHAPES[args.shape]
     work = Path(args.work)
     ids = torch.load(work / "calib_ids.pt")

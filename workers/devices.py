@@ -2,7 +2,9 @@
 and how samples and work are split among them. One device is the case N = 1 of the same code: its work runs
 inline on the caller's thread and nothing is copied.
 
-Measured on 2×H200 (benchmarks/gpu.md, runs 8–11): GPTQ 1.29×, AWQ 1.43× on an 8B shape with two devices.
+Measured on 2×H200 (benchmarks/gpu.md, runs 8–11): GPTQ 1.29×, AWQ 1.43× on an 8B shape with two devices,
+before the costliest group's factorisation was split over the devices (workers/quant/split_inverse.py; not yet
+measured on GPUs). Nothing here assumes two devices: N shards, N threads, N replicas (CPU tests: N = 2, 3, 4).
 """
 
 from __future__ import annotations
@@ -131,8 +133,9 @@ def assign_groups(costs: Sequence[int], num_devices: int) -> list[int]:
 
 
 def split_group(costs: Sequence[int], num_devices: int) -> int | None:
-    """The group whose GPTQ sweep is split by output rows over all devices: the costliest one, when it alone
-    is more than an even share of the layer (Llama-3-8B: down_proj, 82% of the solve cost); else None."""
+    """The group whose GPTQ factorisation and sweep are split over all devices (its inverse by columns, its
+    sweep by output rows: workers/methods/groups.py): the costliest one, when it alone is more than an even
+    share of the layer (Llama-3-8B: down_proj, 82% of the solve cost); else None."""
     if num_devices < 2 or not costs:
         return None
     costliest = max(range(len(costs)), key=lambda g: (costs[g], -g))
