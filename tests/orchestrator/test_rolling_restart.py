@@ -99,7 +99,7 @@ def test_an_adopted_attempt_whose_worker_went_quiet_is_rescued(database_url: str
 @pytest.mark.ray
 def test_a_dispatcher_stopping_mid_job_leaves_its_ray_attempt_to_another(
     ray_cluster: None,
-    database_url: str,
+    clean_sqlite_url: str,
     allowed_root: Path,
     tiny_assets: dict,
     slow_model: Path,
@@ -107,11 +107,12 @@ def test_a_dispatcher_stopping_mid_job_leaves_its_ray_attempt_to_another(
 ) -> None:
     """The same rolling deploy with the Ray executor: the attempt runs in a detached actor, which outlives
     the dispatcher that started it; the new dispatcher finds it by name, drains its reports from then on
-    and records its success under attempt 1."""
+    and records its success under attempt 1 (SQLite here; the next test does it across processes on
+    PostgreSQL)."""
     from orchestrator.executors.ray_executor import RayExecutor
 
-    settings = service_settings(database_url, allowed_root, tmp_path, executor="ray", lease_seconds=6.0)
-    sessions = sessions_for(database_url)
+    settings = service_settings(clean_sqlite_url, allowed_root, tmp_path, executor="ray", lease_seconds=6.0)
+    sessions = sessions_for(clean_sqlite_url)
     job_id = submit(sessions, slow_body(tiny_assets, slow_model), settings)
     old = start_in_thread(Dispatcher(sessions, RayExecutor(capacity=1), settings, name="old"))
     new = None
