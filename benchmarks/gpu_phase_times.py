@@ -185,7 +185,7 @@ def _instrument_factorisation(clock: PhaseClock, patch: Callable[[Any, str, Any]
     patch(gptq, "prepare_hessian", clock.wrap(_thread_label("factor H (one device)"), gptq.prepare_hessian, mine))
     patch(gptq_method, "prepare_hessian", clock.wrap(_thread_label("factor H (one device)"), gptq_method.prepare_hessian, mine))
     patch(gptq_method, "flipped_cholesky", clock.wrap(_thread_label("split: Cholesky"), gptq_method.flipped_cholesky, mine))
-    patch(split_inverse, "inverse_columns", clock.wrap(_thread_label("split: inverse chunks"), split_inverse.inverse_columns, mine))
+    patch(split_inverse, "solve_chunk", clock.wrap(_thread_label("split: inverse chunks"), split_inverse.solve_chunk, mine))
     patch(split_inverse, "flipped_upper", clock.wrap(_thread_label("split: assemble U"), split_inverse.flipped_upper, mine))
     patch(split_inverse.SharedInverse, "work", clock.wrap(
         lambda self, device: f"split: wait for L + copy + chunks [{threading.current_thread().name}]",

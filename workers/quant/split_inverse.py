@@ -113,12 +113,20 @@ def inverse_columns(lower: Tensor, a: int, b: int, min_chunk: int = SOLVE_MIN_CH
     """Rows a: of columns [a, b) of L⁻¹ (its rows above a are zero), `[n − a, b − a]`, by triangular solves
     against identity columns, a chunk of columns at a time (each chunk skips the zero rows above it)."""
     n = lower.shape[0]
+    chunks = column_chunks(a, b, n, min_chunk)
+    if len(chunks) == 1:
+        return solve_chunk(lower, a, b)
     out = torch.zeros(n - a, b - a, dtype=lower.dtype, device=lower.device)
-    for c, d in column_chunks(a, b, n, min_chunk):
-        eye = torch.zeros(n - c, d - c, dtype=lower.dtype, device=lower.device)
-        eye.diagonal().fill_(1.0)
-        out[c - a:, c - a:d - a] = torch.linalg.solve_triangular(lower[c:, c:], eye, upper=False)
+    for c, d in chunks:
+        out[c - a:, c - a:d - a] = solve_chunk(lower, c, d)
     return out
+
+
+def solve_chunk(lower: Tensor, a: int, b: int) -> Tensor:
+    """Rows a: of columns [a, b) of L⁻¹: one triangular solve L[a:, a:]·X = I[a:, a:b]."""
+    eye = torch.zeros(lower.shape[0] - a, b - a, dtype=lower.dtype, device=lower.device)
+    eye.diagonal().fill_(1.0)
+    return torch.linalg.solve_triangular(lower[a:, a:], eye, upper=False)
 
 
 class SharedInverse:
@@ -151,34 +159,35 @@ class SharedInverse:
 
     def work(self, device: torch.device) -> None:
         """On `device`'s thread: solve chunks until none is left (returns at once when the factor failed)."""
+        if device.type == "cuda":  # the thread runs ahead of its GPU: join only once the GPU is free
+            torch.cuda.current_stream(device).synchronize()
         self._ready.wait()
         lower = self.factor.lower if self.factor is not None else None
         if lower is None:
             return
         lower = self._copy(lower, device)
-        n = lower.shape[0]
         while True:
             with self._lock:
                 if not self._chunks:
                     return
                 a, b = self._chunks.pop(0)
-            block = inverse_columns(lower, a, b, min_chunk=b - a)  # one solve: rows a: of columns [a, b)
+            block = solve_chunk(lower, a, b)
             if block.is_cuda:
                 torch.cuda.current_stream(device).synchronize()  # done before taking another chunk
             with self._lock:
                 self.blocks.append(((a, b), block))
-            assert block.shape == (n - a, b - a)
 
     def _copy(self, lower: Tensor, device: torch.device) -> Tensor:
         if lower.device == device:
             return lower
         if not lower.is_cuda:
             return lower.to(device)
-        # on a side stream of the factoring GPU: not queued behind the chunks that GPU solves meanwhile
+        # On a side stream of the factoring GPU (current streams are per thread): the copy is not queued behind
+        # the chunks that GPU solves meanwhile; this thread's GPU is idle (see `work`), so nothing waits there.
         stream = self._copy_streams[lower.device]
-        with self._lock, torch.cuda.stream(stream):
+        with torch.cuda.stream(stream):
             copy = lower.to(device)
-            stream.synchronize()
+        stream.synchronize()
         return copy
 
     def upper(self, device: torch.device) -> Tensor:
