@@ -26,6 +26,7 @@ from __future__ import annotations
 import logging
 import os
 import threading
+import time
 import traceback
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -66,6 +67,23 @@ class AttemptActor:
             target=self._run, args=(ticket, placement), name="qf-attempt", daemon=True
         )
         self._thread.start()
+        watch = threading.Thread(
+            target=self._watch, args=(ticket.config.orphan_seconds,), name="qf-orphan-watch", daemon=True
+        )
+        watch.start()
+
+    def _watch(self, orphan_seconds: float) -> None:
+        """An actor no dispatcher drains for `orphan_seconds` (its dispatcher died and its lease was
+        rescued: the job runs again elsewhere) stops its attempt and ends its process, so it does not hold
+        its GPU for ever: a detached actor outlives the driver that started it."""
+        while True:
+            time.sleep(min(5.0, orphan_seconds / 4))
+            if self._mailbox.unheard_for() < orphan_seconds:
+                continue
+            log.warning("attempt actor unheard of for %.0f s: stopping it", orphan_seconds)
+            self._mailbox.orphaned()
+            self._thread.join(timeout=orphan_seconds)
+            os._exit(0)  # Ray then reports the actor dead to anyone who still asks
 
     def _run(self, ticket: AttemptTicket, placement: dict[str, Any]) -> None:
         from orchestrator.queue.attempt import run_attempt

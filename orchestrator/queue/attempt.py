@@ -54,6 +54,9 @@ class WorkerConfig:
     cache_dir: str
     work_dir: str
     heartbeat_seconds: float = 20.0  # how often the worker reports its heartbeat (a third of a lease)
+    # A worker no dispatcher has heard from for this long (two leases) is an orphan: its lease was rescued
+    # and the job runs elsewhere, so it stops and ends its process (a Ray actor would hold its GPU forever).
+    orphan_seconds: float = 120.0
 
     @classmethod
     def from_settings(cls, s: Settings) -> WorkerConfig:
@@ -67,6 +70,7 @@ class WorkerConfig:
             cache_dir=str(Path(s.cache_dir).resolve()),
             work_dir=str(Path(s.work_dir).resolve()),
             heartbeat_seconds=s.heartbeat_interval,
+            orphan_seconds=2 * s.lease_seconds,
         )
 
     @property

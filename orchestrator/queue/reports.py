@@ -117,6 +117,7 @@ class Mailbox:
         self._verdict: Verdict = JobState.RUNNING
         self._closed = False
         self._error: str | None = None
+        self._drained_at = time.monotonic()
 
     def send(self, report: Report) -> Verdict:
         with self._lock:
@@ -137,7 +138,19 @@ class Mailbox:
         drain; "unknown" leaves it). Returns (reports, whether the attempt ended, its crash if any): once
         `ended` is True the reports returned are the last ones."""
         with self._lock:
+            self._drained_at = time.monotonic()
             if verdict != "unknown":
                 self._verdict = None if verdict is None else JobState(verdict)
             reports, self._reports = self._reports, []
             return reports, self._closed, self._error
+
+    def unheard_for(self) -> float:
+        """Seconds since a dispatcher last drained this mailbox."""
+        with self._lock:
+            return time.monotonic() - self._drained_at
+
+    def orphaned(self) -> None:
+        """No dispatcher drains this mailbox any more (its lease was rescued, the job may run elsewhere):
+        the attempt acts as fenced off and stops at its next progress report."""
+        with self._lock:
+            self._verdict = None

@@ -173,3 +173,55 @@ def test_a_cancel_reaches_a_ray_attempt_through_the_dispatcher_and_its_actor_is_
     history = events(sessions, job_id)
     assert [e.state for e in history if e.kind == "state"] == ["queued", "running", "cancelling", "cancelled"]
     assert max(e.layer for e in history if e.stage == "quantize") < 7  # stopped before the last layer
+
+
+@pytest.mark.ray
+def test_an_actor_no_dispatcher_drains_any_more_ends_itself(
+    ray_cluster: None,
+    clean_sqlite_url: str,
+    allowed_root: Path,
+    tiny_assets: dict,
+    slow_model: Path,
+    tmp_path: Path,
+) -> None:
+    """A dispatcher that dies without a word (kill -9) leaves its detached actor behind; once no one has
+    drained it for two leases (the job was rescued and runs elsewhere), the actor stops its attempt and
+    ends its process instead of holding its GPU for ever."""
+    import time
+
+    import ray
+
+    from orchestrator.executors.ray_executor import NAMESPACE, RayExecutor, actor_name
+
+    settings = service_settings(clean_sqlite_url, allowed_root, tmp_path, executor="ray", lease_seconds=3.0)
+    sessions = sessions_for(clean_sqlite_url)
+    job_id = submit(sessions, slow_body(tiny_assets, slow_model), settings)
+    dispatcher = Dispatcher(sessions, RayExecutor(capacity=1), settings, name="dies")
+    assert dispatcher.worker_config.orphan_seconds == 6.0
+
+    def quantizing() -> bool:
+        dispatcher.step()
+        return any(e.stage == "quantize" for e in events(sessions, job_id))
+
+    wait_for(quantizing, 120, "the attempt to quantize", interval=0.1)
+    pid = next(e for e in events(sessions, job_id) if e.kind == "attempt").data["pid"]
+    stopped_at = time.monotonic()  # the dispatcher "dies": nothing drains the actor from now on
+
+    def actor_gone() -> bool:
+        try:
+            ray.get_actor(actor_name(job_id, 1), namespace=NAMESPACE)
+        except ValueError:
+            return True
+        return False
+
+    wait_for(actor_gone, 60, "the orphaned actor to end itself", interval=0.5)
+    assert 6.0 <= time.monotonic() - stopped_at < 40
+    assert not os.path.exists(f"/proc/{pid}") or _process_state(pid) == "Z"  # its process is gone
+
+
+def _process_state(pid: int) -> str:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return "gone"
