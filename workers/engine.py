@@ -41,6 +41,7 @@ from workers.gguf_job import build_gguf
 from workers.loading import CheckpointWeights, LayerwiseModel, load_tokenizer
 from workers.memory import PeakMemory
 from workers.methods.kv_cache import kv_cache_scheme
+from workers.multimodal import complete_checkpoint
 from workers.pipeline import PipelineOptions, PipelineResult, quantize_model
 from workers.progress import CancelCheck, Progress, ProgressCallback, never_cancel, no_progress
 from workers.quant.gptq import warm_up
@@ -261,6 +262,7 @@ def _quantize_into(
     for writer, directory in zip(writers, dirs, strict=True):
         writer.finalize(info.config)
         _copy_tokenizer(info.model_dir, directory)
+        complete_checkpoint(info.model_dir, info.architecture, directory)  # processor files, dense towers/routers
     timings["write"] += time.perf_counter() - mark
     return dirs, result
 
