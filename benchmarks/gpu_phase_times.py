@@ -176,8 +176,10 @@ def _instrument_factorisation(clock: PhaseClock, patch: Callable[[Any, str, Any]
     try:
         from workers.quant import split_inverse
     except ImportError:  # an engine from before the split factorisation (a "before" measurement)
-        patch(gptq, "prepare_hessian", clock.wrap(_thread_label("factor H (one device)"), gptq.prepare_hessian,
-                                                  lambda *a, **k: None))
+        mine = lambda *a, **k: torch.cuda.synchronize() if torch.cuda.is_available() else None  # noqa: E731
+        patch(gptq, "prepare_hessian", clock.wrap(_thread_label("factor H (one device)"), gptq.prepare_hessian, mine))
+        patch(gptq_method, "prepare_hessian", clock.wrap(_thread_label("factor H (one device)"),
+                                                         gptq_method.prepare_hessian, mine))
         return
 
     every = lambda *a, **k: sync_all()  # noqa: E731
