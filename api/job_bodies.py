@@ -32,7 +32,20 @@ def validated_specs(
     owner: str,
     reserved_labels: Mapping[str, str] | None = None,
 ) -> list[dict[str, Any]]:
-    """Normalised request bodies (defaults filled in, as stored in jobs.spec), one per matrix cell.
+    """The request bodies of `validated_jobs`, without their plans."""
+    return [spec for spec, _ in validated_jobs(template, matrix, settings, owner=owner, reserved_labels=reserved_labels)]
+
+
+def validated_jobs(
+    template: Mapping[str, Any],
+    matrix: Mapping[str, Any] | None,
+    settings: Settings,
+    *,
+    owner: str,
+    reserved_labels: Mapping[str, str] | None = None,
+) -> list[tuple[dict[str, Any], dict[str, Any] | None]]:
+    """Normalised request bodies (defaults filled in, as stored in jobs.spec), one per matrix cell, each
+    with its preflight plan (None for a model the worker downloads), as POST /v1/jobs stores it.
 
     `owner`: whose jobs these will be (an output.uri must lie in that owner's folder). `reserved_labels`
     are counted against the label limit but not stored (a schedule adds its id and fire time only when it
@@ -43,7 +56,7 @@ def validated_specs(
         )
     except ScheduleError as e:
         raise _unprocessable(str(e)) from e
-    specs = []
+    jobs: list[tuple[dict[str, Any], dict[str, Any] | None]] = []
     for cell in cells:
         body = dict(cell.body)
         body["labels"] = {k: v for k, v in body["labels"].items() if k not in (reserved_labels or {})}
@@ -55,8 +68,8 @@ def validated_specs(
             )
             raise _unprocessable(f"{_where(cell.cell)}: {problems}") from e
         try:
-            validate_submission(spec, settings, owner=owner)
+            plan = validate_submission(spec, settings, owner=owner)
         except (InvalidSpecError, InputError) as e:
             raise _unprocessable(f"{_where(cell.cell)}: {e}") from e
-        specs.append(spec)
-    return specs
+        jobs.append((spec, plan))
+    return jobs

@@ -10,7 +10,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from api.deps import get_sessions, get_settings, require, visible_or_404
 from api.fleet_schemas import BatchCreate, BatchJobRow, BatchOut, BatchPage, BatchSummaryOut
-from api.job_bodies import validated_specs
+from api.job_bodies import validated_jobs
 from api.routes.jobs import ERRORS
 from api.schemas import Problem
 from orchestrator.auth import Principal
@@ -63,7 +63,8 @@ def create_batch(
     principal: Annotated[Principal, Depends(require("submit"))],
 ) -> BatchOut:
     """Queue one job per matrix cell (models × methods × bits × group sizes over the template)."""
-    specs = validated_specs(body.template, body.matrix, settings, owner=principal.owner)
+    validated = validated_jobs(body.template, body.matrix, settings, owner=principal.owner)
+    specs = [spec for spec, _ in validated]
     with transaction(sessions) as session:
         crud.lock_owner(session, principal.owner)  # counted and used atomically: no racing past the cap
         active = crud.count_active_jobs(session, principal.owner)
@@ -78,6 +79,7 @@ def create_batch(
             owner=principal.owner,
             api_key_id=principal.key_id,
             specs=specs,
+            plans=[plan for _, plan in validated],
             template=body.template,
             matrix=dict(body.matrix) if body.matrix else None,
             max_attempts=settings.max_attempts,

@@ -33,8 +33,12 @@ def create_batch(
     name: str | None = None,
     schedule_id: str | None = None,
     fire_time: datetime | None = None,
+    plans: Sequence[dict[str, Any] | None] | None = None,
 ) -> tuple[Batch, list[Job]]:
-    """A batch row and one queued job per validated spec (the API's normalised request bodies)."""
+    """A batch row and one queued job per validated spec (the API's normalised request bodies), each job
+    storing its preflight plan from `plans` (same order as `specs`) where one is given."""
+    if plans is not None and len(plans) != len(specs):
+        raise ValueError(f"{len(plans)} plans for {len(specs)} specs")
     batch = Batch(
         id=uuid.uuid4().hex,
         owner=owner,
@@ -48,7 +52,7 @@ def create_batch(
     session.add(batch)
     session.flush()
     jobs = []
-    for spec in specs:
+    for i, spec in enumerate(specs):
         job = crud.create_job(
             session,
             owner=owner,
@@ -58,6 +62,7 @@ def create_batch(
             priority=int(spec.get("priority", 0)),
             labels=dict(spec.get("labels") or {}),
             api_key_id=api_key_id,
+            plan=plans[i] if plans is not None else None,
         )
         job.batch_id = batch.id
         jobs.append(job)

@@ -17,8 +17,10 @@ import os
 import socket
 import threading
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime, timedelta
+from typing import Any
 
 from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError
@@ -28,10 +30,33 @@ from orchestrator.db import transaction
 from orchestrator.fleet.batches import create_batch
 from orchestrator.fleet.schedules import plan_fires, schedule_labels
 from orchestrator.queue.models import Schedule, ScheduleFire, utcnow
+from orchestrator.queue.submission import validate_submission
 from orchestrator.settings import Settings
+from workers.errors import InputError, InvalidSpecError
 
 log = logging.getLogger("quantfleet.scheduler")
 BATCH_LIMIT = 100  # schedules handled per transaction
+
+Planner = Callable[[dict[str, Any], str], "dict[str, Any] | None"]  # (spec, owner) -> preflight plan
+
+
+def no_plan(spec: dict[str, Any], owner: str) -> dict[str, Any] | None:
+    return None
+
+
+def preflight_planner(settings: Settings) -> Planner:
+    """The plan each fired job stores, made at fire time (a nightly conversion re-reads the model, which
+    may have changed since the schedule was written). A model that no longer passes the checks gets no
+    plan: its job fails on the worker with the same readable reason."""
+
+    def plan(spec: dict[str, Any], owner: str) -> dict[str, Any] | None:
+        try:
+            return validate_submission(spec, settings, owner=owner)
+        except (InputError, InvalidSpecError) as e:
+            log.warning("schedule job for %s: no preflight plan: %s", owner, e)
+            return None
+
+    return plan
 
 
 @dataclass(frozen=True)
@@ -55,6 +80,7 @@ def fire_once(
     catch_up: bool,
     fired_by: str,
     max_attempts: int,
+    planner: Planner = no_plan,
 ) -> Fired | None:
     """Create the jobs of one occurrence, or nothing (None) if that occurrence already fired."""
     claim = ScheduleFire(
@@ -80,6 +106,7 @@ def fire_once(
         owner=schedule.owner,
         api_key_id=schedule.api_key_id,
         specs=specs,
+        plans=[planner(spec, schedule.owner) for spec in specs],
         template=schedule.template,
         matrix=schedule.matrix,
         max_attempts=max_attempts,
@@ -109,6 +136,7 @@ def tick(
     name: str = "scheduler",
     grace: timedelta = timedelta(seconds=90),
     max_attempts: int = 3,
+    planner: Planner = no_plan,
 ) -> list[Fired]:
     """Fire everything due at `now`; returns what this scheduler created (others' fires are not listed)."""
     now = now or utcnow()
@@ -134,6 +162,7 @@ def tick(
                     catch_up=fire_time == plan.catch_up,
                     fired_by=name,
                     max_attempts=max_attempts,
+                    planner=planner,
                 )
                 if done is not None:
                     fired.append(done)
@@ -168,6 +197,7 @@ class Scheduler:
             name=self.name,
             grace=timedelta(seconds=self.settings.schedule_grace_seconds),
             max_attempts=self.settings.max_attempts,
+            planner=preflight_planner(self.settings),
         )
 
     def run(self, stop: threading.Event) -> None:

@@ -390,3 +390,38 @@ def test_metrics_show_queue_depth_by_state(
     }
     assert samples[("quantfleet_jobs", "succeeded")] == 2 and samples[("quantfleet_jobs", "failed")] == 2
     assert samples[("quantfleet_jobs", "queued")] == 0 and samples[("quantfleet_queue_depth_up", None)] == 1
+
+
+def test_batch_and_scheduled_jobs_store_their_plans(
+    client: TestClient, keys: dict, settings: Settings, template: dict, tiny_assets: dict
+) -> None:
+    """Jobs made by a batch, and by a schedule when it fires (planned at fire time), carry the same
+    preflight plan as a job submitted alone."""
+    from datetime import timedelta
+
+    from orchestrator.fleet.scheduler import Scheduler
+
+    body = {"template": {**template, "method": "gptq", "group_size": 32},
+            "matrix": {"model": [str(tiny_assets["model"])], "bits": [4, 8]}}
+    r = client.post("/v1/batches", json=body, headers=keys["alice"])
+    assert r.status_code == 202, r.text
+    batch = r.json()
+    plans = {}
+    for row in batch["jobs"]:
+        plans[row["bits"]] = client.get(row["url"], headers=keys["alice"]).json()["plan"]
+    assert {b: p["bits"] for b, p in plans.items()} == {4: 4, 8: 8}
+    assert plans[4]["architecture"] == "LlamaForCausalLM" and plans[4]["quantized_count"] == 14
+    alone = {**template, "model": str(tiny_assets["model"]), "method": "gptq", "group_size": 32, "bits": 4}
+    single = client.post("/v1/jobs", json=alone, headers=keys["alice"]).json()
+    assert single["plan"] == plans[4]
+
+    r = client.post("/v1/schedules", json={"name": "nightly", "cron": "0 3 * * *", "tz": "UTC", **body},
+                    headers=keys["alice"])
+    assert r.status_code == 201, r.text
+    schedule = r.json()
+    due = datetime.fromisoformat(schedule["next_fire_at"].replace("Z", "+00:00")) + timedelta(seconds=1)
+    fired = Scheduler(sessions_for(settings.database_url), settings).step(due)
+    assert len(fired) == 1 and len(fired[0].job_ids) == 2
+    for job_id in fired[0].job_ids:
+        plan = client.get(f"/v1/jobs/{job_id}", headers=keys["alice"]).json()["plan"]
+        assert plan == plans[plan["bits"]]
