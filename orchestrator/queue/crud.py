@@ -44,27 +44,6 @@ def create_job(
     """Insert a queued job with its labels and first event. `within_cap`: only if the owner has fewer
     queued and running jobs than that (OwnerCapReached otherwise); call lock_owner first in the same
     transaction, so the count and the insert are one step per owner."""
-    if within_cap is not None and session.get_bind().dialect.name == "postgresql":
-        return _insert_within_cap(
-            session,
-            Job(
-                id=uuid.uuid4().hex,
-                owner=owner,
-                api_key_id=api_key_id,
-                idempotency_key=idempotency_key,
-                request_hash=request_hash,
-                spec=spec,
-                state=JobState.QUEUED.value,
-                priority=priority,
-                attempts=0,
-                max_attempts=max_attempts,
-                labels=[JobLabel(key=k, value=v) for k, v in sorted((labels or {}).items())],
-                plan=plan,
-            ),
-            within_cap,
-        )
-    if within_cap is not None and count_active_jobs(session, owner) >= within_cap:
-        raise OwnerCapReached(owner)
     job = Job(
         id=uuid.uuid4().hex,
         owner=owner,
@@ -79,6 +58,10 @@ def create_job(
         labels=[JobLabel(key=k, value=v) for k, v in sorted((labels or {}).items())],
         plan=plan,
     )
+    if within_cap is not None and session.get_bind().dialect.name == "postgresql":
+        return _insert_within_cap(session, job, within_cap)
+    if within_cap is not None and count_active_jobs(session, owner) >= within_cap:
+        raise OwnerCapReached(owner)
     session.add(job)
     session.flush()
     add_event(session, job.id, "state", 0, state=JobState.QUEUED.value, message="submitted")
