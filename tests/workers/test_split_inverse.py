@@ -135,6 +135,34 @@ def test_chunks_pulled_by_any_devices_give_the_one_device_factor(workers: int) -
     torch.testing.assert_close(inverse.upper(CPU), one.hinv, rtol=1e-4, atol=1e-5 * float(one.hinv.abs().max()))
 
 
+def test_every_free_device_takes_chunks(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Slow solves: the devices that join take their share of the chunks, and U stays the one-device U."""
+    import threading
+    import time
+
+    from workers.quant import split_inverse
+
+    original, solvers = split_inverse.solve_chunk, []
+
+    def slow(lower: Tensor, a: int, b: int) -> Tensor:
+        solvers.append(threading.current_thread().name)
+        time.sleep(0.02)
+        return original(lower, a, b)
+
+    monkeypatch.setattr(split_inverse, "solve_chunk", slow)
+    h = hessian(400, seed=6)
+    inverse = SharedInverse(min_chunk=8)
+    with ThreadPoolExecutor(3, thread_name_prefix="device") as pool:
+        joined = [pool.submit(inverse.work, CPU) for _ in range(3)]
+        inverse.publish(flipped_cholesky(h))
+        for future in joined:
+            future.result(timeout=60)
+    assert len(solvers) == len(column_chunks(0, 400, 400, 8)) and len(set(solvers)) == 3
+    one = prepare_hessian(h).hinv
+    assert one is not None
+    torch.testing.assert_close(inverse.upper(CPU), one, rtol=1e-4, atol=1e-5 * float(one.abs().max()))
+
+
 def test_a_failed_factorisation_releases_the_waiting_devices() -> None:
     inverse = SharedInverse()
     with ThreadPoolExecutor(2) as pool:
