@@ -150,7 +150,7 @@ BAD_INPUTS = [
     ("calibration.uri", "/etc/passwd", "outside the allowed roots"),
     ("eval.uri", "ftp://example.com/eval.txt", "scheme 'ftp'"),
     ("output.uri", "s3://someone-elses-bucket/out", "bucket 'someone-elses-bucket' is not allowed"),
-    ("output.formats", ["gguf"], "output.formats.0: Input should be 'compressed-tensors' or 'gptq'"),
+    ("output.formats", ["gguf"], "output.formats.0: Input should be 'compressed-tensors', 'gptq', 'gguf:Q4_0'"),
     ("surprise", 1, "surprise: Extra inputs are not permitted"),
     ("labels", {"Bad Key": "x"}, "label key 'Bad Key'"),
 ]
