@@ -62,7 +62,7 @@ def file_kind(path: str) -> str:
         return "model_card"
     if name == EVAL_FILE:
         return "eval"
-    if name.endswith(".safetensors") or name.endswith(".safetensors.index.json"):
+    if name.endswith((".safetensors", ".safetensors.index.json", ".gguf")):  # .gguf: llama.cpp's one file
         return "weights"
     if name.startswith("tokenizer") or name in ("special_tokens_map.json", "vocab.json", "merges.txt"):
         return "tokenizer"

@@ -16,6 +16,7 @@ from tests.families import make_tiny_family
 from tests.workers.test_gguf_export import TEXT, tiny_model
 from workers.engine import run_local
 from workers.errors import InvalidSpecError
+from workers.job import file_kind
 from workers.preflight import plan_job
 from workers.spec import CalibrationSpec, EvalSpec, JobSpec, Method, OutputFormat
 from workers.validation import check_against_model
@@ -101,3 +102,4 @@ def test_api_schema_and_cli_accept_gguf_formats() -> None:
     from workers.formats.gguf import FILE_TYPES
 
     assert {f.value for f in OutputFormat if f.is_gguf} == {f"gguf:{t}" for t in FILE_TYPES}
+    assert file_kind("gguf-Q8_0/model-Q8_0.gguf") == "weights"  # the artifact list and registry see the file
