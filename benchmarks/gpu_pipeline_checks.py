@@ -106,13 +106,20 @@ class Sink:
 
 
 def check_two_devices(model_dir: Path, calib: Path) -> dict[str, Any]:
-    """[cuda, cuda] vs [cuda]; and, for scale, [cuda] with another calibration seed (the run-to-run noise)."""
+    """[cuda, cuda] (and every visible GPU, when more than two) vs [cuda]; and, for scale, [cuda] with another
+    calibration seed (the run-to-run noise)."""
     cuda = torch.device(DEVICE)
     second = torch.device("cuda", 1) if cuda.type == "cuda" and torch.cuda.device_count() > 1 else cuda
     out: dict[str, Any] = {"second_device": str(second)}
+    visible = torch.cuda.device_count() if cuda.type == "cuda" else 4  # the CPU smoke test: 4 logical devices
+    every = [torch.device("cuda", i) for i in range(visible)] if cuda.type == "cuda" else [cuda] * visible
+    cases = [("one", [cuda], 0), ("two", [cuda, second], 0), ("one_seed1", [cuda], 1)]
+    if visible > 2:  # issue 13: every visible device too
+        cases.append(("all", every, 0))
+        out["all_devices"] = [str(d) for d in every]
     for method in ("gptq", "awq"):
         runs: dict[str, tuple[Sink, float, float]] = {}
-        for label, devices, seed in (("one", [cuda], 0), ("two", [cuda, second], 0), ("one_seed1", [cuda], 1)):
+        for label, devices, seed in cases:
             spec = spec_for(model_dir, calib, method)
             spec = replace(spec, calibration=replace(spec.calibration, seed=seed))
             calibration = calibration_windows(spec.calibration, load_tokenizer(model_dir))
@@ -137,6 +144,7 @@ def check_two_devices(model_dir: Path, calib: Path) -> dict[str, Any]:
             "codes": total,
             "fraction_differ_two_devices": differ(runs["two"][0]),
             "fraction_differ_other_seed": differ(runs["one_seed1"][0]),
+            **({"fraction_differ_all_devices": differ(runs["all"][0])} if "all" in runs else {}),
             **{f"seconds_{k}": round(v[1], 2) for k, v in runs.items()},
             **{f"mean_relative_module_error_{k}": v[2] for k, v in runs.items()},
         }
