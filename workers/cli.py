@@ -159,8 +159,9 @@ def _mib(n: int) -> str:
 
 
 def summary_table(report: EngineReport, out_dir: Path) -> Table:
-    table = Table(title=f"{report.method} w{report.bits} g{report.group_size} "
-                  f"{'sym' if report.symmetric else 'asym'} → {out_dir}", show_header=False)
+    grid = (", ".join(report.formats) if any(f.startswith("gguf:") for f in report.formats)  # GGUF: the type is the grid
+            else f"w{report.bits} g{report.group_size} {'sym' if report.symmetric else 'asym'}")
+    table = Table(title=f"{report.method} {grid} → {out_dir}", show_header=False)
     table.add_column("metric")
     table.add_column("value", justify="right")
     if report.eval is not None:
