@@ -7,7 +7,7 @@ The preflight plan (workers/preflight.py: what is quantized, what stays dense, e
 output size) goes to stderr before the job starts, then progress as rich progress bars; the summary table
 goes to stdout. A bad input ends the
 command with exit code 2 and one line "error: ..." (the message says what to fix), never a traceback.
-`api/cli.py` calls `quantize_command` for its `quantize` subcommand; `python -m workers.cli quantize ...`
+`quantfleet/cli.py` calls `quantize_command` for its `quantize` subcommand; `python -m workers.cli quantize ...`
 works too.
 """
 

@@ -97,6 +97,24 @@ def claim_jobs(
     return claims
 
 
+def _update_held(
+    session: Session, owner: str, attempts: dict[str, int], values: dict[str, Any], *where: Any
+) -> list[str]:
+    """Set `values` on each job whose attempt is still current and whose lease `owner` holds (and that
+    meets `where`); returns those job ids, in the order of `attempts`."""
+    held = []
+    for job_id, attempt in attempts.items():
+        result = session.execute(
+            update(Job)
+            .where(_fenced(job_id, attempt), Job.lease_owner == owner, *where)
+            .values(**values)
+            .execution_options(synchronize_session=False)
+        )
+        if result.rowcount == 1:  # type: ignore[attr-defined]
+            held.append(job_id)
+    return held
+
+
 def renew_leases(
     session: Session,
     *,
@@ -107,41 +125,25 @@ def renew_leases(
 ) -> set[str]:
     """Extend the leases this dispatcher holds; returns the job ids whose lease it still holds."""
     now = now or utcnow()
-    held: set[str] = set()
-    for job_id, attempt in attempts.items():
-        result = session.execute(
-            update(Job)
-            .where(_fenced(job_id, attempt), Job.lease_owner == owner)
-            .values(lease_expires_at=now + timedelta(seconds=lease_seconds), heartbeat_at=now)
-            .execution_options(synchronize_session=False)
-        )
-        if result.rowcount == 1:  # type: ignore[attr-defined]
-            held.add(job_id)
-    return held
+    values = {"lease_expires_at": now + timedelta(seconds=lease_seconds), "heartbeat_at": now}
+    return set(_update_held(session, owner, attempts, values))
 
 
 def hand_off(session: Session, *, owner: str, attempts: dict[str, int]) -> list[str]:
     """A dispatcher that stops while its attempts keep running gives their leases up for adoption
     (lease_owner NULL, the expiry unchanged): the attempt keeps its number, nothing is failed. Returns the
     job ids handed off (those whose lease this dispatcher still held)."""
-    handed = []
-    for job_id, attempt in attempts.items():
-        result = session.execute(
-            update(Job)
-            .where(_fenced(job_id, attempt), Job.lease_owner == owner)
-            .values(lease_owner=None)
-            .execution_options(synchronize_session=False)
+    handed = _update_held(session, owner, attempts, {"lease_owner": None})
+    for job_id in handed:
+        attempt = attempts[job_id]
+        add_event(
+            session,
+            job_id,
+            "attempt",
+            attempt,
+            message=f"dispatcher {owner} stopped; attempt {attempt} keeps running, its lease is up for adoption",
+            data={"handed_off_by": owner},
         )
-        if result.rowcount == 1:  # type: ignore[attr-defined]
-            add_event(
-                session,
-                job_id,
-                "attempt",
-                attempt,
-                message=f"dispatcher {owner} stopped; attempt {attempt} keeps running, its lease is up for adoption",
-                data={"handed_off_by": owner},
-            )
-            handed.append(job_id)
     return handed
 
 
@@ -196,21 +198,9 @@ def renew_adopted(
     worker that died stops being renewed and its lease expires into a rescue. Returns the job ids still
     held."""
     now = now or utcnow()
-    held: set[str] = set()
-    for job_id, attempt in attempts.items():
-        result = session.execute(
-            update(Job)
-            .where(
-                _fenced(job_id, attempt),
-                Job.lease_owner == owner,
-                Job.heartbeat_at >= now - timedelta(seconds=lease_seconds),
-            )
-            .values(lease_expires_at=now + timedelta(seconds=lease_seconds))
-            .execution_options(synchronize_session=False)
-        )
-        if result.rowcount == 1:  # type: ignore[attr-defined]
-            held.add(job_id)
-    return held
+    values = {"lease_expires_at": now + timedelta(seconds=lease_seconds)}
+    alive = Job.heartbeat_at >= now - timedelta(seconds=lease_seconds)
+    return set(_update_held(session, owner, attempts, values, alive))
 
 
 def worker_heartbeat(session: Session, job_id: str, attempt: int, now: datetime | None = None) -> bool:
