@@ -1,5 +1,5 @@
-"""The engine's output bytes for a fixed set of tiny jobs: every method × format × FP8 scheme, and the
-several-device path on two CPU "devices".
+"""The engine's output bytes for a fixed set of tiny jobs: every method × format × FP8 scheme, GGUF files, and
+the several-device path on two CPU "devices".
 
 `python -m tests.workers.engine_bytes record` writes the sha256 of every output file of every case to
 `tests/workers/data/engine_bytes.json`, with the environment the numbers belong to (torch version, machine):
@@ -24,6 +24,7 @@ import torch
 
 from tests.families import make_tiny_family
 from tests.helpers import make_tiny_llama, write_text_corpus
+from tests.workers.test_gguf_export import tiny_model as tiny_bpe_model
 from workers.calibration import calibration_windows
 from workers.engine import run_local
 from workers.formats.writer import CheckpointWriter
@@ -34,6 +35,7 @@ from workers.validation import check_against_model
 
 RECORD = Path(__file__).parent / "data" / "engine_bytes.json"
 CT, GPTQ = OutputFormat.COMPRESSED_TENSORS, OutputFormat.GPTQ
+Q4_K_M, Q8_0 = OutputFormat.GGUF_Q4_K_M, OutputFormat.GGUF_Q8_0
 CPU = torch.device("cpu")
 
 
@@ -58,6 +60,7 @@ MODELS: dict[str, Callable[[Path], Path]] = {
         num_key_value_heads=4,
     ),
     "phi3": lambda d: make_tiny_family("phi3", d / "phi3"),
+    "llama-bpe": lambda d: tiny_bpe_model(d / "bpe"),  # a byte-level BPE tokenizer and 256-wide rows: GGUF files
 }
 
 ASYM = QuantScheme(bits=4, group_size=32, symmetric=False)
@@ -77,6 +80,10 @@ CASES: dict[str, Case] = {
     "fp8-dynamic": Case("llama", "rtn", formats=(CT,), scheme=QuantScheme.from_preset("fp8-dynamic")),
     "fp8-static": Case("llama", "rtn", formats=(CT,), scheme=QuantScheme.from_preset("fp8-static")),
     "fp8-block": Case("llama-128", "rtn", formats=(CT,), scheme=QuantScheme.from_preset("fp8-block"), calibration=False),
+    # GGUF alone: recorded from the separate GGUF layer loop before it joined the pipeline (issue 12, item 5)
+    "gguf-gptq-q4km": Case("llama-bpe", "gptq", formats=(Q4_K_M,)),
+    "gguf-gptq-q8": Case("llama-bpe", "gptq", formats=(Q8_0,)),
+    "gguf-rtn-q4km": Case("llama-bpe", "rtn", formats=(Q4_K_M,), calibration=False),
     "dp2-rtn": Case("llama", "rtn", devices=2),
     "dp2-gptq": Case("llama", "gptq", devices=2),
     "dp2-awq": Case("llama", "awq", devices=2),
