@@ -12,7 +12,8 @@ own renaming of the checkpoint's, transformers against the model's). vLLM builds
 take the checkpoint's quantization unless ignored (Qwen3-MoE's `mlp.gate`: `ReplicatedLinear(…,
 quant_config=quant_config)` in vLLM 0.26), so every router and gate is listed. The entries are regular expressions
 on the part of the name every naming shares — a tower's own name and what is in it (`re:(.*\\.)?vision_tower(\\..*)?$`), a dense Linear's
-path inside its decoder layer (`re:.*\\.mlp\\.shared_expert_gate$`).
+path inside its decoder layer (`re:.*\\.mlp\\.shared_expert_gate$`). GPTQ v1 checkpoints carry the same
+expressions, and their output head, as `dynamic` negative rules (`-:<regex>`), which vLLM and GPTQModel read.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from workers.architectures import ArchitectureInfo
+from workers.formats import gptq_v1
 
 # Files of a processor (image / video / audio preprocessing, the chat template) a multimodal checkpoint ships.
 PROCESSOR_FILES = (
@@ -52,17 +54,24 @@ def copy_processor_files(model_dir: Path, dest: Path) -> list[str]:
     return copied
 
 
-def add_ignores(config_path: Path, entries: list[str]) -> None:
-    """Append `entries` to a compressed-tensors checkpoint's `quantization_config.ignore` (other formats: as is)."""
+def add_ignores(config_path: Path, entries: list[str], lm_head: str = "lm_head") -> None:
+    """Append `entries` to a compressed-tensors checkpoint's `quantization_config.ignore`; a GPTQ v1 checkpoint
+    gets them (and its output head) as `dynamic` negative rules (workers/formats/gptq_v1.py); others: as is."""
     config: dict[str, Any] = json.loads(config_path.read_text())
     quantization = config.get("quantization_config")
-    if not entries or not isinstance(quantization, dict) or quantization.get("quant_method") != "compressed-tensors":
+    if not isinstance(quantization, dict):
         return
-    quantization["ignore"] = list(dict.fromkeys([*quantization.get("ignore", []), *entries]))
+    if entries and quantization.get("quant_method") == "gptq":
+        gptq_v1.skip_dense(quantization, entries, lm_head)
+    elif entries and quantization.get("quant_method") == "compressed-tensors":
+        quantization["ignore"] = list(dict.fromkeys([*quantization.get("ignore", []), *entries]))
+    else:
+        return
     config_path.write_text(json.dumps(config, indent=2) + "\n")
 
 
 def complete_checkpoint(model_dir: Path, arch: ArchitectureInfo, dest: Path) -> None:
-    """After the writer finalized `dest`: processor files copied, dense towers and routers in `ignore`."""
+    """After the writer finalized `dest`: processor files copied, dense towers and routers in `ignore` (GPTQ:
+    `dynamic`)."""
     copy_processor_files(model_dir, dest)
-    add_ignores(dest / "config.json", dense_ignore(arch))
+    add_ignores(dest / "config.json", dense_ignore(arch), arch.graph.lm_head.rsplit(".", 1)[-1])

@@ -10,10 +10,20 @@ and w[j, :] = scales[g_idx[j]] · (q[j] − (qzeros[g_idx[j]] + 1)).
 The "− 1" is v1's historical quirk: a stored zero of 0 would need −1, which loaders read back as 2^bits − 1,
 so an asymmetric group whose unsigned zero point is 0 (no negative weights) cannot be written; we refuse it
 rather than write a checkpoint that dequantizes wrongly. Only 2, 4 and 8 bits have a v1 layout.
+
+Modules kept dense (lm_head, MoE routers and gates, multimodal towers) are listed in `quantization_config.dynamic`
+as GPTQModel's negative rules, `"-:<regex>": {}` (`skip_dense`). vLLM (0.26, `gptq` and `gptq_marlin`,
+utils/gptq_utils.py `get_dynamic_override`) reads `dynamic` from the config and builds a module whose prefix
+`re.match`es a negative rule unquantized (Linears and fused MoE layers alike); GPTQModel's own loader does the
+same. transformers' GPTQ loader (optimum's `GPTQQuantizer`) has no `dynamic` argument and ignores it: it
+replaces the `nn.Linear`s under the one block list it finds, filtered by `modules_in_block_to_quantize` only
+(transformers 5's routers are no Linears, and it cannot put per-expert Linears into fused experts anyway). The rules are those of compressed-tensors' `ignore`
+(workers/multimodal.py): `re.match` against the module name, anchored at the end.
 """
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 import torch
@@ -56,6 +66,22 @@ def quantization_config(scheme: QuantScheme, *, act_order: bool = False) -> dict
         "checkpoint_format": "gptq",
         "lm_head": False,
     }
+
+
+def skip_dense(quant_config: dict[str, Any], entries: list[str], lm_head: str = "lm_head") -> None:
+    """Add a negative `dynamic` rule to `quant_config` for each compressed-tensors style `ignore` entry ("re:<regex>"
+    or a literal module name) and, with them, for the output head (see the module docstring)."""
+    if not entries:  # only the head: `"lm_head": false` says it (and the bytes of dense checkpoints stay as they were)
+        return
+    dynamic: dict[str, Any] = quant_config.setdefault("dynamic", {})
+    for entry in [*entries, f"re:(.*\\.)?{re.escape(lm_head)}$"]:
+        regex = entry.removeprefix("re:") if entry.startswith("re:") else f"{re.escape(entry)}$"
+        dynamic.setdefault(f"-:{regex}", {})
+
+
+def dense_rules(quant_config: dict[str, Any]) -> list[str]:
+    """The regexes of the negative `dynamic` rules of a config (what vLLM skips)."""
+    return [key.removeprefix("-:") for key in quant_config.get("dynamic", {}) if key.startswith("-:")]
 
 
 def linear_tensors(qt: QuantizedTensor, dtype: torch.dtype = torch.float16) -> dict[str, Tensor]:
