@@ -275,25 +275,54 @@ class WrittenTensor:
     nbytes: int
 
 
+class DenseWeights:
+    """A WeightSource over a dict of full tensor names (e.g. the weights a GGUF file decodes to)."""
+
+    def __init__(self, tensors: dict[str, Tensor]) -> None:
+        self._tensors = tensors
+
+    def tensors(self, prefix: str, device: torch.device) -> dict[str, Tensor]:
+        return {name[len(prefix) :]: t.to(device) for name, t in self._tensors.items() if name.startswith(prefix)}
+
+
 class GGUFFile:
     """A checkpoint sink (`add_dense` / `add_quantized`, Hugging Face names) that writes one GGUF file.
 
     Tensors are spilled to a scratch directory as they come (peak memory: one tensor), and `finalize` writes
     header, metadata and data in one pass. Dense 2-D tensors that the recipe quantizes (the token embedding,
-    an untied output) are rounded here with `gguf_grid.quantize` (RTN on the GGUF grid).
+    an untied output) are rounded here with `gguf_grid.quantize` (RTN on the GGUF grid). With
+    `keep_dequantized`, what the file decodes to is also kept (float32, Hugging Face names: `weights()`), for
+    the evaluation.
     """
 
-    def __init__(self, path: Path, model_dir: Path, config: dict[str, Any], file_type: str) -> None:
+    def __init__(self, path: Path, model_dir: Path, config: dict[str, Any], file_type: str, *,
+                 keep_dequantized: bool = False) -> None:
         self.path, self.model_dir, self.config = Path(path), Path(model_dir), config
         self.recipe = Recipe.for_config(config, file_type)
         self.file_type = file_type
+        self.path.parent.mkdir(parents=True, exist_ok=True)
         self._scratch = Path(tempfile.mkdtemp(prefix=".gguf-", dir=self.path.parent))
         self._tensors: list[tuple[str, Path, gguf.GGMLQuantizationType]] = []
         self.written: list[WrittenTensor] = []
         self.notes: list[str] = []
+        self.keep_dequantized = keep_dequantized
+        self.dequantized: dict[str, Tensor] = {}
 
     def target(self, hf_name: str, shape: tuple[int, ...]) -> TensorTarget | None:
         return self.recipe.target(hf_name, shape)
+
+    def block_of(self, hf_name: str, shape: tuple[int, ...]) -> BlockType | None:
+        """The block type a tensor is quantized to; None: written as float, or not at all."""
+        target = self.target(hf_name, shape)
+        return target.block if target is not None else None
+
+    def weights(self) -> DenseWeights:
+        """What the file decodes to (needs `keep_dequantized`)."""
+        return DenseWeights(self.dequantized)
+
+    def _keep(self, hf_name: str, value: Tensor) -> None:
+        if self.keep_dequantized:
+            self.dequantized[hf_name] = value.detach().to("cpu", torch.float32)
 
     def _heads_for(self, kind: gguf.MODEL_TENSOR) -> int | None:
         if self.recipe.arch not in NORMAL_ROPE_ARCHS:
@@ -319,6 +348,7 @@ class GGUFFile:
             self.add_quantized(hf_name.removesuffix(".weight"), gguf_grid.quantize(target.block, tensor))
             return
         dtype = np.float16 if tensor.ndim == 2 else np.float32
+        self._keep(hf_name, tensor.float())
         array = tensor.detach().to("cpu", torch.float32).numpy().astype(dtype)
         heads = self._heads_for(target.kind)
         if heads is not None:
@@ -333,6 +363,7 @@ class GGUFFile:
         if target.block != t.kind:
             raise InvalidSpecError(f"{module_name} was quantized as {t.kind.name}, the {self.file_type} recipe wants"
                                    f" {target.block.name if target.block else 'float'}")
+        self._keep(f"{module_name}.weight", t.dequantize())
         packed = t.to_bytes()
         heads = self._heads_for(target.kind)
         if heads is not None:

@@ -1,0 +1,83 @@
+"""A GGUF file type as a grid of the layer loop: the job's GPTQ or RTN solved on ggml's own blocks.
+
+Not a method of its own (nothing is registered): `GGUFGrid` is one extra grid of a job (workers/pipeline.py
+`Output`), solved from the layer's statistics the job already collected (`work.plan`, `work.statistics`: one
+capture forward per layer, shared by every grid). Each Linear gets the block type the file type's recipe gives
+it (`workers.formats.gguf.Recipe`, through the sink's `target`); GPTQ sweeps its columns against the fixed GGUF
+grid (`workers/quant/gguf_gptq.py`), one factored Hessian per Linear group, and RTN rounds to it with llama.cpp's
+own rules (no importance, so our RTN Q8_0/Q4_0 equal `llama-quantize`'s). A file type that keeps 2-D weights as
+float (F16) solves nothing. Module errors and fallbacks go to the grid's own `result`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from torch import Tensor
+
+from workers.methods.base import LayerWork, PipelineResult
+from workers.model_graph import linear_names
+from workers.output_error import output_error
+from workers.quant import gguf_grid
+from workers.quant.gguf_gptq import gguf_gptq_quantize_shared
+from workers.quant.gguf_grid import BlockType, GGUFTensor
+from workers.report import ModuleError
+from workers.spec import Method
+
+BlockOf = Callable[[str, tuple[int, ...]], BlockType | None]  # (Hugging Face tensor name, shape) → its block type
+
+
+class GGUFGrid:
+    """GPTQ (`method` gptq, needs calibration) or RTN of every Linear on its GGUF block type."""
+
+    def __init__(self, name: str, block_of: BlockOf, method: Method, *, dampening: float = 0.01,
+                 act_order: bool = True) -> None:
+        if method not in (Method.GPTQ, Method.RTN):
+            raise ValueError(f"GGUF grids are solved by gptq or rtn, not {method.value}")
+        self.name, self.block_of, self.method = name, block_of, method
+        self.dampening, self.act_order = dampening, act_order
+        self.result = PipelineResult()
+
+    def deployed(self, qt: GGUFTensor, work: LayerWork, device: torch.device) -> Tensor:
+        """What the file decodes to, in the compute dtype: the weight the next layer's inputs are made with."""
+        return qt.dequantize(work.model.compute_dtype).to(device)
+
+    def solve(self, work: LayerWork) -> dict[str, GGUFTensor]:
+        prefix = work.model.graph.layer_prefix(work.index)
+        blocks = {}
+        for name in linear_names(work.layer):
+            weight = work.linear(name).weight
+            block = self.block_of(f"{prefix}{name}.weight", tuple(weight.shape))
+            if block is not None:
+                blocks[name] = block
+        if not blocks:  # F16: every weight stays float
+            return {}
+        if work.acts is None:  # uncalibrated RTN
+            return {name: gguf_grid.quantize(block, work.linear(name).weight) for name, block in blocks.items()}
+        statistics, device = work.statistics, work.devices[0]
+        solved: dict[str, GGUFTensor] = {}
+        for group in work.plan.groups:
+            names = [name for name in group if name in blocks]
+            if not names:
+                continue
+            hessian = statistics[group].hessian(device)
+            weights = [work.linear(name).weight for name in names]
+            if self.method is Method.GPTQ:
+                work.progress(", ".join(names), self.name)
+                outcomes = gguf_gptq_quantize_shared(
+                    weights, [blocks[n] for n in names], hessian, dampening=self.dampening, act_order=self.act_order
+                )
+            else:
+                outcomes = [(gguf_grid.quantize(blocks[n], w), False) for n, w in zip(names, weights, strict=True)]
+            for name, weight, (qt, fell_back) in zip(names, weights, outcomes, strict=True):
+                mse, relative = output_error(weight, qt.dequantize().to(weight.device), hessian / 2)
+                self._record(work.index, name, mse, relative, fell_back)
+                solved[name] = qt
+        return solved
+
+    def _record(self, index: int, name: str, mse: float, relative: float, fell_back: bool) -> None:
+        note = "Cholesky failed, RTN on the GGUF grid" if fell_back else None
+        self.result.module_errors.append(ModuleError(index, name, mse, relative, fell_back, note))
+        if fell_back:
+            self.result.fallback_modules.append(f"{self.name} layers.{index}.{name}: {note}")
