@@ -155,7 +155,7 @@ def create_app(settings: Settings | None = None, *, service_metrics: ServiceMetr
     )
     add_docs(app)
     app.state.settings = settings
-    app.state.engine = make_engine(settings.database_url)
+    app.state.engine = make_engine(settings.database_url, pool_size=settings.db_pool_size)
     app.state.sessions = session_factory(app.state.engine)
     app.state.event_hub = EventHub(app.state.sessions)
     app.state.stream_slots = StreamSlots(settings.max_streams_per_key)

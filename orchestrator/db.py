@@ -31,10 +31,15 @@ def absolute_url(url: str) -> str:
     return parsed.set(database=str(path)).render_as_string(hide_password=False)
 
 
-def make_engine(url: str, **kwargs: Any) -> Engine:
+def make_engine(url: str, *, pool_size: int | None = None, **kwargs: Any) -> Engine:
+    """`pool_size` (PostgreSQL): connections kept open, as many again opened for a burst and closed after;
+    SQLAlchemy's default (5) otherwise. A server whose request threads outnumber it opens and closes a
+    connection for most requests under load."""
     kwargs.setdefault("hide_parameters", True)
     parsed = make_url(url)
     if parsed.get_backend_name() != "sqlite":
+        if pool_size is not None:
+            kwargs.update(pool_size=pool_size, max_overflow=pool_size)
         return create_engine(url, pool_pre_ping=True, **kwargs)
     if parsed.database and parsed.database != ":memory:":
         Path(parsed.database).expanduser().parent.mkdir(parents=True, exist_ok=True)

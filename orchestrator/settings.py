@@ -123,6 +123,12 @@ class Settings(BaseSettings):
         ge=0,
         description="an API process keeps a checked API key this long (a revoked key works at most this much longer); 0: check every request",
     )
+    db_pool_size: int = Field(
+        default=20,
+        ge=1,
+        description="database connections an API process keeps open (PostgreSQL); a request thread past them "
+        "opens one more (up to twice this many) and closes it when done, which costs a connection set-up",
+    )
     max_active_jobs_per_owner: int = Field(default=100, ge=1)
     max_streams_per_key: int = Field(
         default=20, ge=1, description="open event streams (events?follow=true) one API key may hold per API process"

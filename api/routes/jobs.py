@@ -138,21 +138,19 @@ def submit_job(
     except (InvalidSpecError, InputError) as e:
         raise HTTPException(status.HTTP_422_UNPROCESSABLE_CONTENT, str(e)) from e
     try:
-        with transaction(sessions) as session:
-            crud.lock_owner(session, principal.owner)  # counted and used atomically: no racing past the cap
-            job = crud.create_job(
-                session,
-                owner=principal.owner,
-                api_key_id=principal.key_id,
-                spec=spec,
-                request_hash=digest,
-                max_attempts=settings.max_attempts,
-                priority=body.priority,
-                labels=body.labels,
-                idempotency_key=idempotency_key,
-                plan=plan,
-                within_cap=settings.max_active_jobs_per_owner,
-            )
+        job = crud.submit_job(  # counted and inserted in one step per owner: no racing past the cap
+            sessions,
+            owner=principal.owner,
+            api_key_id=principal.key_id,
+            spec=spec,
+            request_hash=digest,
+            max_attempts=settings.max_attempts,
+            priority=body.priority,
+            labels=body.labels,
+            idempotency_key=idempotency_key,
+            plan=plan,
+            cap=settings.max_active_jobs_per_owner,
+        )
     except crud.OwnerCapReached:
         raise HTTPException(
             status.HTTP_429_TOO_MANY_REQUESTS,

@@ -6,14 +6,15 @@ changes are conditional UPDATEs, so a cancel racing a claim can never be lost or
 
 from __future__ import annotations
 
-import json
 import uuid
 from collections.abc import Sequence
 from typing import Any
 
-from sqlalchemy import bindparam, exists, func, select, text, update
-from sqlalchemy.orm import Session
+from sqlalchemy import exists, func, select, update
+from sqlalchemy.orm import Session, sessionmaker
 
+from orchestrator.db import transaction
+from orchestrator.queue import pg_submit
 from orchestrator.queue.models import Artifact, Job, JobEvent, JobLabel, utcnow
 from orchestrator.queue.scoping import newest_first_page, owned_by
 from orchestrator.queue.states import ACTIVE, JobState, check_transition
@@ -24,11 +25,10 @@ def add_event(session: Session, job_id: str, kind: str, attempt: int, **fields: 
 
 
 class OwnerCapReached(Exception):
-    """create_job(within_cap=...) found the owner already at the cap of queued and running jobs."""
+    """create_job(within_cap=...) or submit_job found the owner already at the cap of queued and running jobs."""
 
 
-def create_job(
-    session: Session,
+def new_job(
     *,
     owner: str,
     spec: dict[str, Any],
@@ -39,12 +39,9 @@ def create_job(
     idempotency_key: str | None = None,
     api_key_id: str | None = None,
     plan: dict[str, Any] | None = None,
-    within_cap: int | None = None,
 ) -> Job:
-    """Insert a queued job with its labels and first event. `within_cap`: only if the owner has fewer
-    queued and running jobs than that (OwnerCapReached otherwise); call lock_owner first in the same
-    transaction, so the count and the insert are one step per owner."""
-    job = Job(
+    """A queued job with its labels, not yet added to any session."""
+    return Job(
         id=uuid.uuid4().hex,
         owner=owner,
         api_key_id=api_key_id,
@@ -58,69 +55,38 @@ def create_job(
         labels=[JobLabel(key=k, value=v) for k, v in sorted((labels or {}).items())],
         plan=plan,
     )
-    if within_cap is not None and session.get_bind().dialect.name == "postgresql":
-        return _insert_within_cap(session, job, within_cap)
-    if within_cap is not None and count_active_jobs(session, owner) >= within_cap:
-        raise OwnerCapReached(owner)
+
+
+def create_job(session: Session, *, within_cap: int | None = None, **fields: Any) -> Job:
+    """Insert a queued job (`new_job`'s fields) with its labels and first event. `within_cap`: only if the
+    owner has fewer queued and running jobs than that (OwnerCapReached otherwise); call lock_owner first in
+    the same transaction, so the count and the insert are one step per owner."""
+    job = new_job(**fields)
+    if within_cap is not None and count_active_jobs(session, job.owner) >= within_cap:
+        raise OwnerCapReached(job.owner)
     session.add(job)
     session.flush()
     add_event(session, job.id, "state", 0, state=JobState.QUEUED.value, message="submitted")
     return job
 
 
-# PostgreSQL: the owner's count, the job, its labels and its first event in one statement (one round trip
-# instead of four, and a fraction of the ORM's CPU): what bounds the submit rate of the API. The count is
-# taken by this statement's own snapshot, after lock_owner's statement returned, so racing submits of one
-# owner still see each other's jobs.
-_INSERT_WITHIN_CAP = text(
-    """
-WITH job AS (
-    INSERT INTO jobs (id, owner, api_key_id, idempotency_key, request_hash, spec, state, priority, attempts,
-                      max_attempts, plan, created_at, updated_at)
-    SELECT CAST(:id AS varchar), CAST(:owner AS varchar), CAST(:api_key_id AS varchar),
-           CAST(:idempotency_key AS varchar), CAST(:request_hash AS varchar), CAST(:spec AS json),
-           CAST(:state AS varchar), CAST(:priority AS integer), 0, CAST(:max_attempts AS integer),
-           CAST(:plan AS json), CAST(:now AS timestamp), CAST(:now AS timestamp)
-    WHERE (SELECT count(*) FROM jobs WHERE owner = CAST(:owner AS varchar) AND state IN :active)
-          < CAST(:cap AS bigint)
-    RETURNING id
-), labels AS (
-    INSERT INTO job_labels (job_id, key, value)
-    SELECT job.id, label.key, label.value FROM job CROSS JOIN json_each_text(CAST(:labels AS json)) AS label
-), event AS (
-    INSERT INTO job_events (job_id, at, kind, attempt, state, message)
-    SELECT job.id, CAST(:now AS timestamp), 'state', 0, CAST(:state AS varchar), 'submitted' FROM job
-)
-SELECT count(*) FROM job
-"""
-).bindparams(bindparam("active", expanding=True))
+def submit_job(sessions: sessionmaker[Session], *, cap: int, **fields: Any) -> Job:
+    """Insert a queued job (`new_job`'s fields) with its labels and first event, and commit it, if its owner
+    has fewer than `cap` queued and running jobs (OwnerCapReached otherwise). Counted and inserted in one
+    step per owner, so racing submits cannot pass the cap. Returns the job as committed, outside any session.
 
-
-def _insert_within_cap(session: Session, job: Job, cap: int) -> Job:
-    now = utcnow()
-    inserted = session.execute(
-        _INSERT_WITHIN_CAP,
-        {
-            "id": job.id,
-            "owner": job.owner,
-            "api_key_id": job.api_key_id,
-            "idempotency_key": job.idempotency_key,
-            "request_hash": job.request_hash,
-            "spec": json.dumps(job.spec),
-            "state": job.state,
-            "priority": job.priority,
-            "max_attempts": job.max_attempts,
-            "plan": json.dumps(job.plan),  # None as JSON null, as the ORM stores it
-            "now": now.replace(tzinfo=None),  # stored as naive UTC (models.UTCDateTime)
-            "active": [JobState.QUEUED.value, *sorted(s.value for s in ACTIVE)],
-            "cap": cap,
-            "labels": json.dumps({label.key: label.value for label in job.labels}),
-        },
-    ).scalar_one()
-    if not inserted:
-        raise OwnerCapReached(job.owner)
-    job.created_at = job.updated_at = now  # the row as stored; `job` itself stays out of the session
-    return job
+    PostgreSQL: the owner's lock, the insert and the commit in one round trip (orchestrator.queue.pg_submit),
+    what bounds the submit rate of the API. Otherwise (SQLite, one writer at a time): through the ORM."""
+    engine = sessions.kw["bind"]
+    if engine.dialect.name == "postgresql":
+        job, now = new_job(**fields), utcnow()
+        if not pg_submit.insert_committed(engine, job, cap, now):
+            raise OwnerCapReached(job.owner)
+        job.created_at = job.updated_at = now  # the row as stored
+        return job
+    with transaction(sessions) as session:
+        lock_owner(session, fields["owner"])
+        return create_job(session, within_cap=cap, **fields)
 
 
 def find_by_idempotency_key(session: Session, owner: str, key: str) -> Job | None:
@@ -133,9 +99,7 @@ def lock_owner(session: Session, owner: str) -> None:
     PostgreSQL: a transaction-level advisory lock keyed by the owner's name. SQLite needs none: every
     transaction begins IMMEDIATE there (orchestrator.db), one writer at a time."""
     if session.get_bind().dialect.name == "postgresql":
-        session.connection().exec_driver_sql(
-            "SELECT pg_advisory_xact_lock(hashtext(%(key)s))", {"key": f"quantfleet.owner:{owner}"}
-        )
+        session.connection().exec_driver_sql(pg_submit.LOCK_OWNER, {"key": pg_submit.owner_lock_key(owner)})
 
 
 def count_active_jobs(session: Session, owner: str) -> int:

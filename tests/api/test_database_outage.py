@@ -68,7 +68,7 @@ def test_a_connection_lost_mid_request_gives_json_503(
     def lost(*args: Any, **kwargs: Any) -> Any:
         raise error
 
-    monkeypatch.setattr(crud, "create_job", lost)
+    monkeypatch.setattr(crud, "submit_job", lost)
     client_ = TestClient(client.app, raise_server_exceptions=False)
     r = client_.post("/v1/jobs", json=job_body, headers=keys["alice"])
     _assert_unavailable(r)
@@ -81,7 +81,7 @@ def test_other_database_errors_stay_a_500(
     def broken(*args: Any, **kwargs: Any) -> Any:
         raise OperationalError("INSERT", {}, sqlite3.OperationalError("no such table: jobs"))
 
-    monkeypatch.setattr(crud, "create_job", broken)
+    monkeypatch.setattr(crud, "submit_job", broken)
     r = TestClient(client.app, raise_server_exceptions=False).post(
         "/v1/jobs", json=job_body, headers=keys["alice"]
     )

@@ -9,11 +9,14 @@ from typing import Any
 
 import pytest
 from fastapi.testclient import TestClient
+from sqlalchemy import text
 
 from api.main import create_app
+from orchestrator.db import transaction
 from orchestrator.queue import crud
 from orchestrator.settings import Settings
 from tests.api.test_jobs_api import job_rows
+from tests.orchestrator.support import sessions_for
 
 CAP = 3
 RACERS = 10
@@ -72,3 +75,41 @@ def test_racing_batches_never_pass_the_per_owner_cap(
         codes = _race(c, lambda c: c.post("/v1/batches", json=batch, headers=keys["alice"]))
     assert sorted(codes) == [202] * CAP + [429] * (RACERS - CAP)
     assert job_rows(settings) == CAP
+
+
+def _wait_for_a_lock_waiter(settings: Settings) -> None:
+    """Until a transaction waits for an owner's advisory lock (PostgreSQL); SQLite shows no waiters: a
+    second, long enough for the submit to reach its BEGIN IMMEDIATE."""
+    if not settings.database_url.startswith("postgresql"):
+        time.sleep(1.0)
+        return
+    waiting = text("SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND NOT granted")
+    deadline = time.monotonic() + 30
+    with sessions_for(settings.database_url)() as s:
+        while not s.scalar(waiting):
+            assert time.monotonic() < deadline, "the submit never waited for the owner's lock"
+            time.sleep(0.02)
+            s.rollback()  # a fresh snapshot of pg_locks
+
+
+def test_a_submit_counts_the_job_committed_while_it_waited_for_the_owner(
+    settings: Settings, keys: dict, job_body: dict
+) -> None:
+    """The owner's jobs are counted after the submit's turn came (the lock granted), not before: with a
+    cap of 1, a job committed by the transaction that held the owner's lock meanwhile makes it a 429."""
+    capped = settings.model_copy(update={"max_active_jobs_per_owner": 1})
+    codes: list[int] = []
+    with TestClient(create_app(capped)) as c:
+        assert c.get("/v1/jobs", headers=keys["alice"]).status_code == 200  # key checked (and kept) first
+        submit = threading.Thread(
+            target=lambda: codes.append(c.post("/v1/jobs", json=job_body, headers=keys["alice"]).status_code)
+        )
+        with transaction(sessions_for(settings.database_url)) as holder:
+            crud.lock_owner(holder, "alice")
+            crud.create_job(holder, owner="alice", spec={"model": "m"}, request_hash="h", max_attempts=1)
+            submit.start()
+            _wait_for_a_lock_waiter(capped)
+            assert codes == []  # still waiting for its turn
+        submit.join(timeout=60)
+    assert codes == [429]
+    assert job_rows(settings) == 1

@@ -1,0 +1,106 @@
+"""PostgreSQL: a submit's owner lock, its capped insert and its commit sent to the server as one pipeline.
+
+The three statements travel in one round trip and the server runs them back to back: the owner's advisory
+lock (held to the commit), then one statement that counts the owner's queued and running jobs and inserts
+the job, its labels and its first event only if the count is below the cap, then COMMIT. The count is that
+statement's own snapshot, taken after the lock was granted (READ COMMITTED: one snapshot per statement), so
+racing submits of one owner see each other's committed jobs exactly as when the statements were sent one at a
+time. The lock is held only while the server runs the insert and the commit, never across a round trip to
+the API process, which is what bounds the submit rate of a single owner.
+
+The statements go through the driver (psycopg's pipeline mode, which SQLAlchemy's execute does not use) on a
+connection checked out of the engine's pool (pinged as usual); errors come back as SQLAlchemy's exceptions
+(a duplicate Idempotency-Key as IntegrityError, a lost connection as OperationalError with the connection
+invalidated), with no statement parameters in them, like every other statement of the service.
+"""
+
+from __future__ import annotations
+
+import json
+from datetime import datetime
+from typing import Any
+
+import psycopg
+from sqlalchemy import Engine
+from sqlalchemy.exc import DBAPIError
+
+from orchestrator.queue.models import Job
+from orchestrator.queue.states import ACTIVE, JobState
+
+ACTIVE_STATES = [JobState.QUEUED.value, *sorted(s.value for s in ACTIVE)]
+
+LOCK_OWNER = "SELECT pg_advisory_xact_lock(hashtext(%(key)s))"
+
+INSERT_WITHIN_CAP = """
+WITH job AS (
+    INSERT INTO jobs (id, owner, api_key_id, idempotency_key, request_hash, spec, state, priority, attempts,
+                      max_attempts, plan, created_at, updated_at)
+    SELECT %(id)s::varchar, %(owner)s::varchar, %(api_key_id)s::varchar, %(idempotency_key)s::varchar,
+           %(request_hash)s::varchar, %(spec)s::json, %(state)s::varchar, %(priority)s::integer, 0,
+           %(max_attempts)s::integer, %(plan)s::json, %(now)s::timestamp, %(now)s::timestamp
+    WHERE (SELECT count(*) FROM jobs WHERE owner = %(owner)s::varchar AND state = ANY(%(active)s::varchar[]))
+          < %(cap)s::bigint
+    RETURNING id
+), labels AS (
+    INSERT INTO job_labels (job_id, key, value)
+    SELECT job.id, label.key, label.value FROM job CROSS JOIN json_each_text(%(labels)s::json) AS label
+), event AS (
+    INSERT INTO job_events (job_id, at, kind, attempt, state, message)
+    SELECT job.id, %(now)s::timestamp, 'state', 0, %(state)s::varchar, 'submitted' FROM job
+)
+SELECT count(*) FROM job
+"""
+
+
+def owner_lock_key(owner: str) -> str:
+    """What the owner's advisory lock is keyed by (hashed by the server), on every path that takes it."""
+    return f"quantfleet.owner:{owner}"
+
+
+def _parameters(job: Job, cap: int, now: datetime) -> dict[str, Any]:
+    return {
+        "id": job.id,
+        "owner": job.owner,
+        "api_key_id": job.api_key_id,
+        "idempotency_key": job.idempotency_key,
+        "request_hash": job.request_hash,
+        "spec": json.dumps(job.spec),
+        "state": job.state,
+        "priority": job.priority,
+        "max_attempts": job.max_attempts,
+        "plan": json.dumps(job.plan),  # None as JSON null, as the ORM stores it
+        "now": now.replace(tzinfo=None),  # stored as naive UTC (models.UTCDateTime)
+        "active": ACTIVE_STATES,
+        "cap": cap,
+        "labels": json.dumps({label.key: label.value for label in job.labels}),
+    }
+
+
+def insert_committed(engine: Engine, job: Job, cap: int, now: datetime) -> bool:
+    """Lock `job.owner`, insert `job` (a transient row: its labels, and its first event) if the owner has
+    fewer than `cap` queued and running jobs, and commit. True: inserted and committed; False: the owner is
+    at the cap, nothing was written."""
+    with engine.connect() as connection:  # checked out of the pool and pinged; refused: OperationalError
+        pooled = connection.connection
+        driver: psycopg.Connection[Any] = pooled.driver_connection  # type: ignore[assignment]
+        try:
+            with driver.pipeline():
+                driver.execute(LOCK_OWNER, {"key": owner_lock_key(job.owner)})
+                inserted = driver.execute(INSERT_WITHIN_CAP, _parameters(job, cap, now))
+                driver.commit()
+            row = inserted.fetchone()
+        except psycopg.Error as e:
+            lost = engine.dialect.is_disconnect(e, pooled, None)  # type: ignore[arg-type]
+            if lost:
+                connection.invalidate(e)  # a broken connection never goes back to the pool
+            raise DBAPIError.instance(
+                INSERT_WITHIN_CAP,
+                None,
+                e,
+                psycopg.Error,
+                hide_parameters=True,
+                connection_invalidated=lost,
+                dialect=engine.dialect,
+            ) from e
+    # Closed: back to the pool, which rolls back a transaction that a failed statement left open.
+    return bool(row and row[0])
