@@ -56,9 +56,10 @@ def _perturb(model: torch.nn.Module, seed: int) -> None:
                 param.normal_(0.0, 0.5, generator=generator)
 
 
-def make_tiny_moe(family: str, directory: Path, seed: int = 0, *, biased_expert: int | None = None) -> Path:
-    """A random 2-layer MoE model of `family`; `biased_expert`: every router scores that expert far below the
-    others, so no calibration token is ever routed to it."""
+def make_tiny_moe(family: str, directory: Path, seed: int = 0, *, biased_expert: int | None = None,
+                  dtype: torch.dtype = torch.float16) -> Path:
+    """A random 2-layer MoE model of `family` saved in `dtype`; `biased_expert`: every router scores that expert far
+    below the others, so no calibration token is ever routed to it."""
     directory.mkdir(parents=True, exist_ok=True)
     tokenizer = make_tokenizer()
     class_name, overrides = MOE[family]
@@ -92,7 +93,7 @@ def make_tiny_moe(family: str, directory: Path, seed: int = 0, *, biased_expert:
                         a, b = [e for e in range(NUM_EXPERTS) if e != biased_expert][:2]
                         weight[biased_expert].zero_()
                         weight[b] = -weight[a]
-    model = model.to(torch.float16)  # type: ignore[arg-type]
+    model = model.to(dtype)  # type: ignore[arg-type]
     model.save_pretrained(directory)
     tokenizer.save_pretrained(directory)
     return directory

@@ -53,8 +53,6 @@ class ArchitectureInfo:
         names = {name for layer in layers for name, _ in layer.named_modules()}
         text_type = str(getattr(skeleton.config.get_text_config(), "model_type", graph.model_type))
         mappings = awq_candidates(graph.model_type, names) or awq_candidates(text_type, names)
-        if any(expert_blocks(layer) for layer in layers):
-            mappings = ()  # experts read a routed subset of the norm's output: no smoothing pairs hold
         experts = tuple(_expert_block(i, path, block, layer) for i, layer in enumerate(layers)
                         for path, block in expert_blocks(layer).items())
         dense = tuple(sorted({f"{i}.{name}" for i, layer in enumerate(layers) for name in dense_linears(layer)}))
@@ -66,11 +64,13 @@ class ArchitectureInfo:
 
     def check_awq(self) -> None:
         """InvalidSpecError unless AWQ has smoothing pairs for this family (never smooth with nothing)."""
-        if not self.awq_mappings and self.experts:
+        moe = [m for m in self.awq_mappings if ".experts." in m.anchor]
+        if self.experts and not moe:
             raise InvalidSpecError(
-                f"method awq needs smoothing pairs for {self.name}, and its Mixture-of-Experts layers have none: the "
-                "routed experts read different subsets of the norm's output, so no scale folds into it; use method "
-                "gptq or rtn"
+                f"method awq needs smoothing pairs for the Mixture-of-Experts layers of {self.name} (model type "
+                f"{self.graph.model_type!r}: norm → every expert's gate/up, with the routers folded exactly), and none "
+                "are known; use method gptq or rtn, or an MoE model type of: "
+                + ", ".join(sorted(k for k, v in AWQ_MAPPINGS.items() if any(".experts." in m.anchor for m in v)))
             )
         if not self.awq_mappings:
             known = ", ".join(sorted(AWQ_MAPPINGS))

@@ -11,22 +11,32 @@ checked to be that group's input, so a wrong entry fails loudly instead of smoot
 Fused projections: `parts` > 1 says the previous Linear's output is `parts` equal slices of which the
 last feeds the group (Phi-3's gate_up_proj → down_proj: the `up` half; qkv_proj → o_proj: the `v` third,
 only when q, k and v have one size). A family absent here is refused for AWQ at submit time.
+
+Mixture-of-Experts (llm-compressor's MoE mappings): the norm before the MoE block → every routed expert's
+gate/up Linears (and a shared expert's: they read the same tensor), and per expert up → down (`*` stands for
+the expert index, expanded for each expert). Every module reading the norm's output gets the exact fold, found at
+run time: all quantized Linears reading it (one group, or several when a shared expert reads the tensor before
+the block reshapes it: DeepSeek-V3) and the dense modules reading it (routers, Qwen2-MoE's `shared_expert_gate`:
+`AwqMapping.dense`, scaled by s but never quantized), so the float model is unchanged. gpt-oss has no up → down
+pair: its gating clamps `up` and adds 1 (not linear in `up`).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 
 @dataclass(frozen=True)
 class AwqMapping:
     """Scale the input group of `anchor` by s, fold 1/s into `prev` (into the last of its `parts` output
-    slices when `prev` is a Linear). `linears` is the resolved group (filled in at run time)."""
+    slices when `prev` is a Linear). `linears` is the resolved group (filled in at run time), `dense` the unquantized
+    modules reading the same tensor (MoE routers and gates)."""
 
     prev: str
     anchor: str
     parts: int = 1
     linears: tuple[str, ...] = ()
+    dense: tuple[str, ...] = ()  # modules kept dense that read the norm's output (routers): their columns × s
 
 
 def _llama(mlp_norm: str = "post_attention_layernorm", attn_norm: str | None = "input_layernorm") -> tuple[AwqMapping, ...]:
@@ -36,6 +46,16 @@ def _llama(mlp_norm: str = "post_attention_layernorm", attn_norm: str | None = "
         AwqMapping("self_attn.v_proj", "self_attn.o_proj"),
         *norms[1:],
         AwqMapping("mlp.up_proj", "mlp.down_proj"),
+    )
+
+
+def _moe(block: str, names: tuple[str, str, str] = ("gate_proj", "up_proj", "down_proj"),
+         shared: str | None = None) -> tuple[AwqMapping, ...]:
+    gate, up, down = names
+    return (
+        AwqMapping("post_attention_layernorm", f"{block}.experts.0.{gate}"),
+        AwqMapping(f"{block}.experts.*.{up}", f"{block}.experts.*.{down}"),
+        *((AwqMapping(f"{block}.{shared}.up_proj", f"{block}.{shared}.down_proj"),) if shared else ()),
     )
 
 
@@ -63,9 +83,34 @@ AWQ_MAPPINGS: dict[str, tuple[AwqMapping, ...]] = {
         AwqMapping("input_layernorm", "attention.query_key_value"),
         AwqMapping("post_attention_layernorm", "mlp.dense_h_to_4h"),
     ),
+    # Mixture-of-Experts (see the module docstring)
+    "mixtral": (*_llama()[:2], *_moe("block_sparse_moe", ("w1", "w3", "w2"))),
+    "qwen2_moe": (*_llama()[:2], *_moe("mlp", shared="shared_expert")),
+    "qwen3_moe": (*_llama()[:2], *_moe("mlp")),
+    "gpt_oss": (*_llama()[:2], *_moe("mlp")[:1]),
+    # multi-head latent attention: the norms inside attention feed q_b / kv_b; layers before
+    # first_k_dense_replace have a dense MLP (the entries that do not resolve in a layer are skipped there)
+    "deepseek_v3": (
+        AwqMapping("input_layernorm", "self_attn.q_a_proj"),
+        AwqMapping("self_attn.q_a_layernorm", "self_attn.q_b_proj"),
+        AwqMapping("self_attn.kv_a_layernorm", "self_attn.kv_b_proj"),
+        AwqMapping("post_attention_layernorm", "mlp.gate_proj"),
+        AwqMapping("mlp.up_proj", "mlp.down_proj"),
+        *_moe("mlp", shared="shared_experts"),
+    ),
 }
 
 
 def awq_candidates(model_type: str, module_names: set[str]) -> tuple[AwqMapping, ...]:
-    """The family's mappings whose modules exist in a decoder layer (`module_names`); () when none resolves."""
-    return tuple(m for m in AWQ_MAPPINGS.get(model_type, ()) if {m.prev, m.anchor} <= module_names)
+    """The family's mappings whose modules exist in a decoder layer (`module_names`), each `*` (an expert index)
+    expanded to every expert; () when none resolves."""
+    found: list[AwqMapping] = []
+    for m in AWQ_MAPPINGS.get(model_type, ()):
+        expanded = [m]
+        if "*" in m.prev:
+            head = m.prev.split("*")[0]
+            indices = {n[len(head):].split(".")[0] for n in module_names if n.startswith(head)}
+            expanded = [replace(m, prev=m.prev.replace("*", e), anchor=m.anchor.replace("*", e))
+                        for e in sorted((i for i in indices if i.isdigit()), key=int)]
+        found += [c for c in expanded if {c.prev, c.anchor} <= module_names]
+    return tuple(found)

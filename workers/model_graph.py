@@ -258,16 +258,20 @@ class LayerPlan:
 
 def discover_plan(layer: nn.Module, run: Callable[[], Any], candidates: tuple[AwqMapping, ...] = ()) -> LayerPlan:
     """Group the layer's Linears by the identity of their input tensor on one forward (`run()`), and resolve
-    AWQ's `candidates` (anchor Linear → its whole group; a norm's output must be that group's input)."""
+    AWQ's `candidates`: a Linear's mapping scales the anchor's whole group; a norm's mapping scales every quantized
+    Linear that reads the norm's output (the tensor or a view of it: MoE blocks reshape it) and lists the dense
+    modules reading it (routers), and the anchor must be among those Linears."""
     names = linear_names(layer)
     inputs: dict[str, int] = {}
-    outputs: dict[str, int] = {}
-    alive: list[Tensor] = []  # keeps every seen tensor alive, so no id is reused during the forward
+    storage: dict[str, tuple[int, ...]] = {}  # what each quantized Linear and dense weight module reads
+    outputs: dict[str, tuple[int, ...]] = {}
+    alive: list[Tensor] = []  # keeps every seen tensor alive, so no id or storage is reused during the forward
     handles = []
-    for name in names:
+    dense = [n for n, m in layer.named_modules() if n not in names and _own_matrix(m)]
+    for name in [*names, *dense]:
         def pre_hook(_m: nn.Module, args: tuple[Any, ...], name: str = name) -> None:
-            if name not in inputs:
-                inputs[name] = id(args[0])
+            if name not in storage and args and isinstance(args[0], Tensor):
+                inputs[name], storage[name] = id(args[0]), _storage(args[0])
                 alive.append(args[0])
         handles.append(layer.get_submodule(name).register_forward_pre_hook(pre_hook))
     for mapping in candidates:
@@ -275,7 +279,7 @@ def discover_plan(layer: nn.Module, run: Callable[[], Any], candidates: tuple[Aw
         if prev is not None and not isinstance(prev, nn.Linear):
             def hook(_m: nn.Module, _a: Any, out: Any, name: str = mapping.prev) -> None:
                 tensor = out[0] if isinstance(out, tuple) else out
-                outputs.setdefault(name, id(tensor))
+                outputs.setdefault(name, _storage(tensor))
                 alive.append(tensor)
             handles.append(prev.register_forward_hook(hook))
     try:
@@ -296,14 +300,28 @@ def discover_plan(layer: nn.Module, run: Callable[[], Any], candidates: tuple[Aw
     for mapping in candidates:
         if _find(layer, mapping.prev) is None or _find(layer, mapping.anchor) is None:
             continue
-        group = plan.group_of(mapping.anchor)
-        if mapping.prev in outputs and outputs[mapping.prev] != inputs[mapping.anchor]:
-            raise InputError(
-                f"AWQ mapping {mapping.prev} → {', '.join(group)} does not hold in {type(layer).__name__}: the output "
-                f"of {mapping.prev} is not the input of {mapping.anchor}; use method gptq or rtn"
-            )
-        mappings.append(AwqMapping(mapping.prev, mapping.anchor, mapping.parts, group))
+        linears, readers = plan.group_of(mapping.anchor), ()
+        if mapping.prev in outputs:
+            linears = tuple(n for n in plan.linears if storage[n] == outputs[mapping.prev])
+            readers = tuple(n for n in dense if storage.get(n) == outputs[mapping.prev])
+            if mapping.anchor not in linears:
+                raise InputError(
+                    f"AWQ mapping {mapping.prev} → {mapping.anchor} does not hold in {type(layer).__name__}: the output "
+                    f"of {mapping.prev} is not the input of {mapping.anchor}; use method gptq or rtn"
+                )
+        mappings.append(AwqMapping(mapping.prev, mapping.anchor, mapping.parts, linears, readers))
     return LayerPlan(groups, tuple(mappings))
+
+
+def _storage(tensor: Tensor) -> tuple[int, ...]:
+    """What a tensor holds: the same for the tensor and any reshaped view of it."""
+    return tensor.data_ptr(), tensor.numel(), tensor.element_size(), tensor.device.index or 0
+
+
+def _own_matrix(module: nn.Module) -> bool:
+    """A module that multiplies its input by its own `weight` matrix (a dense Linear, an MoE router)."""
+    weight = module._parameters.get("weight")
+    return weight is not None and weight.dim() == 2 and not isinstance(module, nn.Embedding)
 
 
 def _find(layer: nn.Module, name: str) -> nn.Module | None:

@@ -25,7 +25,9 @@ one group with one Hessian (the block's input), and each expert's down projectio
 Memory (`solve_layer`): an MoE layer's statistics are the groups of a dense layer plus one Hessian per
 expert's down projection (E · 4·I² bytes). When they exceed `STATISTICS_BUDGET_BYTES`, the layer is solved
 in passes: the first with every other group and as many experts as fit, then further chunks of experts,
-each pass one capture forward over the calibration windows holding only its own statistics.
+each pass one capture forward over the calibration windows holding only its own statistics. Methods that
+smooth (AWQ, awq-gptq) fold every scale before any Linear of the layer is rounded, so they solve an MoE layer in
+one pass, holding all its statistics (and AWQ's routed ones, workers/methods/awq_moe.py) at once.
 
 Too few tokens: an expert Linear whose statistics come from fewer tokens than it has inputs (a rank-deficient
 Hessian) is solved with `STARVED_DAMPENING_FACTOR` times the job's dampening; if Cholesky
@@ -153,16 +155,18 @@ class Expert(nn.Module):
         """Something watches this expert's inputs (a forward pre-hook on one of its Linears)."""
         return any(module._forward_pre_hooks for module in self.linears())
 
-    def forward(self, x: Tensor, activation: nn.Module, concatenated: bool) -> Tensor:
+    def hidden(self, x: Tensor, activation: nn.Module, concatenated: bool) -> Tensor:
+        """The down projection's input: the gated activation of the gate/up projections of `x`."""
         gating: Any = activation  # the fused module's own act_fn / _apply_gate
         up = self.get_submodule(self.names.up)(x)
         if self.names.gate is None:
-            hidden = gating.act_fn(up)
-        else:
-            gate = self.get_submodule(self.names.gate)(x)
-            gate_up = torch.cat([gate, up], dim=-1) if concatenated else torch.stack([gate, up], dim=-1).flatten(-2)
-            hidden = gating._apply_gate(gate_up)
-        out: Tensor = self.get_submodule(self.names.down)(hidden)
+            return gating.act_fn(up)  # type: ignore[no-any-return]
+        gate = self.get_submodule(self.names.gate)(x)
+        gate_up = torch.cat([gate, up], dim=-1) if concatenated else torch.stack([gate, up], dim=-1).flatten(-2)
+        return gating._apply_gate(gate_up)  # type: ignore[no-any-return]
+
+    def forward(self, x: Tensor, activation: nn.Module, concatenated: bool) -> Tensor:
+        out: Tensor = self.get_submodule(self.names.down)(self.hidden(x, activation, concatenated))
         return out
 
 
@@ -334,19 +338,21 @@ def solve_layer(method: QuantMethod, work: LayerWork, budget: int | None = None)
         return method.solve(work)
     layer, replicas, plan = work.layer, work.replicas, work.plan  # the plan's probe forward is not counted
     tokens = work.acts.num_tokens
-    passes = plan_passes(layer, plan, STATISTICS_BUDGET_BYTES if budget is None else budget)
+    smooths = work.spec.method.smooths  # every scale folded before any Linear is rounded: one pass
+    passes = [plan] if smooths else plan_passes(layer, plan, STATISTICS_BUDGET_BYTES if budget is None else budget)
     starved = STARVED_DAMPENING_FACTOR * work.spec.dampening
     solved: dict[str, QuantizedTensor] = {}
     first_record = len(work.result.module_errors)
     routed: dict[str, list[int]] = {}
     for sub in passes:
-        for part_plan, dampening in _by_dampening(layer, sub, tokens, work.spec.dampening, starved):
+        parts = [(sub, work.spec.dampening)] if smooths else _by_dampening(layer, sub, tokens, work.spec.dampening, starved)
+        for part_plan, dampening in parts:
             reset_counts(replicas)
             solved.update(method.solve(_work_with(work, part_plan, dampening)))
             # a capture forward that reached the MoE block routed every token once (one may stop before it)
             for path, counts in routed_counts(replicas).items():
                 routed[path] = [max(a, b) for a, b in zip(routed.get(path, counts), counts, strict=True)]
-    _annotate(work, first_record, routed, tokens, starved)
+    _annotate(work, first_record, routed, tokens, None if smooths else starved)
     return solved
 
 
@@ -373,7 +379,7 @@ def _work_with(work: LayerWork, plan: LayerPlan, dampening: float) -> LayerWork:
     return part
 
 
-def _annotate(work: LayerWork, first: int, routed: dict[str, list[int]], tokens: int, starved: float) -> None:
+def _annotate(work: LayerWork, first: int, routed: dict[str, list[int]], tokens: int, starved: float | None) -> None:
     for i in range(first, len(work.result.module_errors)):
         record = work.result.module_errors[i]
         owner = expert_of(work.layer, record.module)
@@ -383,7 +389,7 @@ def _annotate(work: LayerWork, first: int, routed: dict[str, list[int]], tokens:
         module = work.layer.get_submodule(record.module)
         assert isinstance(module, nn.Linear)
         note = f"expert {e}: routed {routed[path][e]} of {tokens} tokens, calibrated on all {tokens}"
-        if tokens < module.in_features:
+        if tokens < module.in_features and starved is not None:
             note += f"; fewer tokens than its {module.in_features} inputs: dampening {starved:g}"
             work.result.fallback_modules.append(f"layers.{work.index}.{record.module}: {note}")
         record.note = f"{note}; {record.note}" if record.note else note

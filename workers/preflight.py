@@ -172,10 +172,12 @@ def _expert_pattern(stored_layers: str, local: str) -> str:
     return f"{stored_layers}*.{collapsed}"
 
 
-def _moe_statistics(info: ModelInfo, layer: int, linears: dict[str, tuple[int, int]]) -> int:
+def _moe_statistics(info: ModelInfo, layer: int, linears: dict[str, tuple[int, int]], smooths: int = 0) -> int:
     """One solve pass's statistics of an MoE layer (workers/moe.py plan_passes): every non-expert Linear's
     (an upper bound, one per Linear), the experts' shared gate/up input once, and as many expert down_proj
-    Hessians as the budget holds (at least one)."""
+    Hessians as the budget holds (at least one). Methods that smooth solve the layer in one pass; AWQ's MoE
+    search adds each expert's routed statistics and the MoE block's input and output over the `smooths`
+    calibration tokens (float32; workers/methods/awq_moe.py)."""
     from workers.moe import STATISTICS_BUDGET_BYTES
 
     blocks = [b for b in info.architecture.experts if b.layer == layer]
@@ -183,6 +185,8 @@ def _moe_statistics(info: ModelInfo, layer: int, linears: dict[str, tuple[int, i
     dense = sum(4 * in_f * in_f for name, (_, in_f) in linears.items() if not name.startswith(inside))
     shared = sum(4 * b.hidden * b.hidden for b in blocks)
     own = [4 * b.intermediate * b.intermediate for b in blocks for _ in range(b.num_experts)]
+    if smooths:
+        return dense + shared + 2 * sum(own) + sum(2 * 4 * smooths * b.hidden for b in blocks)
     if dense + shared + sum(own) <= STATISTICS_BUDGET_BYTES:
         return dense + shared + sum(own)
     return max(STATISTICS_BUDGET_BYTES, dense + shared + max(own))
@@ -277,14 +281,16 @@ def build_plan(spec: JobSpec, info: ModelInfo, headers: Mapping[str, tuple[str, 
     calibrated = spec.calibration.path is not None
     moe_layers = {b.layer for b in info.architecture.experts}
     statistics = 0  # of the layer that holds the most
+    tokens = spec.calibration.num_samples * spec.calibration.seq_len if calibrated else 0
     for i in range(info.num_layers):
         linears = _layer_linears(info, i)
         if spec.method in (Method.GPTQ, Method.AWQ, Method.AWQ_GPTQ, Method.AUTO):
-            full = _moe_statistics(info, i, linears) if i in moe_layers else sum(4 * f * f for _, f in linears.values())
+            smooths = max(tokens, 1) if spec.method.smooths else 0
+            full = (_moe_statistics(info, i, linears, smooths) if i in moe_layers
+                    else sum(4 * f * f for _, f in linears.values()))
             statistics = max(statistics, full)
         elif calibrated:  # RTN with calibration: the E[x²] of the range search and the error report
             statistics = max(statistics, sum(4 * f for _, f in linears.values()))
-    tokens = spec.calibration.num_samples * spec.calibration.seq_len if calibrated else 0
     act_cpu = 2 * tokens * hidden * 4
     act_gpu = math.ceil(2 * tokens * hidden * model_bytes / max(1, spec.devices))
     layer_cpu, layer_gpu = layer_numel * 4, layer_numel * model_bytes
@@ -310,7 +316,8 @@ def build_plan(spec: JobSpec, info: ModelInfo, headers: Mapping[str, tuple[str, 
             total += entries * (_HEADER_BYTES_PER_TENSOR + len(graph.layers) + len(module) + 12)
         output[fmt.value] = total
 
-    mappings = tuple(f"{m.prev} → {m.anchor}" for m in info.architecture.awq_mappings) if spec.method.smooths else ()
+    pairs = (f"{m.prev} → {m.anchor}" for m in info.architecture.awq_mappings) if spec.method.smooths else ()
+    mappings = tuple(dict.fromkeys(re.sub(r"experts[.][0-9]+[.]", "experts.*.", p) for p in pairs))  # one per expert
     return JobPlan(
         architecture=info.architecture.name,
         model_type=graph.model_type,

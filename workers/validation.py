@@ -156,6 +156,11 @@ def check_against_model(spec: JobSpec) -> ModelInfo:
             f"SmoothQuant folds its scales into the smoothing pairs AWQ uses, and none are known for {arch.name};"
             " use scheme w8a8-int8 (no smoothing)"
         )
+    if spec.smoothquant is not None and arch.experts:  # its fold reaches no router, its search no routed output
+        raise InvalidSpecError(
+            f"SmoothQuant is not supported for the Mixture-of-Experts layers of {arch.name}; use scheme w8a8-int8 "
+            "(no smoothing), or method awq for weight-only grids"
+        )
 
     source = TensorSource(model_dir, allow_pickle=spec.allow_pickle)
     embed, head = arch.graph.embed_tokens, arch.graph.lm_head

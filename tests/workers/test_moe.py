@@ -2,12 +2,14 @@
 
 Tiny random models of Mixtral, Qwen2-MoE (shared expert + its gate), Qwen3-MoE, DeepSeek-V3 (dense layer 0,
 shared experts, latent attention) and gpt-oss (fused, transposed, interleaved experts with biases), saved by
-transformers' own `save_pretrained` (tests/moe_families.py). For each, with GPTQ and RTN:
+transformers' own `save_pretrained` (tests/moe_families.py). For each, with GPTQ, AWQ and RTN:
 - every expert of every MoE layer is quantized (counted against the config), under the per-expert names of the
   original checkpoints; routers and gates stay dense;
 - transformers + compressed-tensors loads the checkpoint and its logits equal QuantFleet's fake-quantized model
   (the layerwise model over the checkpoint read back) within 1e-3 (gpt-oss: see its test);
-- GPTQ's output error beats RTN's.
+- GPTQ's and AWQ's output errors beat RTN's;
+- AWQ's smoothing alone (scales folded, nothing rounded) leaves the float model's logits unchanged: the norm's
+  scales reach every expert, the shared experts, the routers and gates.
 """
 
 from __future__ import annotations
@@ -26,10 +28,12 @@ from transformers.utils.quantization_config import CompressedTensorsConfig
 from tests.helpers import write_text_corpus
 from tests.moe_families import MOE, MOE_LAYERS, NUM_EXPERTS, make_tiny_moe
 from workers import moe
+from workers.awq_mappings import AWQ_MAPPINGS
 from workers.engine import run_local
 from workers.errors import InvalidSpecError
 from workers.evaluate import QuantizedWeights
 from workers.loading import CheckpointWeights, LayerwiseModel, WeightSource, run_decoder_layer
+from workers.methods import awq
 from workers.model_graph import LayerPlan, build_skeleton
 from workers.pipeline import quantize_model
 from workers.preflight import plan_job, summary_lines
@@ -106,7 +110,7 @@ def test_moe_family_quantizes_every_expert_loads_and_matches(family: str, text: 
     assert routers
 
     errors = {}
-    for method in ("rtn", "gptq"):
+    for method in ("rtn", "gptq", "awq"):
         out = tmp_path / method
         plan = plan_job(spec_for(model_dir, method, text))
         report = run_local(spec_for(model_dir, method, text), out)
@@ -144,7 +148,11 @@ def test_moe_family_quantizes_every_expert_loads_and_matches(family: str, text: 
             with torch.no_grad():
                 assert relative(compressed(ids).logits.float(), ours) < 1e-3
         errors[method] = sum(e.error for e in report.module_errors)
+        if method == "awq":  # every mapping of the family, the experts' up → down once per expert
+            assert len(plan.awq_mappings) == len(AWQ_MAPPINGS[family]), plan.awq_mappings
+            assert any(".experts.*." in m for m in plan.awq_mappings), plan.awq_mappings
     assert errors["gptq"] < errors["rtn"], errors
+    assert errors["awq"] < 0.95 * errors["rtn"], errors
 
 
 def test_gpt_oss_fused_experts_are_split_quantized_and_read_back(text: Path, tmp_path: Path) -> None:
@@ -161,7 +169,7 @@ def test_gpt_oss_fused_experts_are_split_quantized_and_read_back(text: Path, tmp
         reference = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)(ids).logits
     assert relative(original, reference) < 1e-5
     errors = {}
-    for method in ("rtn", "gptq"):
+    for method in ("rtn", "gptq", "awq"):
         out = tmp_path / method
         report = run_local(spec_for(model_dir, method, text), out)
         assert {m for m in quantized_modules(out) if ".experts." in m} == expected_experts("gpt_oss")
@@ -172,6 +180,7 @@ def test_gpt_oss_fused_experts_are_split_quantized_and_read_back(text: Path, tmp
         assert 1e-4 < relative(ours, original) < 1.0
         errors[method] = sum(e.error for e in report.module_errors)
     assert errors["gptq"] < errors["rtn"], errors
+    assert errors["awq"] < 0.95 * errors["rtn"], errors
 
 
 def test_an_expert_the_router_never_picks_is_still_calibrated(text: Path, tmp_path: Path) -> None:
@@ -249,11 +258,43 @@ def test_preflight_counts_expert_statistics_within_the_budget(
     assert "dense: mlp.gate" in summary and "mlp.experts.*.down_proj ×8 [64×32]" in summary
 
 
-def test_awq_is_refused_for_moe_with_the_reason(text: Path, tmp_path: Path) -> None:
-    model_dir = make_tiny_moe("mixtral", tmp_path / "model")
-    with pytest.raises(InvalidSpecError, match="method awq needs smoothing pairs .* Mixture-of-Experts layers have none"):
+@pytest.mark.parametrize("family", ["mixtral", "qwen2_moe", "qwen3_moe", "deepseek_v3", "gpt_oss"])
+def test_awq_smoothing_alone_leaves_the_float_moe_model_unchanged(
+    family: str, text: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """AWQ with its scales searched and folded but nothing rounded, on a float32 model: the checkpoint's logits equal
+    the original's within 1e-4, though the norms before the MoE blocks, every expert's gate/up, the shared experts
+    and the routers and gates (dense, never quantized) all changed."""
+    model_dir = make_tiny_moe(family, tmp_path / "model", dtype=torch.float32)
+    monkeypatch.setattr(awq.Awq, "solve", lambda self, work: (awq.smooth(work), {})[1])
+    out = tmp_path / "smoothed"
+    run_local(spec_for(model_dir, "awq", text, samples=2), out)
+    model = LayerwiseModel(model_dir, CPU)
+    ids = torch.randint(4, 290, (2, SEQ_LEN), generator=torch.Generator().manual_seed(0))
+    original = layerwise_logits(model, CheckpointWeights(TensorSource(model_dir)), ids)
+    smoothed = layerwise_logits(model, QuantizedWeights(out, model.model_dtype), ids)
+    assert relative(smoothed, original) < 1e-4
+    with safe_open(str(model_dir / "model.safetensors"), "pt") as a, safe_open(str(out / "model.safetensors"), "pt") as b:
+        changed = {n for n in a.keys() if n in b.keys() and not torch.equal(a.get_tensor(n), b.get_tensor(n))}  # noqa: SIM118
+    block, layers = BLOCK.get(family, "mlp"), MOE_LAYERS.get(family, [0, 1])
+    readers = {"mixtral": ["gate"], "qwen2_moe": ["gate", "shared_expert_gate", "shared_expert.gate_proj"],
+               "qwen3_moe": ["gate"], "deepseek_v3": ["gate", "shared_experts.up_proj"], "gpt_oss": ["router"]}[family]
+    for layer in layers:
+        prefix = f"model.layers.{layer}."
+        assert f"{prefix}post_attention_layernorm.weight" in changed
+        assert {f"{prefix}{block}.{r}.weight" for r in readers} <= changed, sorted(changed)
+        if family != "gpt_oss":  # (its experts are stored fused: compared through the logits only)
+            gate = EXPERT_LINEARS[family][0]
+            assert {f"{prefix}{block}.experts.{e}.{gate}.weight" for e in range(NUM_EXPERTS)} <= changed
+
+
+def test_awq_is_refused_for_an_moe_family_without_mappings(monkeypatch: pytest.MonkeyPatch, tmp_path: Path,
+                                                          text: Path) -> None:
+    model_dir = make_tiny_moe("qwen3_moe", tmp_path / "model")
+    monkeypatch.setitem(AWQ_MAPPINGS, "qwen3_moe", AWQ_MAPPINGS["llama"][:2])  # attention only
+    with pytest.raises(InvalidSpecError, match="method awq needs smoothing pairs for the Mixture-of-Experts layers of "
+                                               "Qwen3MoeForCausalLM .* mixtral, qwen2_moe"):
         run_local(spec_for(model_dir, "awq", text), tmp_path / "out")
-    assert set(MOE) >= {"mixtral", "qwen2_moe", "qwen3_moe", "gpt_oss", "deepseek_v3"}
 
 
 def test_experts_in_a_layout_without_transformers_flags_are_refused() -> None:

@@ -20,9 +20,11 @@ from torch import Tensor, nn
 
 from workers.awq_mappings import AwqMapping
 from workers.devices import assign_groups
+from workers.methods import awq_moe
 from workers.methods.base import LayerWork, QuantMethod, register
 from workers.methods.groups import to_device
 from workers.model_graph import Group, LayerPlan
+from workers.moe import expert_blocks
 from workers.output_error import output_error
 from workers.quant.awq import apply_clip, search_clip, search_scales
 from workers.quant.grid import QuantizedTensor
@@ -61,20 +63,30 @@ def usable_mappings(work: LayerWork) -> list[AwqMapping]:
     return usable
 
 
-def search(work: LayerWork, mapping: AwqMapping, stats: AwqStatistics, device: int = 0) -> Tensor:
-    """The scale search of one mapping on device `device`'s copy of its Linears and the statistics given."""
+def search(work: LayerWork, mapping: AwqMapping, stats: AwqStatistics, device: int = 0,
+           moe: awq_moe.MoeCapture | None = None) -> Tensor:
+    """The scale search of one mapping on device `device`'s copy of its Linears and the statistics given; the
+    mappings of MoE layers are scored on the layer's routed output (workers/methods/awq_moe.py)."""
+    if moe is not None and (scales := awq_moe.search(work, mapping, stats.mean_abs, moe, device)) is not None:
+        return scales
     weights = [work.linear(name, device).weight for name in mapping.linears]
     return search_scales(stats.second_moment, stats.mean_abs, weights, work.spec.scheme, grid=work.options.awq_grid,
                          scale_dtype=work.dtype)[0]
+
+
+def groups_of(plan: LayerPlan, mapping: AwqMapping) -> list[Group]:
+    """The groups a mapping scales: one, or several reading one norm's output (an MoE block's reshaped view)."""
+    return list(dict.fromkeys(plan.group_of(name) for name in mapping.linears))
 
 
 def _searches_independent(mappings: Sequence[AwqMapping], plan: LayerPlan) -> bool:
     """No mapping reads a Linear, or a group input, that an earlier mapping's folding changes."""
     changed: set[str] = set()
     for m in mappings:
-        if changed & {*m.linears, "input:" + ",".join(plan.group_of(m.linears[0]))}:
+        inputs = {"input:" + ",".join(group) for group in groups_of(plan, m)}
+        if changed & {*m.linears, *inputs}:
             return False
-        changed |= {m.prev, *m.linears, "input:" + ",".join(plan.group_of(m.linears[0]))}
+        changed |= {m.prev, *m.linears, *inputs}
     return True
 
 
@@ -83,6 +95,7 @@ def smooth(work: LayerWork) -> tuple[dict[Group, AwqStatistics], dict[str, Tenso
     inputs and, per Linear whose output rows were divided by a later mapping's scales, that row scale."""
     devices, plan, stats = work.devices, work.plan, merged_statistics(work)
     mappings = usable_mappings(work)
+    moe = awq_moe.capture(work) if expert_blocks(work.layer) and mappings else None
     found: list[Tensor] = []
     if _searches_independent(mappings, plan):
         owner = assign_groups([sum(work.linear(n).weight.numel() for n in m.linears) for m in mappings], len(devices))
@@ -95,25 +108,29 @@ def smooth(work: LayerWork) -> tuple[dict[Group, AwqStatistics], dict[str, Tenso
                 if o == d:
                     group = stats[plan.group_of(m.linears[0])]
                     local = AwqStatistics(group.second_moment.to(devices[d]), group.mean_abs.to(devices[d]))
-                    mine.append(search(work, m, local, d).to(devices[0]))
+                    mine.append(search(work, m, local, d, moe).to(devices[0]))
             return mine
 
         per_device = work.threads.run(scales_on)
         found = [per_device[d].pop(0) for d in owner]  # back in mapping order
     row_scale: dict[str, Tensor] = {}
     for i, m in enumerate(mappings):
-        group = stats[plan.group_of(m.linears[0])]
+        first, *others = groups_of(plan, m)
         if not found:
             work.progress(m.prev, "awq scale search")
-        fold(work.layer, m, found[i] if found else search(work, m, group), group, row_scale)
+        scales = found[i] if found else search(work, m, stats[first], 0, moe)
+        fold(work.layer, m, scales, stats[first], row_scale)
+        for group in others:
+            stats[group].divide(scales)
     return stats, row_scale
 
 
 def fold(layer: nn.Module, mapping: AwqMapping, scales: Tensor, stats: AwqStatistics, row_scale: dict[str, Tensor]) -> None:
-    """Fold 1/s into the previous op, s into the mapping's Linears and 1/s into their input statistics."""
+    """Fold 1/s into the previous op, s into the mapping's Linears and the dense modules reading the same input
+    (MoE routers: exact, never quantized), and 1/s into their input statistics."""
     prev = layer.get_submodule(mapping.prev)
     _fold_scales(prev, scales)
-    for name in mapping.linears:
+    for name in (*mapping.linears, *mapping.dense):
         weight = layer.get_submodule(name).weight
         assert isinstance(weight, Tensor)
         weight.mul_(scales.to(weight.device, weight.dtype))

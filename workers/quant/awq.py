@@ -53,6 +53,12 @@ def output_mse(sigma: Tensor, delta: Tensor) -> Tensor:
     return ((delta @ sigma) * delta).sum() / delta.shape[0]
 
 
+def candidate_scales(mean_abs: Tensor, alpha: float) -> Tensor:
+    """AWQ's candidate s = s_x^α (floored at MIN_SCALE), normalised by sqrt(max(s)·min(s))."""
+    s = mean_abs.pow(alpha).clamp(min=MIN_SCALE)
+    return s / (s.max() * s.min()).sqrt()
+
+
 def search_scales(
     sigma: Tensor,
     mean_abs: Tensor,
@@ -76,8 +82,7 @@ def search_scales(
     check = ScaleCheck()
     candidates, losses = [], []
     for step in range(grid):
-        s = s_x.pow(step / grid).clamp(min=MIN_SCALE)
-        s = s / (s.max() * s.min()).sqrt()
+        s = candidate_scales(s_x, step / grid)
         candidates.append(s)
         losses.append(output_mse(sigma, w - fake_quantize(w * s, scheme, check=check, scale_dtype=scale_dtype) / s))
     check.raise_first()
