@@ -192,7 +192,8 @@ def _moe_statistics(info: ModelInfo, layer: int, linears: dict[str, tuple[int, i
     return max(STATISTICS_BUDGET_BYTES, dense + shared + max(own))
 
 
-def _expert_modules(info: ModelInfo, headers: Mapping[str, tuple[str, tuple[int, ...]]]) -> tuple[ExpertModules, ...]:
+def _expert_modules(info: ModelInfo, headers: Mapping[str, tuple[str, tuple[int, ...]]],
+                    smooths: int = 0) -> tuple[ExpertModules, ...]:
     arch = info.architecture
     stored_layers = arch.layer_prefix(0)[: -len("0.")]
     by_path: dict[str, list[Any]] = {}
@@ -202,7 +203,7 @@ def _expert_modules(info: ModelInfo, headers: Mapping[str, tuple[str, tuple[int,
     for path, blocks in by_path.items():
         b = blocks[0]
         fused = any(f"{arch.layer_prefix(x.layer)}{path}.down_proj" in headers for x in blocks)
-        per_layer = [_moe_statistics(info, x.layer, _layer_linears(info, x.layer)) for x in blocks]
+        per_layer = [_moe_statistics(info, x.layer, _layer_linears(info, x.layer), smooths) for x in blocks]
         found.append(ExpertModules(
             pattern=f"{stored_layers}*.{path}", layers=len(blocks), experts=b.num_experts, linears=b.linears,
             hidden=b.hidden, intermediate=b.intermediate, fused_in_model=b.fused, fused_in_checkpoint=fused,
@@ -336,7 +337,7 @@ def build_plan(spec: JobSpec, info: ModelInfo, headers: Mapping[str, tuple[str, 
         weight_bytes=info.weight_bytes,
         memory=memory,
         output_bytes=output,
-        experts=_expert_modules(info, headers),
+        experts=_expert_modules(info, headers, max(tokens, 1) if spec.method.smooths else 0),
         towers=towers,
     )
 

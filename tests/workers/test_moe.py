@@ -253,6 +253,10 @@ def test_preflight_counts_expert_statistics_within_the_budget(
     assert plan_job(spec_for(model_dir, "gptq", text)).memory.statistics == dense + shared + 2 * down
     monkeypatch.setattr(moe, "STATISTICS_BUDGET_BYTES", 1)  # one expert per pass, the rest in the first
     assert plan_job(spec_for(model_dir, "gptq", text)).memory.statistics == dense + shared + down
+    # AWQ: one pass whatever the budget, each expert's routed statistics too, the block's input and output (float32)
+    awq_plan = plan_job(spec_for(model_dir, "awq", text))
+    assert awq_plan.memory.statistics == dense + shared + 2 * NUM_EXPERTS * down + 2 * 4 * 8 * SEQ_LEN * 64
+    assert "mlp.experts.*.up_proj → mlp.experts.*.down_proj" in awq_plan.awq_mappings
     summary = "\n".join(summary_lines(plan.to_dict()))
     assert "experts: model.layers.*.mlp.experts ×2 layers, 4 experts each, all quantized" in summary
     assert "dense: mlp.gate" in summary and "mlp.experts.*.down_proj ×8 [64×32]" in summary
@@ -286,6 +290,33 @@ def test_awq_smoothing_alone_leaves_the_float_moe_model_unchanged(
         if family != "gpt_oss":  # (its experts are stored fused: compared through the logits only)
             gate = EXPERT_LINEARS[family][0]
             assert {f"{prefix}{block}.experts.{e}.{gate}.weight" for e in range(NUM_EXPERTS)} <= changed
+
+
+def test_awq_scores_an_expert_on_the_tokens_routed_to_it(
+    text: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Expert 3 of Mixtral is never routed to: its up → down scale search sees no token (the block's output does not
+    depend on its w2), so s = 1 and its w2 stays as stored, while the routed experts' w2 are scaled; every expert's
+    w1/w3 get the norm's scales (searched on the block's routed output), and the model's logits are unchanged."""
+    model_dir = make_tiny_moe("mixtral", tmp_path / "model", biased_expert=3, dtype=torch.float32)
+    monkeypatch.setattr(awq.Awq, "solve", lambda self, work: (awq.smooth(work), {})[1])
+    out = tmp_path / "smoothed"
+    run_local(spec_for(model_dir, "awq", text, samples=2), out)
+    with safe_open(str(model_dir / "model.safetensors"), "pt") as a, safe_open(str(out / "model.safetensors"), "pt") as b:
+        def ratio(name: str) -> torch.Tensor:  # per input column: stored after / before
+            return (b.get_tensor(name) / a.get_tensor(name)).mean(dim=0)
+
+        for layer in (0, 1):
+            experts = f"model.layers.{layer}.block_sparse_moe.experts"
+            assert torch.equal(ratio(f"{experts}.3.w2.weight"), torch.ones(32))
+            assert all((ratio(f"{experts}.{e}.w2.weight") - 1).abs().max() > 0.05 for e in (0, 1, 2))
+            norm_scale = ratio(f"{experts}.3.w1.weight")
+            assert (norm_scale - 1).abs().max() > 0.05 and torch.allclose(ratio(f"{experts}.0.w1.weight"), norm_scale)
+            assert torch.allclose(ratio(f"{experts}.3.w3.weight"), norm_scale)  # its rows: not divided (s = 1)
+    model = LayerwiseModel(model_dir, CPU)
+    ids = torch.randint(4, 290, (2, SEQ_LEN), generator=torch.Generator().manual_seed(0))
+    original = layerwise_logits(model, CheckpointWeights(TensorSource(model_dir)), ids)
+    assert relative(layerwise_logits(model, QuantizedWeights(out, model.model_dtype), ids), original) < 1e-4
 
 
 def test_awq_is_refused_for_an_moe_family_without_mappings(monkeypatch: pytest.MonkeyPatch, tmp_path: Path,
@@ -351,11 +382,13 @@ class _Collect:
         self.quantized[module_name] = qt
 
 
-def test_two_devices_calibrate_every_expert_like_one(text: Path, tmp_path: Path) -> None:
+@pytest.mark.parametrize("method", ["gptq", "awq"])
+def test_two_devices_calibrate_every_expert_like_one(method: str, text: Path, tmp_path: Path) -> None:
     """Calibration windows split over two devices: each replica routes its own tokens, the counts add up to the
-    one-device counts, and the codes are those of one device (Hessian sums differ only in addition order)."""
+    one-device counts, and the codes are those of one device (Hessian sums differ only in addition order; AWQ's MoE
+    search reads every device's windows through the primary)."""
     model_dir = make_tiny_moe("qwen2_moe", tmp_path / "model")
-    spec = spec_for(model_dir, "gptq", text)
+    spec = spec_for(model_dir, method, text)
     ids = torch.randint(4, 290, (8, SEQ_LEN), generator=torch.Generator().manual_seed(0))
     runs = {}
     for devices in ([CPU], [CPU, CPU]):
