@@ -14,6 +14,7 @@ transformers' own `save_pretrained` (tests/moe_families.py). For each, with GPTQ
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
 from pathlib import Path
@@ -39,8 +40,9 @@ from workers.pipeline import quantize_model
 from workers.preflight import plan_job, summary_lines
 from workers.quant.grid import QuantizedTensor
 from workers.report import EngineReport
-from workers.spec import CalibrationSpec, JobSpec, Method, QuantScheme
+from workers.spec import W8A8_INT8, CalibrationSpec, JobSpec, Method, QuantScheme
 from workers.tensor_source import TensorSource
+from workers.validation import check_against_model
 
 CPU = torch.device("cpu")
 SEQ_LEN = 32
@@ -326,6 +328,15 @@ def test_awq_is_refused_for_an_moe_family_without_mappings(monkeypatch: pytest.M
     with pytest.raises(InvalidSpecError, match="method awq needs smoothing pairs for the Mixture-of-Experts layers of "
                                                "Qwen3MoeForCausalLM .* mixtral, qwen2_moe"):
         run_local(spec_for(model_dir, "awq", text), tmp_path / "out")
+
+
+def test_smoothquant_is_refused_for_moe_with_the_reason(text: Path, tmp_path: Path) -> None:
+    """SmoothQuant folds with AWQ's pairs but its fold reaches no router and its search no routed output."""
+    model_dir = make_tiny_moe("qwen2_moe", tmp_path / "model")
+    spec = dataclasses.replace(spec_for(model_dir, "gptq", text), scheme=W8A8_INT8, smoothquant=0.8)
+    with pytest.raises(InvalidSpecError, match="SmoothQuant is not supported for the Mixture-of-Experts layers of "
+                                               "Qwen2MoeForCausalLM"):
+        check_against_model(spec)
 
 
 def test_experts_in_a_layout_without_transformers_flags_are_refused() -> None:
