@@ -29,7 +29,7 @@ EXAMPLE_JOB: dict[str, Any] = {
 
 MAX_GPUS_PER_JOB = 16  # the engine's limit on JobSpec.devices
 
-FormatName = Literal[  # workers.spec.OutputFormat; gguf:<type> is a llama.cpp file (a job of GGUF formats only)
+FormatName = Literal[  # workers.spec.OutputFormat; gguf:<type> is a llama.cpp file, solved on its own grid
     "compressed-tensors", "gptq", "gguf:Q4_0", "gguf:Q4_1", "gguf:Q5_0", "gguf:Q5_1", "gguf:Q8_0", "gguf:Q4_K_M",
     "gguf:Q6_K", "gguf:F16",
 ]

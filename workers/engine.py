@@ -6,8 +6,10 @@ when every file (checkpoints, tokenizer, eval.json) is complete. A failure or ca
 staging directory, so an `out_dir` that exists is always a finished job.
 
 Layout: the first format in `spec.formats` at the root of `out_dir`, every other format in
-`out_dir/<format>/` (e.g. `out_dir/gptq/`), each with the tokenizer files; `out_dir/eval.json` is the
-EngineReport.
+`out_dir/<format>/` (e.g. `out_dir/gptq/`), each with the tokenizer files, GGUF files as
+`gguf-<TYPE>/model-<TYPE>.gguf` (workers/outputs.py); `out_dir/eval.json` is the EngineReport. Every format
+comes from one calibration pass: the formats' grids are solved from the same layer statistics
+(workers/pipeline.py), and each grid is evaluated (`outputs` in eval.json; `eval` is the first format's).
 """
 
 from __future__ import annotations
@@ -29,19 +31,15 @@ import torch
 import transformers
 
 from workers import auto, mixed_precision, resume
-from workers.bits_per_weight import bits_per_weight
 from workers.calibration import calibration_windows
 from workers.calibration_cache import CalibrationProvider
 from workers.devices import resolve_devices
 from workers.errors import InputError
-from workers.evaluate import compare_on_windows, evaluate
+from workers.evaluate import compare_on_windows, evaluate_many
 from workers.formats.mixed_precision import schemes_from_config
-from workers.formats.writer import CheckpointWriter
-from workers.gguf_job import build_gguf
 from workers.loading import CheckpointWeights, LayerwiseModel, load_tokenizer
 from workers.memory import PeakMemory
-from workers.methods.kv_cache import kv_cache_scheme
-from workers.multimodal import complete_checkpoint
+from workers.outputs import JobOutputs
 from workers.pipeline import PipelineOptions, PipelineResult, quantize_model
 from workers.progress import CancelCheck, Progress, ProgressCallback, never_cancel, no_progress
 from workers.quant.gptq import warm_up
@@ -50,51 +48,32 @@ from workers.spec import JobSpec, Method
 from workers.tensor_source import TensorSource
 from workers.validation import ModelInfo, check_against_model
 
-# Files a runtime needs besides the weights; copied into every checkpoint directory when present.
-TOKENIZER_FILES = (
-    "tokenizer.json",
-    "tokenizer_config.json",
-    "special_tokens_map.json",
-    "generation_config.json",
-    "added_tokens.json",
-    "chat_template.jinja",
-    "tokenizer.model",
-    "vocab.json",
-    "merges.txt",
-)
 REPORT_FILE = "eval.json"
 
 
-def versions() -> dict[str, str]:
-    try:
-        quantfleet = metadata.version("quantfleet")
-    except metadata.PackageNotFoundError:
-        quantfleet = "unknown"
-    return {
-        "quantfleet": quantfleet,
+def versions(spec: JobSpec | None = None) -> dict[str, str]:
+    def version(name: str) -> str:
+        try:
+            return metadata.version(name)
+        except metadata.PackageNotFoundError:
+            return "unknown"
+
+    found = {
+        "quantfleet": version("quantfleet"),
         "torch": torch.__version__,
         "transformers": transformers.__version__,
-        "compressed-tensors": compressed_tensors.__version__,
     }
+    formats = spec.formats if spec is not None else ()
+    if any(not f.is_gguf for f in formats) or spec is None:
+        found["compressed-tensors"] = compressed_tensors.__version__
+    if any(f.is_gguf for f in formats):
+        found["gguf"] = version("gguf")
+    return found
 
 
 def check_out_dir(out_dir: Path) -> None:
     if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())):
         raise InputError(f"output directory {out_dir} already exists and is not empty; choose a new path or remove it")
-
-
-def _checkpoint_dirs(spec: JobSpec, root: Path) -> list[Path]:
-    return [root if i == 0 else root / fmt.value for i, fmt in enumerate(spec.formats)]
-
-
-def _copy_tokenizer(model_dir: Path, dest: Path) -> None:
-    for name in TOKENIZER_FILES:
-        if (model_dir / name).is_file():
-            shutil.copy2(model_dir / name, dest / name)
-
-
-def _weights_bytes(directory: Path) -> int:
-    return sum(p.stat().st_size for p in directory.glob("*.safetensors"))
 
 
 def _publish(staging: Path, out_dir: Path) -> None:
@@ -171,8 +150,6 @@ def _build(
     options: PipelineOptions | None,
     calibration_provider: CalibrationProvider | None = None,
 ) -> EngineReport:
-    if any(f.is_gguf for f in spec.formats):  # GGUF's own grids, one export per format: workers/gguf_job.py
-        return build_gguf(spec, info, staging, devices[0], on_progress, should_cancel, calibration_provider)
     report = EngineReport(
         model=str(info.model_dir),
         architecture=info.architecture.name,
@@ -183,7 +160,7 @@ def _build(
         formats=[f.value for f in spec.formats],
         num_layers=info.num_layers,
         bytes_original=info.weight_bytes,
-        versions=versions(),
+        versions=versions(spec),
     )
     timings = report.timings_s
     device = devices[0]  # the model, evaluation and peak memory live here; calibration spans all devices
@@ -198,7 +175,7 @@ def _build(
 
         mark = time.perf_counter()
         calibration, holdout = None, None
-        if spec.calibration.path and tokenizer is not None:
+        if spec.calibration.path and tokenizer is not None and _calibrates(spec):
             on_progress(Progress("calibrate", num_layers=info.num_layers, message="tokenizing calibration text"))
             provide = calibration_provider or calibration_windows
             if spec.method is Method.AUTO:
@@ -215,56 +192,57 @@ def _build(
         spec, measured = _mixed_precision_allocation(spec, model, weights, calibration, options, on_progress)
         build = partial(_quantize_into, model=model, weights=weights, info=info, calibration=calibration,
                         devices=devices, on_progress=on_progress, should_cancel=should_cancel, options=options,
-                        timings=timings)
+                        timings=timings, keep_dequantized=spec.eval is not None)
         if spec.method is Method.AUTO and holdout is not None:
-            dirs, result = _choose_candidate(spec, staging, build, holdout, report, device, on_progress, should_cancel)
+            outputs, result = _choose_candidate(spec, info, staging, build, holdout, report, device, on_progress, should_cancel)
         else:
-            dirs, result = build(spec, staging)
-        report.module_errors, report.fallback_modules = result.module_errors, result.fallback_modules
+            outputs, result = build(spec, staging)
+        report.module_errors, report.fallback_modules = outputs.module_errors(result), outputs.fallback_modules(result)
         timings["quantize"] = time.perf_counter() - mark - timings["write"]
-        report.bytes_quantized = _weights_bytes(dirs[0])
-        report.bits_per_weight = bits_per_weight(info.model_dir, dirs[0])
+        report.bytes_quantized, report.bits_per_weight = outputs.size(spec.formats[0])
         if spec.mixed_precision is not None:
-            report.mixed_precision = _mixed_precision_report(spec, info, dirs[0], measured)
+            report.mixed_precision = _mixed_precision_report(spec, info, outputs.paths[0], measured)
 
+        metrics = None
         if spec.eval is not None and tokenizer is not None:
             mark = time.perf_counter()
             batch = options.batch_tokens if options else PipelineOptions().batch_tokens
-            report.eval = evaluate(
-                info.model_dir, dirs[0], spec.eval, tokenizer, device, on_progress,
+            metrics = evaluate_many(  # every grid in one pass of the original model
+                info.model_dir, outputs.eval_sources(), spec.eval, tokenizer, device, on_progress,
                 batch_tokens=batch, should_cancel=should_cancel,
             )
+            report.eval = metrics[0]  # the primary format's
             timings["evaluate"] = time.perf_counter() - mark
+        report.outputs = outputs.summary(metrics)
     report.peak_memory_bytes = memory.result()
     return report
+
+
+def _calibrates(spec: JobSpec) -> bool:
+    """RTN on GGUF grids alone reads no calibration (llama.cpp's own rules): its text is not even tokenized."""
+    return not (spec.method is Method.RTN and all(f.is_gguf for f in spec.formats))
 
 
 def _quantize_into(
     spec: JobSpec, root: Path, *, model: LayerwiseModel, weights: CheckpointWeights, info: ModelInfo,
     calibration: torch.Tensor | None, devices: list[torch.device], on_progress: ProgressCallback,
-    should_cancel: CancelCheck, options: PipelineOptions | None, timings: dict[str, float],
-) -> tuple[list[Path], PipelineResult]:
-    """Quantize with `spec` and write every format of it under `root` (see the module docstring's layout)."""
-    dirs = _checkpoint_dirs(spec, root)
-    writers = [
-        CheckpointWriter(
-            d, fmt, spec.scheme, info.dtype, act_order=spec.act_order and spec.method.sweeps,
-            mixed=spec.mixed_precision is not None, kv_cache_scheme=kv_cache_scheme() if spec.kv_cache_fp8 else None,
+    should_cancel: CancelCheck, options: PipelineOptions | None, timings: dict[str, float], keep_dequantized: bool,
+) -> tuple[JobOutputs, PipelineResult]:
+    """Quantize with `spec` and write every format of it under `root` (workers/outputs.py: layout, grids)."""
+    outputs = JobOutputs(spec, info, root, keep_dequantized=keep_dequantized).open()
+    try:
+        result = quantize_model(
+            model, weights, spec, outputs.sinks(), calibration,
+            on_progress=on_progress, should_cancel=should_cancel, options=options, devices=devices,
         )
-        for d, fmt in zip(dirs, spec.formats, strict=True)
-    ]
-    result = quantize_model(
-        model, weights, spec, writers, calibration,
-        on_progress=on_progress, should_cancel=should_cancel, options=options, devices=devices,
-    )
-    mark = time.perf_counter()
-    on_progress(Progress("write", message=str(root)))
-    for writer, directory in zip(writers, dirs, strict=True):
-        writer.finalize(info.config)
-        _copy_tokenizer(info.model_dir, directory)
-        complete_checkpoint(info.model_dir, info.architecture, directory)  # processor files, dense towers/routers
+        mark = time.perf_counter()
+        on_progress(Progress("write", message=str(root)))
+        outputs.finalize()
+    except BaseException:
+        outputs.abort()
+        raise
     timings["write"] += time.perf_counter() - mark
-    return dirs, result
+    return outputs, result
 
 
 def _mixed_precision_allocation(
@@ -293,10 +271,10 @@ def _mixed_precision_report(
 
 
 def _choose_candidate(
-    spec: JobSpec, staging: Path, build: Callable[[JobSpec, Path], tuple[list[Path], PipelineResult]],
+    spec: JobSpec, info: ModelInfo, staging: Path, build: Callable[[JobSpec, Path], tuple[JobOutputs, PipelineResult]],
     holdout: torch.Tensor, report: EngineReport, device: torch.device, on_progress: ProgressCallback,
     should_cancel: CancelCheck,
-) -> tuple[list[Path], PipelineResult]:
+) -> tuple[JobOutputs, PipelineResult]:
     """Method auto (workers/auto.py): every candidate into a folder of its own, the best moved into `staging`."""
     pool = staging / ".candidates"
     built: dict[str, tuple[auto.Candidate, list[Path], PipelineResult, float]] = {}
@@ -307,8 +285,8 @@ def _choose_candidate(
             continue
         on_progress(Progress("quantize", message=f"auto candidate {candidate.name}"))
         mark = time.perf_counter()
-        dirs, result = build(candidate.spec(spec), pool / str(len(built)))
-        built[candidate.name] = (candidate, dirs, result, time.perf_counter() - mark)
+        outputs, result = build(candidate.spec(spec), pool / str(len(built)))
+        built[candidate.name] = (candidate, outputs.paths, result, time.perf_counter() - mark)
     on_progress(Progress("evaluate", message=f"held-out KL of {len(built)} candidates on {holdout.shape[0]} windows"))
     metrics = compare_on_windows(
         spec.model_dir, [dirs[0] for _, dirs, _, _ in built.values()], holdout, device, should_cancel=should_cancel
@@ -331,4 +309,4 @@ def _choose_candidate(
         ],
         "skipped": [c.name for c in auto.candidates(spec) if c.name not in built],
     }
-    return _checkpoint_dirs(spec, staging), result
+    return JobOutputs(spec, info, staging), result  # the chosen candidate's files, now in `staging`

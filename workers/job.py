@@ -164,6 +164,7 @@ def build_manifest(report: EngineReport, files: list[StoredFile]) -> bytes:
         "group_size": report.group_size,
         "symmetric": report.symmetric,
         "formats": report.formats,
+        "outputs": report.outputs,  # each format's path, grid, size and evaluation (workers/outputs.py)
         "files": [{"path": f.path, "sha256": f.sha256, "bytes": f.bytes} for f in files],
     }
     return (json.dumps(body, indent=2) + "\n").encode()

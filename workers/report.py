@@ -52,6 +52,8 @@ class EngineReport:
     auto: dict[str, Any] | None = None  # method "auto": every candidate's held-out KL and time, and the choice
     bits_per_weight: float | None = None  # stored bits of the quantized Linears per weight (scales included)
     mixed_precision: dict[str, Any] | None = None  # the grid of each Linear group (workers/mixed_precision.py)
+    # every format: path, grid ("scheme" or its GGUF type), bytes, bits_per_weight, eval (workers/outputs.py)
+    outputs: list[dict[str, Any]] = field(default_factory=list)
     versions: dict[str, str] = field(default_factory=dict)  # torch, transformers, compressed-tensors, quantfleet
 
     def to_dict(self) -> dict[str, Any]:

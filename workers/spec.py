@@ -54,7 +54,7 @@ def parse_candidate(text: str) -> tuple[Method, Observer]:
 class OutputFormat(StrEnum):
     COMPRESSED_TENSORS = "compressed-tensors"
     GPTQ = "gptq"
-    # GGUF for llama.cpp, one file type each (workers/formats/gguf.py FILE_TYPES; workers/gguf_job.py)
+    # GGUF for llama.cpp, one file type each (workers/formats/gguf.py FILE_TYPES; its grid: workers/methods/gguf.py)
     GGUF_Q4_0 = "gguf:Q4_0"
     GGUF_Q4_1 = "gguf:Q4_1"
     GGUF_Q5_0 = "gguf:Q5_0"
@@ -337,20 +337,23 @@ class JobSpec:
             self._validate_mixed_precision(self.mixed_precision)
 
     def _validate_gguf(self) -> None:
-        """GGUF formats are solved on GGUF's own grids (the scheme does not apply), by rtn or gptq, alone."""
-        if not all(f.is_gguf for f in self.formats):
-            raise InvalidSpecError(
-                "GGUF formats are solved on GGUF's own block grids, not the job's scheme: ask for GGUF formats in a"
-                " job of their own (formats like ['gguf:Q4_K_M']), and compressed-tensors/gptq in another"
-            )
+        """GGUF types are grids of their own, solved beside the scheme's from one calibration pass by plain rtn or
+        gptq (workers/methods/gguf.py): what changes a layer before its solve, or has no GGUF form, is refused."""
         if self.method not in (Method.RTN, Method.GPTQ):
             raise InvalidSpecError(
                 f"GGUF export solves with rtn or gptq on the GGUF grid, not {self.method.value}; set method rtn or gptq"
             )
-        if self.scheme.type != "int" or self.mixed_precision is not None or self.smoothquant is not None:
-            raise InvalidSpecError("GGUF formats take no FP8/W8A8/mixed-precision scheme (the GGUF type is the grid)")
-        if self.kv_cache_fp8 or self.devices != 1:
-            raise InvalidSpecError("GGUF export runs on one device without FP8 KV-cache scales; set devices 1")
+        if self.scheme.type != "int" or self.scheme.activations != "none" or self.mixed_precision is not None \
+                or self.smoothquant is not None:
+            raise InvalidSpecError(
+                "GGUF formats share a job only with a weight-only integer scheme (the GGUF type is its own grid): drop"
+                " the FP8/W8A8/mixed-precision setting, or ask for the GGUF formats in a job of their own"
+            )
+        if self.kv_cache_fp8:
+            raise InvalidSpecError("GGUF files have no FP8 KV-cache scales; set kv_cache_fp8 false or ask for the GGUF"
+                                   " formats in a job of their own")
+        if self.devices != 1:
+            raise InvalidSpecError("GGUF grids are solved on one device; set devices 1")
 
     def _one_device_compressed_tensors(self, what: str) -> None:
         if self.formats != (OutputFormat.COMPRESSED_TENSORS,):

@@ -172,10 +172,10 @@ def check_against_model(spec: JobSpec) -> ModelInfo:
     if tied and config.get("tie_word_embeddings") is False:
         raise InputError(f"the checkpoint in {model_dir} lacks {head}.weight and its embeddings are not tied")
     shapes = _linear_shapes(source, arch, num_layers)
-    if any(f.is_gguf for f in spec.formats):  # GGUF's block types are the grid, not the job's scheme
-        for fmt in spec.formats:
+    for fmt in spec.formats:  # GGUF's block types are its grid, not the job's scheme
+        if fmt.is_gguf:
             check_gguf_model(config, parse_gguf_format(fmt.value), model_dir)
-    else:
+    if any(not f.is_gguf for f in spec.formats):  # the scheme's grid, for the checkpoint formats
         for module, (out_features, in_features) in shapes.items():
             check_group_size(module, in_features, spec.scheme)
             _check_gptq_format(spec, module, out_features, in_features)

@@ -1,5 +1,6 @@
-"""GGUF formats over the API (issue 12, item 4): `output.formats: ["gguf:Q4_K_M"]` accepted and stored, and
-what GGUF cannot do a 422 at submit naming the fix (the engine's own checks run there)."""
+"""GGUF formats over the API (issue 12, items 4 and 5): `output.formats: ["gguf:Q4_K_M"]` accepted and stored,
+beside compressed-tensors too (one calibration pass), and what GGUF cannot do a 422 at submit naming the fix (the
+engine's own checks run there)."""
 
 from __future__ import annotations
 
@@ -33,6 +34,11 @@ def test_gguf_formats_are_accepted_and_stored(
     assert set(job["plan"]["output_bytes"]) == {"gguf:Q4_K_M", "gguf:Q8_0"}
     spec = engine_spec(job["spec"], lambda uri, kind, what: uri)
     assert spec.formats == (OutputFormat.GGUF_Q4_K_M, OutputFormat.GGUF_Q8_0)
+    mixed = ["compressed-tensors", "gguf:Q4_K_M", "gguf:Q8_0"]
+    r = client.post("/v1/jobs", json=_body(job_body, model, mixed), headers=keys["alice"])
+    assert r.status_code == 202, r.text
+    job = client.get(f"/v1/jobs/{r.json()['id']}", headers=keys["alice"]).json()
+    assert job["spec"]["output"]["formats"] == mixed and set(job["plan"]["output_bytes"]) == set(mixed)
 
 
 def test_what_gguf_cannot_do_is_a_422_naming_the_fix(
@@ -41,7 +47,8 @@ def test_what_gguf_cannot_do_is_a_422_naming_the_fix(
     word_level = tiny_assets["model"]  # the tiny Llama of the API tests has a word-level tokenizer
     cases: list[tuple[dict[str, Any], str]] = [
         (_body(job_body, word_level, ["gguf:Q4_K_M"]), "byte-level BPE or a Llama/SentencePiece tokenizer"),
-        (_body(job_body, word_level, ["compressed-tensors", "gguf:Q4_K_M"]), "in a job of their own"),
+        ({**_body(job_body, word_level, ["compressed-tensors", "gguf:Q4_K_M"]), "scheme": "fp8-dynamic", "method": "rtn"},
+         "only with a weight-only integer scheme"),
         ({**_body(job_body, word_level, ["gguf:Q4_0"]), "method": "awq"}, "set method rtn or gptq"),
         (_body(job_body, word_level, ["gguf:Q3_Z"]), "gguf:Q4_K_M"),
     ]

@@ -177,7 +177,7 @@ def test_failure_midway_removes_the_staging_directory(
     def broken(*args: object, **kwargs: object) -> None:
         raise OSError("disk full")
 
-    monkeypatch.setattr("workers.engine.evaluate", broken)
+    monkeypatch.setattr("workers.engine.evaluate_many", broken)
     with pytest.raises(OSError, match="disk full"):
         run_local(make_spec("rtn"), tmp_path / "out")
     assert leftovers(tmp_path) == []

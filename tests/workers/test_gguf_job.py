@@ -1,6 +1,7 @@
-"""GGUF formats through the job spec: `run_local` writes each GGUF format of a job (evaluated like every
-checkpoint), the submit-time checks refuse what cannot be written with a message saying what to change, the
-preflight estimates the file, and the API schema and CLI accept `gguf:<type>`."""
+"""GGUF formats through the job spec: `run_local` writes each GGUF format of a job (each evaluated like every
+checkpoint; beside other formats: tests/workers/test_one_pass.py), the submit-time checks refuse what cannot be
+written with a message saying what to change, the preflight estimates the file, and the API schema and CLI accept
+`gguf:<type>`."""
 
 from __future__ import annotations
 
@@ -18,7 +19,7 @@ from workers.engine import run_local
 from workers.errors import InvalidSpecError
 from workers.job import file_kind
 from workers.preflight import plan_job
-from workers.spec import CalibrationSpec, EvalSpec, JobSpec, Method, OutputFormat
+from workers.spec import CalibrationSpec, EvalSpec, JobSpec, Method, OutputFormat, QuantScheme
 from workers.validation import check_against_model
 
 Q4_K_M, Q8_0 = OutputFormat.GGUF_Q4_K_M, OutputFormat.GGUF_Q8_0
@@ -41,7 +42,7 @@ def model_and_text(tmp_path: Path) -> tuple[Path, Path]:
     return tiny_model(tmp_path / "model"), text
 
 
-def test_run_local_writes_every_gguf_format_and_evaluates_the_first(tmp_path: Path, model_and_text: tuple[Path, Path]) -> None:
+def test_run_local_writes_and_evaluates_every_gguf_format(tmp_path: Path, model_and_text: tuple[Path, Path]) -> None:
     model_dir, text = model_and_text
     spec = _spec(model_dir, text)
     plan = plan_job(spec)
@@ -55,6 +56,8 @@ def test_run_local_writes_every_gguf_format_and_evaluates_the_first(tmp_path: Pa
     assert saved["formats"] == ["gguf:Q4_K_M", "gguf:Q8_0"]
     assert sorted(saved["files"]) == sorted(["model-Q4_K_M.gguf", "gguf-Q8_0/model-Q8_0.gguf", "eval.json"])
     assert report.eval is not None and report.eval.tokens > 0 and report.eval.kl_mean > 0
+    assert [row["eval"]["kl_mean"] for row in saved["outputs"]][0] == report.eval.kl_mean
+    assert 0 < saved["outputs"][1]["eval"]["kl_mean"] < report.eval.kl_mean  # Q8_0 beats Q4_K_M
     assert report.bytes_quantized == primary.stat().st_size
     assert report.bits_per_weight is not None and 4.5 < report.bits_per_weight < 6.0
     assert len(report.module_errors) == 14 and all(0 < m.relative_error < 1 for m in report.module_errors)
@@ -67,7 +70,11 @@ def test_run_local_writes_every_gguf_format_and_evaluates_the_first(tmp_path: Pa
 @pytest.mark.parametrize(
     ("changes", "message"),
     [
-        ({"formats": (OutputFormat.COMPRESSED_TENSORS, Q4_K_M)}, "GGUF formats in a job of their own"),
+        ({"formats": (OutputFormat.COMPRESSED_TENSORS, Q4_K_M), "method": Method.RTN,
+          "scheme": QuantScheme.from_preset("fp8-dynamic")}, "only with a weight-only integer scheme"),
+        ({"formats": (OutputFormat.COMPRESSED_TENSORS, Q4_K_M), "scheme": QuantScheme.from_preset("w8a8-int8")},
+         "only with a weight-only integer scheme"),
+        ({"formats": (OutputFormat.COMPRESSED_TENSORS, Q4_K_M), "kv_cache_fp8": True}, "no FP8 KV-cache scales"),
         ({"method": Method.AWQ}, "set method rtn or gptq"),
         ({"devices": 2}, "set devices 1"),
     ],

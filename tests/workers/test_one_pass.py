@@ -1,0 +1,137 @@
+"""Several formats from one job share one calibration pass (issue 12, item 5): compressed-tensors and GGUF types
+are grids solved from the same layer statistics in the one layer loop, each format written from its own grid.
+
+Propagation (workers/pipeline.py): the next layer's inputs come from the first format's quantized layer. So,
+exactly: the first format's file equals that of a job asking for it alone; every other GGUF file equals its
+solo job's in every tensor but the Linears of layers ≥ 1 (solved on the inputs the primary's model produces);
+and a secondary file depends on the primary alone, not on which other grids the job solves.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections import Counter
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import gguf
+import numpy as np
+import pytest
+
+from tests.workers.test_gguf_export import TEXT, tiny_model
+from workers import statistics
+from workers.activations import ShardedActivations
+from workers.engine import run_local
+from workers.job import build_manifest
+from workers.quant.gptq import HessianAccumulator
+from workers.report import EngineReport
+from workers.spec import CalibrationSpec, EvalSpec, JobSpec, Method, OutputFormat
+
+CT, Q4_K_M, Q8_0 = OutputFormat.COMPRESSED_TENSORS, OutputFormat.GGUF_Q4_K_M, OutputFormat.GGUF_Q8_0
+JOBS: dict[str, tuple[OutputFormat, ...]] = {
+    "mixed": (CT, Q4_K_M, Q8_0),
+    "ct": (CT,),
+    "q4": (Q4_K_M,),
+    "q8": (Q8_0,),
+    "q4-first": (Q4_K_M, CT, Q8_0),
+    "q4-q8": (Q4_K_M, Q8_0),
+}
+EVALUATED = ("mixed", "ct", "q4")
+LINEARS = ("attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate", "ffn_up", "ffn_down")
+
+
+def _counting(calls: Counter[str], name: str, function: Callable[..., Any]) -> Callable[..., Any]:
+    def counted(*args: Any, **kwargs: Any) -> Any:
+        calls[name] += 1
+        return function(*args, **kwargs)
+
+    return counted
+
+
+@pytest.fixture(scope="module")
+def jobs(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, tuple[Path, EngineReport, Counter[str]]]]:
+    """Every job of JOBS (gptq, 8 windows of 64 tokens) with its counts of statistics captures, Hessian batches
+    and propagating forwards."""
+    root = tmp_path_factory.mktemp("one-pass")
+    text = root / "text.txt"
+    text.write_text(TEXT)
+    model = tiny_model(root / "model")
+    done = {}
+    for name, formats in JOBS.items():
+        spec = JobSpec(
+            model_dir=str(model), method=Method.GPTQ, formats=formats,
+            calibration=CalibrationSpec(str(text), num_samples=8, seq_len=64),
+            eval=EvalSpec(str(text), seq_len=64, max_windows=4) if name in EVALUATED else None,
+        )
+        calls: Counter[str] = Counter()
+        with pytest.MonkeyPatch.context() as patch:
+            patch.setattr(statistics, "capture_inputs", _counting(calls, "capture", statistics.capture_inputs))
+            patch.setattr(HessianAccumulator, "add", _counting(calls, "hessian_batch", HessianAccumulator.add))
+            patch.setattr(ShardedActivations, "forward", _counting(calls, "propagate", ShardedActivations.forward))
+            report = run_local(spec, root / name)
+        done[name] = (root / name, report, calls)
+    yield done
+
+
+def _tensors(path: Path) -> dict[str, bytes]:
+    return {t.name: np.asarray(t.data).tobytes() for t in gguf.GGUFReader(str(path)).tensors}
+
+
+def _sha(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def test_one_calibration_pass_for_every_format(jobs: dict[str, tuple[Path, EngineReport, Counter[str]]]) -> None:
+    # 2 layers: one capture forward each, 4 Linear groups (qkv, o, gate/up, down) × 1 chunk of 512 tokens, and
+    # one propagating forward each: the same as a job of one format
+    for name in JOBS:
+        assert jobs[name][2] == {"capture": 2, "hessian_batch": 8, "propagate": 2}, name
+
+
+def test_the_first_format_is_the_file_of_its_job_alone(jobs: dict[str, tuple[Path, EngineReport, Counter[str]]]) -> None:
+    mixed, ct, q4, q4_first = (jobs[n][0] for n in ("mixed", "ct", "q4", "q4-first"))
+    assert _sha(mixed / "model.safetensors") == _sha(ct / "model.safetensors")
+    assert _sha(q4_first / "model-Q4_K_M.gguf") == _sha(q4 / "model-Q4_K_M.gguf")
+    assert jobs["mixed"][1].eval == jobs["ct"][1].eval  # the primary's evaluation too
+    assert [e.error for e in jobs["mixed"][1].module_errors] == [e.error for e in jobs["ct"][1].module_errors]
+
+
+@pytest.mark.parametrize(("alone", "fmt"), [("q4", "Q4_K_M"), ("q8", "Q8_0")])
+def test_other_gguf_files_differ_from_their_job_alone_in_the_linears_after_layer_0_only(
+    jobs: dict[str, tuple[Path, EngineReport, Counter[str]]], alone: str, fmt: str
+) -> None:
+    mixed = _tensors(jobs["mixed"][0] / f"gguf-{fmt}" / f"model-{fmt}.gguf")
+    solo = _tensors(jobs[alone][0] / f"model-{fmt}.gguf")
+    assert mixed.keys() == solo.keys() and len(solo) == 2 * 9 + 2  # 7 Linears + 2 norms a layer, embedding, norm
+    differing = {name for name in solo if mixed[name] != solo[name]}
+    # embeddings, norms and layer 0 (same inputs) are identical; layer 1's Linears are solved on the inputs the
+    # compressed-tensors model produces, not the Q4_K_M/Q8_0 model's
+    assert differing == {f"blk.1.{linear}.weight" for linear in LINEARS}
+
+
+def test_a_secondary_file_depends_on_the_primary_alone(jobs: dict[str, tuple[Path, EngineReport, Counter[str]]]) -> None:
+    q8 = [jobs[name][0] / "gguf-Q8_0" / "model-Q8_0.gguf" for name in ("q4-first", "q4-q8")]
+    assert _sha(q8[0]) == _sha(q8[1])  # with compressed-tensors solved beside them or not
+
+
+def test_every_format_is_evaluated_and_listed(jobs: dict[str, tuple[Path, EngineReport, Counter[str]]]) -> None:
+    out, report, _ = jobs["mixed"]
+    saved = json.loads((out / "eval.json").read_text())
+    rows = {row["format"]: row for row in saved["outputs"]}
+    assert [row["format"] for row in saved["outputs"]] == ["compressed-tensors", "gguf:Q4_K_M", "gguf:Q8_0"]
+    assert rows["compressed-tensors"]["path"] == "." and rows["compressed-tensors"]["grid"] == "scheme"
+    assert rows["gguf:Q8_0"]["path"] == "gguf-Q8_0/model-Q8_0.gguf" and rows["gguf:Q8_0"]["grid"] == "gguf:Q8_0"
+    assert rows["compressed-tensors"]["bytes"] == (out / "model.safetensors").stat().st_size == report.bytes_quantized
+    for fmt in ("Q4_K_M", "Q8_0"):
+        assert rows[f"gguf:{fmt}"]["bytes"] == (out / f"gguf-{fmt}" / f"model-{fmt}.gguf").stat().st_size
+    assert rows["compressed-tensors"]["eval"] == saved["eval"]
+    kl = {f: rows[f]["eval"]["kl_mean"] for f in rows}
+    assert all(rows[f]["eval"]["tokens"] == saved["eval"]["tokens"] > 0 for f in rows)
+    assert 0 < kl["gguf:Q8_0"] < kl["gguf:Q4_K_M"]  # 8.5 bits a weight beat 4.5-6
+    assert rows["gguf:Q8_0"]["bits_per_weight"] == 8.5 and 4.5 < rows["gguf:Q4_K_M"]["bits_per_weight"] < 6.0
+    # the Q4_K_M file evaluated alone (its own propagation) scores within 10 % of the one solved beside
+    alone = jobs["q4"][1]
+    assert alone.eval is not None and abs(kl["gguf:Q4_K_M"] / alone.eval.kl_mean - 1) < 0.1
+    assert json.loads(build_manifest(report, []))["outputs"] == saved["outputs"]
