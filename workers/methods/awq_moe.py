@@ -1,11 +1,12 @@
 """AWQ's scale search for the mappings of Mixture-of-Experts layers, scored on the layer's real routed output.
 
-Two kinds of mappings read routed experts (workers/awq_mappings.py):
+The mappings inside an MoE block (workers/awq_mappings.py) are scored on the block's output:
 - norm → every expert's gate/up Linears (with a shared expert's; routers and gates get the exact fold, never a
-  search): rounding them changes each expert's output through its gating, not linearly, so a candidate s is
-  scored by running the MoE block on its calibration inputs X (the norm's output, every calibration token) with
-  those weights set to RTN(W·s)/s. The loss is E‖block(X) − Y‖² against the float block's output Y: each token
-  through the experts the router picks, weighted as the model weights them (the router itself is not touched);
+  search), and a shared expert's up → down: rounding them changes the block's output through the experts' gating
+  (and Qwen2-MoE's sigmoid gate on the shared expert), not linearly, so a candidate s is scored by running the
+  MoE block on its calibration inputs X (the norm's output, every calibration token) with the mapping's weights
+  set to RTN(W·s)/s. The loss is E‖block(X) − Y‖² against the float block's output Y: each token through the
+  experts the router picks, weighted as the model weights them (the router itself is not touched);
 - an expert's up → down: rounding down_e changes the block's output by g·ΔW·h on the tokens routed to e (g their
   routing weight, h down_e's input), so the closed-form search (workers/quant/awq.py) scores it exactly on
   Σ_e = Σ_{t→e} g_t² h_t h_tᵀ / N, with E|h| over those tokens for the candidates; an expert no calibration
@@ -98,15 +99,18 @@ def capture(work: LayerWork) -> MoeCapture:
 
 
 def block_of(layer: nn.Module, mapping: AwqMapping) -> str | None:
-    """The MoE block whose experts a norm mapping scales (its Linears, readers all inside it), else None."""
-    owners = {expert_of(layer, name) for name in mapping.linears}
-    if isinstance(layer.get_submodule(mapping.prev), nn.Linear) or owners == {None}:
-        return None
-    block = next(owner for owner in owners if owner is not None)[0].rpartition(".")[0]
-    outside = [n for n in (*mapping.linears, *mapping.dense) if not n.startswith(f"{block}.")]
-    if outside:
-        raise ValueError(f"AWQ mapping {mapping.prev} → MoE block {block} also scales {outside}, outside the block")
-    return block
+    """The MoE block whose routed output scores a mapping: one whose Linears and readers are all inside it (the
+    norm → experts mapping, a shared expert's up → down), but not an expert's own up → down (scored in closed form);
+    None for mappings outside MoE blocks."""
+    names = (*mapping.linears, *mapping.dense)
+    for path in expert_blocks(layer):
+        block = path.rpartition(".")[0]
+        if all(name.startswith(f"{block}.") for name in names):
+            own = len(mapping.linears) == 1 and expert_of(layer, mapping.linears[0]) is not None
+            return None if own else block
+    if any(expert_of(layer, name) is not None for name in mapping.linears):
+        raise ValueError(f"AWQ mapping {mapping.prev} → {', '.join(names)} reaches outside its MoE block")
+    return None
 
 
 def search(work: LayerWork, mapping: AwqMapping, mean_abs: Tensor, moe: MoeCapture, device: int = 0) -> Tensor | None:
