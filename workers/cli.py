@@ -173,6 +173,10 @@ def summary_table(report: EngineReport, out_dir: Path) -> Table:
         table.add_row("top-1 agreement", f"{100 * e.top1_agreement:.2f} %")
         table.add_row("eval tokens", f"{e.tokens} ({e.windows} × {e.seq_len})")
     table.add_row("weights before → after", f"{_mib(report.bytes_original)} → {_mib(report.bytes_quantized)}")
+    for row in report.outputs[1:]:  # the job's other formats, from the same calibration pass
+        score = row["eval"]
+        scored = f", Δppl {score['delta_ppl_pct']:+.2f} %, KL {score['kl_mean']:.5f}" if score else ""
+        table.add_row(row["format"], f"{_mib(row['bytes'])}{scored}")
     table.add_row("seconds", f"{report.timings_s.get('total', 0.0):.1f}")
     memory = ", ".join(f"{k} {_mib(v)}" for k, v in report.peak_memory_bytes.items() if k in ("rss", "cuda"))
     table.add_row("peak memory", memory)

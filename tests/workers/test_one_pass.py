@@ -19,10 +19,12 @@ from typing import Any
 import gguf
 import numpy as np
 import pytest
+from rich.console import Console
 
 from tests.workers.test_gguf_export import TEXT, tiny_model
 from workers import statistics
 from workers.activations import ShardedActivations
+from workers.cli import summary_table
 from workers.engine import run_local
 from workers.job import build_manifest
 from workers.quant.gptq import HessianAccumulator
@@ -135,3 +137,6 @@ def test_every_format_is_evaluated_and_listed(jobs: dict[str, tuple[Path, Engine
     alone = jobs["q4"][1]
     assert alone.eval is not None and abs(kl["gguf:Q4_K_M"] / alone.eval.kl_mean - 1) < 0.1
     assert json.loads(build_manifest(report, []))["outputs"] == saved["outputs"]
+    console = Console(width=200, record=True)  # `quantfleet quantize` prints every format's numbers
+    console.print(summary_table(report, out))
+    assert f"KL {kl['gguf:Q8_0']:.5f}" in console.export_text()
