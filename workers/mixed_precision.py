@@ -4,17 +4,20 @@ so a runtime's fused projections get one grid (see MixedPrecisionSpec in workers
 By rule, the group takes `high` (default 8 bits at the job's group size) in the first/last `edge_layers`
 decoder layers or when any of its Linears' full names matches a pattern, and the job's scheme elsewhere.
 
-By sensitivity (`target_bits_per_weight`): one forward pass through the original model (`measure`) gives each
-group's input Hessian, hence its output error at every candidate grid without running it,
+By sensitivity (`target_bits_per_weight`): one pass through the original model (`measure`) gives each group's
+input Hessian H = 2 E[x xᵀ] and, from it, the group's error at every candidate grid without another forward,
 
-    error(group, grid) = Σ over its Linears of trace(ΔW Σ ΔWᵀ)   (Σ = E[x xᵀ], ΔW = RTN(W, grid) − W)
+    error(group, grid) = trace(ΔW H ΔWᵀ)   (ΔW = solved(W, grid) − W, the group's Linears stacked by rows)
 
-(the summed squared output error per token, with the job's observer choosing the ranges). Every group starts
-at its cheapest grid; then, while the budget target · (number of weights) allows, the upgrade with the largest
-error reduction per extra bit, over all groups and costlier grids, is bought (along each group's convex hull of
-(cost, error), so one costly 8-bit step that is worth more per bit than many cheap steps elsewhere is not
-crowded out by them; the budget left at the end buys the best upgrades that still fit). Cost in bits per weight counts
-the stored scales (16 bits per group of weights) and zero points: w4 g32 is 4.5, w4 g128 4.125, w8 g32 8.5.
+with ΔW from the job's own solver (GPTQ with its dampening, act-order and observer, or RTN), the Hessian
+factored once for all candidates and at most `MEASURED_ROWS` rows solved per grid (rows are independent in both
+solvers, so the sum over rows is estimated from evenly spaced ones). Every group starts at its cheapest grid;
+then, while the budget target · (number of weights) allows, the upgrade with the largest error reduction per
+extra bit, over all groups and costlier grids, is bought (along each group's convex hull of (cost, error); the
+budget left at the end buys the best upgrades that still fit). The result is never worse by this criterion than
+the best uniform grid within the budget (`best_uniform`, a floor: the greedy's last steps are not optimal).
+Cost in bits per weight counts the stored scales (16 bits per group of weights) and zero points: w4 g32 is 4.5,
+w4 g128 4.125, w8 g32 8.5.
 """
 
 from __future__ import annotations
@@ -28,7 +31,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from workers.activations import ShardedActivations
 from workers.errors import InvalidSpecError
@@ -36,12 +39,14 @@ from workers.loading import LayerwiseModel, WeightSource
 from workers.memory import release_host_memory
 from workers.methods.base import LayerWork
 from workers.options import PipelineOptions
-from workers.output_error import deployed, output_error
+from workers.output_error import deployed
 from workers.progress import Progress, ProgressCallback, no_progress
+from workers.quant.gptq import gptq_solve, prepare_hessian
 from workers.quant.rtn import rtn_quantize
-from workers.spec import JobSpec, QuantScheme
+from workers.spec import JobSpec, Method, QuantScheme
 
 SCALE_BITS = 16  # scales are stored in the model dtype (fp16 / bf16)
+MEASURED_ROWS = 512  # at most this many rows of a group are solved per candidate grid to estimate its error
 
 
 def bits_per_weight(scheme: QuantScheme, in_features: int) -> float:
@@ -152,11 +157,31 @@ def allocate(groups: Sequence[GroupChoice], target_bits_per_weight: float) -> fl
                 if best is None or (now_error - error) / extra > best[0]:
                     best = ((now_error - error) / extra, g, scheme)
         if best is None:
-            return spent / total_weights
+            break
         _, g, scheme = best
         assert g.chosen is not None
         spent += g.cost(scheme) - g.cost(g.chosen)
         g.chosen = scheme
+    uniform = best_uniform(groups, budget)
+    if uniform is not None and total_error(groups, [uniform] * len(groups)) < total_error(groups):
+        for g in groups:
+            g.chosen = uniform
+        spent = sum(g.cost(uniform) for g in groups)
+    return spent / total_weights
+
+
+def total_error(groups: Sequence[GroupChoice], schemes: Sequence[QuantScheme | None] | None = None) -> float:
+    """The criterion: the summed measured error of `schemes` (default: each group's chosen grid)."""
+    chosen = schemes if schemes is not None else [g.chosen for g in groups]
+    return sum(g.errors[s] for g, s in zip(groups, chosen, strict=True) if s is not None)
+
+
+def best_uniform(groups: Sequence[GroupChoice], budget_bits: float) -> QuantScheme | None:
+    """The candidate grid that, given to every group, has the least total error within `budget_bits`; None if no
+    grid fits every group within it. The greedy result is never kept when worse than this floor."""
+    shared = set.intersection(*(set(g.errors) for g in groups)) if groups else set()
+    feasible = [s for s in sorted(shared, key=describe) if sum(g.cost(s) for g in groups) <= budget_bits]
+    return min(feasible, key=lambda s: total_error(groups, [s] * len(groups)), default=None)
 
 
 def measure(
@@ -168,13 +193,13 @@ def measure(
     options: PipelineOptions | None = None,
     on_progress: ProgressCallback = no_progress,
 ) -> list[GroupChoice]:
-    """Each group's error at each candidate grid, on the original model's inputs (one forward per layer)."""
+    """Each group's error at each candidate grid, on the original model's inputs (one pass over the layers)."""
     options = options or PipelineOptions()
-    grids, dtype, device = candidates(spec), model.model_dtype, model.device
     groups: list[GroupChoice] = []
     with torch.no_grad(), contextlib.ExitStack() as cleanup:
         calls = model.layer_calls(calibration.shape[1], weights)
-        acts = ShardedActivations(model.embed(calibration, weights, batch_tokens=options.batch_tokens), calls, [device], options)
+        acts = ShardedActivations(model.embed(calibration, weights, batch_tokens=options.batch_tokens), calls,
+                                  [model.device], options)
         cleanup.callback(acts.close)
         for index in range(model.num_layers):
             on_progress(Progress("calibrate", index, model.num_layers, message="mixed precision: measuring sensitivity"))
@@ -184,22 +209,38 @@ def measure(
             prefix = model.graph.layer_prefix(index)
             for group, statistics in work.statistics.items():
                 linears = [work.linear(name) for name in group]
-                choice = GroupChoice(index, tuple(prefix + n for n in group), linears[0].in_features,
-                                     sum(int(m.weight.numel()) for m in linears))
-                sigma = statistics.second_moment(device)
-                importance = statistics.hessian(device).diagonal()
-                for grid in (g for g in grids if fits(g, choice.in_features)):
-                    error = 0.0
-                    for m in linears:
-                        qt = rtn_quantize(m.weight, grid, scale_dtype=dtype, observer=spec.observer, importance=importance)
-                        mse, _ = output_error(m.weight, deployed(qt, model, device), sigma)
-                        error += mse * m.out_features
-                    choice.errors[grid] = error
-                groups.append(choice)
+                groups.append(measure_group(work, tuple(prefix + n for n in group), linears, statistics.hessian(model.device)))
             acts.forward([layer], update=True)
             del layer, work
             release_host_memory()
     return groups
+
+
+def measure_group(work: LayerWork, names: tuple[str, ...], linears: Sequence[nn.Linear], hessian: Tensor) -> GroupChoice:
+    """One group's errors tr(ΔW H ΔWᵀ) at every candidate grid that fits, each ΔW from the job's own solver (GPTQ
+    or RTN, same dampening, act-order, observer), the Hessian factored once for all candidates. Both solvers
+    treat rows independently, so the error is a sum over rows: it is estimated from at most `MEASURED_ROWS` evenly
+    spaced rows of the group's Linears stacked, scaled by rows / measured (exact when the group has no more rows)."""
+    spec, model = work.spec, work.model
+    full = torch.cat([m.weight for m in linears])
+    stride = -(-full.shape[0] // MEASURED_ROWS)  # at most MEASURED_ROWS rows
+    weight, scale = full[::stride], full.shape[0] / full[::stride].shape[0]
+    choice = GroupChoice(work.index, names, full.shape[1], int(full.numel()))
+    prepared = prepare_hessian(hessian, dampening=spec.dampening, act_order=spec.act_order, device=weight.device)
+    for grid in (g for g in candidates(spec) if fits(g, choice.in_features)):
+        if spec.method is Method.GPTQ:
+            qt = gptq_solve(weight, prepared, grid, block_size=work.options.gptq_block_size, scale_dtype=work.dtype,
+                            observer=spec.observer).quantized
+        else:
+            qt = rtn_quantize(weight, grid, scale_dtype=work.dtype, observer=spec.observer, importance=prepared.importance)
+        choice.errors[grid] = scale * hessian_error(weight, deployed(qt, model, weight.device), hessian)
+    return choice
+
+
+def hessian_error(reference: Tensor, quantized: Tensor, hessian: Tensor) -> float:
+    """tr(ΔW H ΔWᵀ): the summed squared output error per calibration token (× 2, H = 2 E[x xᵀ]), no forward."""
+    delta = quantized.to(torch.float32) - reference.to(torch.float32)
+    return float(((delta @ hessian.to(delta.device, torch.float32)) * delta).sum())
 
 
 def with_allocation(spec: JobSpec, measured: Sequence[GroupChoice]) -> tuple[JobSpec, float]:
