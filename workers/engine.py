@@ -192,7 +192,7 @@ def _build(
         spec, measured = _mixed_precision_allocation(spec, model, weights, calibration, options, on_progress)
         build = partial(_quantize_into, model=model, weights=weights, info=info, calibration=calibration,
                         devices=devices, on_progress=on_progress, should_cancel=should_cancel, options=options,
-                        timings=timings, keep_dequantized=spec.eval is not None)
+                        timings=timings)
         if spec.method is Method.AUTO and holdout is not None:
             outputs, result = _choose_candidate(spec, info, staging, build, holdout, report, device, on_progress, should_cancel)
         else:
@@ -226,10 +226,10 @@ def _calibrates(spec: JobSpec) -> bool:
 def _quantize_into(
     spec: JobSpec, root: Path, *, model: LayerwiseModel, weights: CheckpointWeights, info: ModelInfo,
     calibration: torch.Tensor | None, devices: list[torch.device], on_progress: ProgressCallback,
-    should_cancel: CancelCheck, options: PipelineOptions | None, timings: dict[str, float], keep_dequantized: bool,
+    should_cancel: CancelCheck, options: PipelineOptions | None, timings: dict[str, float],
 ) -> tuple[JobOutputs, PipelineResult]:
     """Quantize with `spec` and write every format of it under `root` (workers/outputs.py: layout, grids)."""
-    outputs = JobOutputs(spec, info, root, keep_dequantized=keep_dequantized).open()
+    outputs = JobOutputs(spec, info, root).open()
     try:
         result = quantize_model(
             model, weights, spec, outputs.sinks(), calibration,

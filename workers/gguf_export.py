@@ -17,7 +17,7 @@ from typing import Literal
 import torch
 from torch import Tensor
 
-from workers.formats.gguf import DenseWeights, GGUFFile
+from workers.formats.gguf import DenseWeights, GGUFFile, GGUFWeights
 from workers.loading import CheckpointWeights, LayerwiseModel
 from workers.methods.gguf import GGUFGrid
 from workers.pipeline import Output, quantize_model
@@ -42,9 +42,14 @@ class GGUFExport:
     fallback_modules: list[str] = field(default_factory=list)
     module_errors: dict[str, tuple[float, float]] = field(default_factory=dict)  # "layers.i.module" → (mse, relative)
     dequantized: dict[str, Tensor] = field(default_factory=dict)
+    origins: dict[str, tuple[str, int | None]] = field(default_factory=dict)  # GGUF name → (HF name, heads permuted)
 
     def weights(self) -> DenseWeights:
         return DenseWeights(self.dequantized)
+
+    def read_back(self) -> GGUFWeights:
+        """What the file decodes to, read from it (the `gguf` package's dequantizers)."""
+        return GGUFWeights(self.path, self.origins)
 
 
 def export_gguf(
@@ -84,5 +89,5 @@ def export_gguf(
         out_path, file_type, method, {t.name: t.type for t in sink.written}, sink.bits_per_weight(),
         out_path.stat().st_size, time.perf_counter() - started, notes, grid.result.fallback_modules,
         {f"layers.{e.layer}.{e.module}": (e.error, e.relative_error) for e in grid.result.module_errors},
-        sink.dequantized,
+        sink.dequantized, sink.origins,
     )

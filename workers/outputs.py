@@ -6,8 +6,8 @@
 `JobOutputs.sinks()` hands them to `quantize_model` in the job's format order, so the first format's grid is
 the primary one (the one whose quantized layers make the next layers' inputs, workers/pipeline.py). Layout: the
 first format at the root of the output, every other in a folder of its own: `<format>/` for checkpoints,
-`gguf-<TYPE>/model-<TYPE>.gguf` for GGUF files. Evaluation scores each grid once (`eval_sources`): a checkpoint
-as written to disk, a GGUF file by the weights it decodes to.
+`gguf-<TYPE>/model-<TYPE>.gguf` for GGUF files. Evaluation scores each grid once (`eval_sources`), as written to
+disk: a checkpoint read back, a GGUF file decoded by the `gguf` package.
 """
 
 from __future__ import annotations
@@ -75,7 +75,6 @@ class JobOutputs:
     spec: JobSpec
     info: ModelInfo
     root: Path
-    keep_dequantized: bool = False  # GGUF: keep what each file decodes to, for the evaluation
     paths: list[Path] = field(init=False)
     writers: dict[OutputFormat, CheckpointWriter] = field(init=False, default_factory=dict)
     gguf: dict[OutputFormat, GGUFOutput] = field(init=False, default_factory=dict)
@@ -88,8 +87,7 @@ class JobOutputs:
         spec, info = self.spec, self.info
         for fmt, path in zip(spec.formats, self.paths, strict=True):
             if fmt.is_gguf:
-                file = GGUFFile(path, info.model_dir, info.config, parse_format(fmt.value),
-                                keep_dequantized=self.keep_dequantized)
+                file = GGUFFile(path, info.model_dir, info.config, parse_format(fmt.value))
                 grid = GGUFGrid(fmt.value, file.block_of, spec.method, dampening=spec.dampening, act_order=spec.act_order)
                 self.gguf[fmt] = GGUFOutput(file, grid)
             else:
@@ -154,8 +152,9 @@ class JobOutputs:
         return weights_bytes(directory), bits_per_weight(self.info.model_dir, directory)
 
     def eval_sources(self) -> list[Path | WeightSource]:
-        """What each grid is scored on, in `grids` order."""
-        return [self.gguf[f].file.weights() if f.is_gguf else self.path_of(f) for f in self.grids]
+        """What each grid is scored on, in `grids` order: the files as written (a GGUF file read back by the
+        `gguf` package's dequantizers, bit for bit what the layer loop kept: tests/workers/test_gguf_export.py)."""
+        return [self.gguf[f].file.read_back() if f.is_gguf else self.path_of(f) for f in self.grids]
 
     def summary(self, metrics: list[EvalMetrics] | None) -> list[dict[str, Any]]:
         """eval.json's and the manifest's `outputs`: each format's path, grid, size and evaluation."""

@@ -86,6 +86,12 @@ def test_transformers_gguf_loader_reads_exactly_our_weights(tmp_path: Path, fami
     state = read_back(path)
     for name, ours in result.dequantized.items():
         assert torch.equal(state[name].view(torch.int32), ours.view(torch.int32)), name
+    # what the evaluation scores: the file read back by gguf's dequantizers under the Hugging Face names
+    from_file = result.read_back().tensors("", torch.device("cpu"))
+    assert from_file.keys() == result.dequantized.keys()  # 9 a layer, embedding, norm; + qwen2's q/k/v biases,
+    assert len(from_file) == {"llama": 20, "qwen2": 20 + 6 + 1, "qwen3": 20 + 4}[family]  # lm_head; qwen3's q/k norms
+    for name, ours in result.dequantized.items():
+        assert torch.equal(from_file[name].view(torch.int32), ours.view(torch.int32)), name
     # the recipe: Q6_K for attn_v / ffn_down of the layers llama.cpp's use_more_bits picks (layer 1 of 2),
     # the output matrix Q6_K (the token embedding when tied), everything else Q4_K, norms F32
     types = result.tensor_types

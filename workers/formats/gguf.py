@@ -198,6 +198,12 @@ def permute(rows: Tensor | np.ndarray, n_head: int) -> Any:
     return swapped.reshape(shape)
 
 
+def unpermute(rows: np.ndarray, n_head: int) -> np.ndarray:
+    """The inverse of `permute`: llama.cpp's interleaved q/k rows back in Hugging Face's order."""
+    shape = rows.shape
+    return np.ascontiguousarray(rows.reshape(n_head, shape[0] // n_head // 2, 2, *shape[1:]).swapaxes(1, 2).reshape(shape))
+
+
 def _vocab(model_dir: Path) -> Any:
     """The `gguf` package's reader of the model's tokenizer: byte-level BPE (GPT-2 style) or Llama's
     SentencePiece-style tokenizer.json; anything else is refused (llama.cpp could not tokenize it)."""
@@ -285,6 +291,26 @@ class DenseWeights:
         return {name[len(prefix) :]: t.to(device) for name, t in self._tensors.items() if name.startswith(prefix)}
 
 
+class GGUFWeights:
+    """A written GGUF file as a WeightSource under Hugging Face names: each tensor decoded by the `gguf` package's
+    own dequantizers (q/k rows un-permuted), read when a prefix asks for it. The evaluation scores these: the
+    bytes on disk, as for every other format (workers/evaluate.py)."""
+
+    def __init__(self, path: Path, origins: Mapping[str, tuple[str, int | None]]) -> None:
+        reader = gguf.GGUFReader(str(path))  # memory-mapped
+        self._tensors = {origins[t.name][0]: (t, origins[t.name][1]) for t in reader.tensors}
+
+    def tensors(self, prefix: str, device: torch.device) -> dict[str, Tensor]:
+        found = {}
+        for name, (tensor, heads) in self._tensors.items():
+            if name.startswith(prefix):
+                array = gguf.quants.dequantize(tensor.data, tensor.tensor_type).astype(np.float32, copy=False)
+                if heads is not None:
+                    array = unpermute(array, heads)
+                found[name[len(prefix) :]] = torch.from_numpy(np.array(array)).to(device)
+        return found
+
+
 class GGUFFile:
     """A checkpoint sink (`add_dense` / `add_quantized`, Hugging Face names) that writes one GGUF file.
 
@@ -307,6 +333,7 @@ class GGUFFile:
         self.notes: list[str] = []
         self.keep_dequantized = keep_dequantized
         self.dequantized: dict[str, Tensor] = {}
+        self._origins: dict[str, tuple[str, int | None]] = {}  # GGUF name → (Hugging Face name, heads permuted)
 
     def target(self, hf_name: str, shape: tuple[int, ...]) -> TensorTarget | None:
         return self.recipe.target(hf_name, shape)
@@ -317,8 +344,17 @@ class GGUFFile:
         return target.block if target is not None else None
 
     def weights(self) -> DenseWeights:
-        """What the file decodes to (needs `keep_dequantized`)."""
+        """What the file decodes to, kept in memory as it was written (needs `keep_dequantized`)."""
         return DenseWeights(self.dequantized)
+
+    @property
+    def origins(self) -> dict[str, tuple[str, int | None]]:
+        """GGUF tensor name → (its Hugging Face name, the heads its rows were permuted by)."""
+        return dict(self._origins)
+
+    def read_back(self) -> GGUFWeights:
+        """What the finalized file decodes to, read from it."""
+        return GGUFWeights(self.path, self._origins)
 
     def _keep(self, hf_name: str, value: Tensor) -> None:
         if self.keep_dequantized:
@@ -334,7 +370,9 @@ class GGUFFile:
             return int(self.config.get("num_key_value_heads") or heads)
         return None
 
-    def _spill(self, name: str, array: np.ndarray, qtype: gguf.GGMLQuantizationType, elements: int) -> None:
+    def _spill(self, name: str, array: np.ndarray, qtype: gguf.GGMLQuantizationType, elements: int, hf_name: str,
+               heads: int | None) -> None:
+        self._origins[name] = (hf_name, heads)
         file = self._scratch / f"{len(self._tensors):05d}.npy"
         np.save(file, np.ascontiguousarray(array))
         self._tensors.append((name, file, qtype))
@@ -354,7 +392,7 @@ class GGUFFile:
         if heads is not None:
             array = permute(array, heads)
         qtype = gguf.GGMLQuantizationType.F16 if dtype == np.float16 else gguf.GGMLQuantizationType.F32
-        self._spill(target.name, array, qtype, tensor.numel())
+        self._spill(target.name, array, qtype, tensor.numel(), hf_name, heads)
 
     def add_quantized(self, module_name: str, t: GGUFTensor) -> None:
         target = self.target(f"{module_name}.weight", t.shape)
@@ -368,7 +406,7 @@ class GGUFFile:
         heads = self._heads_for(target.kind)
         if heads is not None:
             packed = permute(packed, heads)
-        self._spill(target.name, packed, t.kind.qtype, t.shape[0] * t.shape[1])
+        self._spill(target.name, packed, t.kind.qtype, t.shape[0] * t.shape[1], f"{module_name}.weight", heads)
 
     def finalize(self) -> list[str]:
         """Write the file; returns the notes (approximations) recorded on the way."""
