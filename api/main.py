@@ -23,6 +23,7 @@ from api.event_stream import EventHub, StreamSlots
 from api.openapi_errors import document_error_bodies
 from api.routes import artifacts, batches, health, jobs, metrics, schedules, webhooks
 from api.schemas import unstorable
+from api.thread_slots import ThreadSlots
 from orchestrator.db import make_engine, session_factory
 from orchestrator.metrics import ServiceMetrics
 from orchestrator.settings import Settings
@@ -160,6 +161,7 @@ def create_app(settings: Settings | None = None, *, service_metrics: ServiceMetr
     app.state.event_hub = EventHub(app.state.sessions)
     app.state.stream_slots = StreamSlots(settings.max_streams_per_key)
     app.state.key_cache = KeyCache(settings.auth_cache_seconds)
+    app.state.submit_slots = ThreadSlots(settings.submit_threads)
     app.add_exception_handler(RequestValidationError, validation_error)
     app.add_exception_handler(StarletteHTTPException, http_error)
     app.add_exception_handler(DBAPIError, database_error)

@@ -129,6 +129,12 @@ class Settings(BaseSettings):
         description="database connections an API process keeps open (PostgreSQL); a request thread past them "
         "opens one more (up to twice this many) and closes it when done, which costs a connection set-up",
     )
+    submit_threads: int = Field(
+        default=8,
+        ge=1,
+        description="submits (POST /v1/jobs) an API process runs at once, each on a thread (checks and insert); "
+        "the others wait their turn in arrival order. More threads than this only contend for the interpreter",
+    )
     max_active_jobs_per_owner: int = Field(default=100, ge=1)
     max_streams_per_key: int = Field(
         default=20, ge=1, description="open event streams (events?follow=true) one API key may hold per API process"

@@ -25,6 +25,7 @@ from api.schemas import (
     ProgressOut,
     ReportSummary,
 )
+from api.thread_slots import ThreadSlots
 from orchestrator.auth import Principal
 from orchestrator.db import transaction
 from orchestrator.queue import crud
@@ -106,7 +107,7 @@ def _same_or_conflict(job: Job, digest: str, key: str) -> Job:
     response_model=JobOut,
     responses={**ERRORS, 422: {"model": Problem, "description": "The job cannot run as specified"}},
 )
-def submit_job(
+async def submit_job(
     body: JobCreate,
     request: Request,
     response: Response,
@@ -124,6 +125,21 @@ def submit_job(
     ] = None,
 ) -> JobOut:
     """Queue a quantization job. Same Idempotency-Key and body → the same job; same key, other body → 422."""
+    slots: ThreadSlots = request.app.state.submit_slots  # QF_SUBMIT_THREADS at once, the rest wait their turn
+    return await slots.run(_submit, body, request, response, sessions, settings, principal, idempotency_key)
+
+
+def _submit(
+    body: JobCreate,
+    request: Request,
+    response: Response,
+    sessions: sessionmaker[Session],
+    settings: Settings,
+    principal: Principal,
+    idempotency_key: str | None,
+) -> JobOut:
+    """The submit itself, on a worker thread: the checks (file system, the model's preflight) and the
+    database calls block."""
     spec = body.model_dump(mode="json")
     digest = request_hash(spec)
     if idempotency_key:
