@@ -352,8 +352,6 @@ class JobSpec:
         if self.kv_cache_fp8:
             raise InvalidSpecError("GGUF files have no FP8 KV-cache scales; set kv_cache_fp8 false or ask for the GGUF"
                                    " formats in a job of their own")
-        if self.devices != 1:
-            raise InvalidSpecError("GGUF grids are solved on one device; set devices 1")
 
     def _one_device_compressed_tensors(self, what: str) -> None:
         if self.formats != (OutputFormat.COMPRESSED_TENSORS,):

@@ -76,7 +76,6 @@ def test_run_local_writes_and_evaluates_every_gguf_format(tmp_path: Path, model_
          "only with a weight-only integer scheme"),
         ({"formats": (OutputFormat.COMPRESSED_TENSORS, Q4_K_M), "kv_cache_fp8": True}, "no FP8 KV-cache scales"),
         ({"method": Method.AWQ}, "set method rtn or gptq"),
-        ({"devices": 2}, "set devices 1"),
     ],
 )
 def test_spec_refuses_what_gguf_cannot_do(model_and_text: tuple[Path, Path], changes: dict[str, object], message: str) -> None:

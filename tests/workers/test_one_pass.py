@@ -9,6 +9,7 @@ and a secondary file depends on the primary alone, not on which other grids the 
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 from collections import Counter
@@ -19,17 +20,25 @@ from typing import Any
 import gguf
 import numpy as np
 import pytest
+import torch
 from rich.console import Console
 
-from tests.workers.test_gguf_export import TEXT, tiny_model
+from tests.workers.test_gguf_export import TEXT, calibration, tiny_model
 from workers import statistics
 from workers.activations import ShardedActivations
 from workers.cli import summary_table
 from workers.engine import run_local
+from workers.formats.gguf import GGUFFile
+from workers.formats.writer import CheckpointWriter
 from workers.job import build_manifest
+from workers.loading import CheckpointWeights, LayerwiseModel
+from workers.methods.gguf import GGUFGrid
+from workers.pipeline import Output, quantize_model
 from workers.quant.gptq import HessianAccumulator
 from workers.report import EngineReport
 from workers.spec import CalibrationSpec, EvalSpec, JobSpec, Method, OutputFormat
+from workers.tensor_source import TensorSource
+from workers.validation import check_against_model
 
 CT, Q4_K_M, Q8_0 = OutputFormat.COMPRESSED_TENSORS, OutputFormat.GGUF_Q4_K_M, OutputFormat.GGUF_Q8_0
 JOBS: dict[str, tuple[OutputFormat, ...]] = {
@@ -140,3 +149,28 @@ def test_every_format_is_evaluated_and_listed(jobs: dict[str, tuple[Path, Engine
     console = Console(width=200, record=True)  # `quantfleet quantize` prints every format's numbers
     console.print(summary_table(report, out))
     assert f"KL {kl['gguf:Q8_0']:.5f}" in console.export_text()
+
+
+def test_gguf_grids_on_several_devices(tmp_path: Path) -> None:
+    """Two CPU "devices" (calibration split, statistics merged on the primary, where the GGUF grid is solved):
+    the GGUF file, first format of a job beside compressed-tensors, has the bytes of the one-device job."""
+    model_dir = tiny_model(tmp_path / "model")
+    config = json.loads((model_dir / "config.json").read_text())
+    ids = calibration(model_dir)
+    cpu = torch.device("cpu")
+    spec = JobSpec(model_dir=str(model_dir), method=Method.GPTQ, formats=(Q8_0, CT))
+    info = check_against_model(spec)
+    files = []
+    for devices in (1, 2):
+        path = tmp_path / str(devices) / "model-Q8_0.gguf"
+        file = GGUFFile(path, model_dir, config, "Q8_0")
+        writer = CheckpointWriter(tmp_path / str(devices) / "ct", CT, spec.scheme, info.dtype, act_order=True)
+        grid = GGUFGrid("gguf:Q8_0", file.block_of, Method.GPTQ)
+        quantize_model(LayerwiseModel(model_dir, cpu), CheckpointWeights(TensorSource(model_dir)),
+                       dataclasses.replace(spec, devices=devices), [Output([file], grid), writer], ids,
+                       devices=[cpu] * devices)
+        file.finalize()
+        writer.finalize(info.config)
+        files.append(path)
+        assert len(grid.result.module_errors) == 14
+    assert _sha(files[0]) == _sha(files[1])

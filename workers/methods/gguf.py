@@ -6,7 +6,8 @@ capture forward per layer, shared by every grid). Each Linear gets the block typ
 it (`workers.formats.gguf.Recipe`, through the sink's `target`); GPTQ sweeps its columns against the fixed GGUF
 grid (`workers/quant/gguf_gptq.py`), one factored Hessian per Linear group, and RTN rounds to it with llama.cpp's
 own rules (no importance, so our RTN Q8_0/Q4_0 equal `llama-quantize`'s). A file type that keeps 2-D weights as
-float (F16) solves nothing. Module errors and fallbacks go to the grid's own `result`.
+float (F16) solves nothing. Module errors and fallbacks go to the grid's own `result`. With several devices, the
+statistics are merged on the primary and the GGUF grids solved there (the scheme's groups spread over all).
 """
 
 from __future__ import annotations
