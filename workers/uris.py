@@ -86,7 +86,13 @@ def _parse_s3(uri: str, bucket: str, raw_key: str, policy: InputPolicy, what: st
 
 def check_input_exists(uri: str, policy: InputPolicy, *, kind: str, what: str) -> LocalInput | S3Input:
     """Parse and check that the input is there: `kind` is "dir" (a model: needs config.json) or "file"."""
-    parsed = parse_input_uri(uri, policy, what=what)
+    return check_parsed_input_exists(uri, parse_input_uri(uri, policy, what=what), policy, kind=kind, what=what)
+
+
+def check_parsed_input_exists(
+    uri: str, parsed: LocalInput | S3Input, policy: InputPolicy, *, kind: str, what: str
+) -> LocalInput | S3Input:
+    """check_input_exists for `uri` already parsed (by parse_input_uri) into `parsed`."""
     if isinstance(parsed, LocalInput):
         if kind == "dir" and not (parsed.path / "config.json").is_file():
             raise InputError(f"{what} {uri!r} is not a model directory (no config.json at {parsed.path})")

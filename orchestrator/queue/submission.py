@@ -14,7 +14,7 @@ root the caller did not name) is shown as the caller's own URI or as a placehold
 
 from __future__ import annotations
 
-import copy
+import json
 import threading
 from collections import OrderedDict
 from pathlib import Path
@@ -24,7 +24,7 @@ from orchestrator.queue.outputs import check_output_uri
 from orchestrator.queue.specs import engine_spec
 from orchestrator.settings import Settings
 from workers.errors import InputError, InvalidSpecError
-from workers.uris import InputPolicy, LocalInput, check_input_exists, parse_input_uri
+from workers.uris import InputPolicy, LocalInput, check_parsed_input_exists, parse_input_uri
 
 
 class _PublicPolicy(InputPolicy):
@@ -102,7 +102,7 @@ def _validate(
             parsed = parse_input_uri(uri, policy, what=what)
             if isinstance(parsed, LocalInput):
                 resolved[str(parsed.path)] = uri.removeprefix("file://")
-            found = check_input_exists(uri, policy, kind=kind, what=what)
+            found = check_parsed_input_exists(uri, parsed, policy, kind=kind, what=what)
         except OSError as e:  # e.g. a path segment over 255 bytes: the file system's answer, as a 422
             raise InputError(f"{what} path {uri!r} cannot be used: {e.strerror or e}") from e
         if isinstance(found, LocalInput):
@@ -127,7 +127,7 @@ def _validate(
 
 
 MODEL_CHECKS_KEPT = 256
-_passed_model_checks: OrderedDict[tuple[str, tuple[Any, ...]], dict[str, Any]] = OrderedDict()
+_passed_model_checks: OrderedDict[tuple[str, tuple[Any, ...]], str] = OrderedDict()  # the plans as JSON
 _passed_lock = threading.Lock()
 
 
@@ -155,13 +155,13 @@ def _checked_against_model(job: Any) -> dict[str, Any]:
     with _passed_lock:
         if key in _passed_model_checks:
             _passed_model_checks.move_to_end(key)
-            return copy.deepcopy(_passed_model_checks[key])
-    plan = plan_job(job).to_dict()
+            return dict(json.loads(_passed_model_checks[key]))  # the caller's own copy
+    text = json.dumps(plan_job(job).to_dict())
     with _passed_lock:
-        _passed_model_checks[key] = copy.deepcopy(plan)
+        _passed_model_checks[key] = text
         while len(_passed_model_checks) > MODEL_CHECKS_KEPT:
             _passed_model_checks.popitem(last=False)
-    return plan
+    return dict(json.loads(text))  # as stored: the same from the cache
 
 
 def _check_model_size(model_dir: Path, limit: int) -> None:
