@@ -130,7 +130,19 @@ def build_model(directory: Path, family: str, *, tiny: bool, layers: int | None,
     model.save_pretrained(directory)
     write_word_tokenizer(directory, sizes["vocab_size"])
     del model
+    free_cuda()
     return directory
+
+
+def free_cuda() -> None:
+    """Give cached CUDA memory back, so a vLLM child process finds the GPU free."""
+    import gc
+
+    import torch
+
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
 
 
 def job_spec(case: Case, model_dir: Path, calibration: Path, samples: int, seq_len: int, device: str, tiny: bool) -> Any:
@@ -283,7 +295,7 @@ def child_main(stage: str, payload: dict[str, Any]) -> None:
                     for o, w in zip(outputs, windows, strict=True)]
         result: dict[str, Any] = {"logprobs": logprobs, "load_s": round(loaded, 1)}
     else:
-        llm = LLM(model=payload["checkpoint"], gpu_memory_utilization=0.85, max_model_len=1024, max_num_seqs=64,
+        llm = LLM(model=payload["checkpoint"], gpu_memory_utilization=0.8, max_model_len=1024, max_num_seqs=64,
                   dtype="bfloat16", seed=0, compilation_config={"cudagraph_capture_sizes": [1, 2, 4, 8, 16, 32, 64]})
         loaded = time.perf_counter() - started
         prompts = [TokensPrompt(prompt_token_ids=[(7 * i + 13 * j) % 30000 + 1 for j in range(128)]) for i in range(64)]
@@ -351,6 +363,7 @@ def throughput(args: argparse.Namespace) -> None:
             if not (checkpoint / "config.json").is_file():
                 case = Case("llama3-8b", "rtn", scheme)
                 run_local(job_spec(case, model_dir, calibration, 8, 512, "cuda", False), checkpoint)
+                free_cuda()
         if name in results and "error" not in results[name]:
             continue
         results[name] = child("decode", {"checkpoint": str(checkpoint), "new_tokens": args.new_tokens},
