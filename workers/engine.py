@@ -44,7 +44,7 @@ from workers.pipeline import PipelineOptions, PipelineResult, quantize_model
 from workers.progress import CancelCheck, Progress, ProgressCallback, never_cancel, no_progress
 from workers.quant.gptq import warm_up
 from workers.report import EngineReport
-from workers.spec import JobSpec, Method
+from workers.spec import JobSpec, Method, OutputFormat
 from workers.tensor_source import TensorSource
 from workers.validation import ModelInfo, check_against_model
 
@@ -63,8 +63,8 @@ def versions(spec: JobSpec | None = None) -> dict[str, str]:
         "torch": torch.__version__,
         "transformers": transformers.__version__,
     }
-    formats = spec.formats if spec is not None else ()
-    if any(not f.is_gguf for f in formats) or spec is None:
+    formats = spec.formats if spec is not None else (OutputFormat.COMPRESSED_TENSORS,)
+    if any(not f.is_gguf for f in formats):  # the packages whose layouts the job's files follow
         found["compressed-tensors"] = compressed_tensors.__version__
     if any(f.is_gguf for f in formats):
         found["gguf"] = version("gguf")

@@ -174,3 +174,18 @@ def test_gguf_grids_on_several_devices(tmp_path: Path) -> None:
         files.append(path)
         assert len(grid.result.module_errors) == 14
     assert _sha(files[0]) == _sha(files[1])
+
+
+def test_with_rtn_every_gguf_file_is_the_file_of_its_job_alone(tmp_path: Path) -> None:
+    """RTN on a GGUF grid reads no inputs (llama.cpp's own rules), so nothing of the propagation reaches it: beside
+    a calibrated compressed-tensors RTN (which weighs its ranges by E[x²]), the file is the one of its job alone."""
+    text = tmp_path / "text.txt"
+    text.write_text(TEXT)
+    model = tiny_model(tmp_path / "model")
+    calibration_spec = CalibrationSpec(str(text), num_samples=8, seq_len=64)
+    for name, formats in (("mixed", (CT, Q4_K_M)), ("alone", (Q4_K_M,))):
+        run_local(JobSpec(model_dir=str(model), method=Method.RTN, formats=formats, calibration=calibration_spec),
+                  tmp_path / name)
+    assert _sha(tmp_path / "mixed" / "gguf-Q4_K_M" / "model-Q4_K_M.gguf") == _sha(tmp_path / "alone" / "model-Q4_K_M.gguf")
+    saved = json.loads((tmp_path / "mixed" / "eval.json").read_text())
+    assert len(saved["module_errors"]) == 14  # the calibrated compressed-tensors RTN reports its errors
