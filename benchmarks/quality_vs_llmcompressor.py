@@ -96,19 +96,47 @@ class Scheme:
     bits: int
     group: int  # -1 = one scale per output channel
     symmetric: bool
+    preset: str = ""  # a weight+activation scheme (PRESETS key, QuantFleet's preset name); "" = weight-only int
+    smoothquant: float = 0.0  # SmoothQuant migration strength before the preset's method (0: none)
 
     def label(self) -> str:
+        if self.preset:
+            return PRESETS[self.preset].label + (f" + SmoothQuant {self.smoothquant:g}" if self.smoothquant else "")
         g = "per-channel" if self.group == -1 else f"g{self.group}"
         return f"w{self.bits} {g} {'sym' if self.symmetric else 'asym'}"
 
 
-CONFIGS: dict[str, Scheme] = {
+@dataclass(frozen=True)
+class Preset:
+    """A weight+activation scheme both tools name: QuantFleet's preset (the PRESETS key), llm-compressor's preset
+    scheme string, and the method both run it with (their FP8 is round-to-nearest; W8A8 is GPTQ)."""
+
+    llmc_scheme: str
+    method: str
+    label: str
+
+
+PRESETS: dict[str, Preset] = {
+    "fp8-dynamic": Preset("FP8_DYNAMIC", "rtn", "FP8 dynamic"),
+    "fp8-static": Preset("FP8", "rtn", "FP8 static"),
+    "w8a8-int8": Preset("W8A8", "gptq", "W8A8 int8"),
+}
+
+WEIGHT_CONFIGS: dict[str, Scheme] = {
     "w4g128sym": Scheme(4, 128, True),
     "w4g128asym": Scheme(4, 128, False),
     "w4g64sym": Scheme(4, 64, True),
     "w3g128asym": Scheme(3, 128, False),
     "w8chsym": Scheme(8, -1, True),
 }
+# Issue 12: weight+activation schemes, scored with the runtime's activation quantization (load_runtime).
+SCHEME_CONFIGS: dict[str, Scheme] = {
+    "fp8dyn": Scheme(8, -1, True, "fp8-dynamic"),
+    "fp8static": Scheme(8, -1, True, "fp8-static"),
+    "w8a8": Scheme(8, -1, True, "w8a8-int8"),
+    "w8a8sq": Scheme(8, -1, True, "w8a8-int8", 0.8),
+}
+CONFIGS: dict[str, Scheme] = WEIGHT_CONFIGS | SCHEME_CONFIGS
 
 
 def linear_input_dims(model_dir: Path) -> dict[str, int]:
@@ -277,13 +305,51 @@ def engine_fingerprint() -> str:
 # ----------------------------------------------------------------------------------------------------------
 
 
+def llmc_recipe(args: argparse.Namespace) -> list[Any]:
+    """llm-compressor's recipe for the child's method and scheme. Weight+activation presets as its examples write
+    them (examples/quantization_w8a8_fp8, quantization_w8a8_int8): QuantizationModifier(targets="Linear",
+    scheme="FP8_DYNAMIC" | "FP8", ignore=["lm_head"]); GPTQModifier(targets="Linear", scheme="W8A8",
+    ignore=["lm_head"]), after SmoothQuantModifier(smoothing_strength=0.8) for the SmoothQuant row."""
+    from compressed_tensors.quantization import QuantizationArgs, QuantizationScheme, QuantizationStrategy
+    from llmcompressor.modifiers.quantization import GPTQModifier, QuantizationModifier
+
+    if args.preset:
+        preset = PRESETS[args.preset]
+        if args.method != preset.method:
+            raise SystemExit(f"preset {args.preset} runs with {preset.method}, not {args.method}")
+        recipe: list[Any] = []
+        if args.smoothquant:
+            from llmcompressor.modifiers.smoothquant import SmoothQuantModifier
+
+            recipe.append(SmoothQuantModifier(smoothing_strength=args.smoothquant))
+        modifier = GPTQModifier if preset.method == "gptq" else QuantizationModifier
+        recipe.append(modifier(targets="Linear", scheme=preset.llmc_scheme, ignore=["lm_head"]))
+        return recipe
+    strategy = QuantizationStrategy.CHANNEL if args.group == -1 else QuantizationStrategy.GROUP
+    weights = QuantizationArgs(
+        num_bits=args.bits, type="int", symmetric=bool(args.symmetric), strategy=strategy,
+        group_size=None if args.group == -1 else args.group, dynamic=False,
+    )
+    groups = {"group_0": QuantizationScheme(targets=["Linear"], weights=weights)}
+    if args.method == "rtn":
+        return [QuantizationModifier(config_groups=groups, ignore=["lm_head"])]
+    if args.method == "gptq":
+        return [GPTQModifier(config_groups=groups, ignore=["lm_head"])]
+    from llmcompressor.modifiers.transform import AWQModifier
+
+    return [AWQModifier(), QuantizationModifier(config_groups=groups, ignore=["lm_head"])]
+
+
+def llmc_needs_calibration(args: argparse.Namespace) -> bool:
+    """RTN of weight-only grids and FP8_DYNAMIC observe no activations; everything else calibrates."""
+    return args.method != "rtn" or args.preset == "fp8-static" or bool(args.smoothquant)
+
+
 def child_llmcompressor(args: argparse.Namespace) -> dict[str, Any]:
     import compressed_tensors
     import llmcompressor
     import transformers
-    from compressed_tensors.quantization import QuantizationArgs, QuantizationScheme, QuantizationStrategy
     from llmcompressor import oneshot
-    from llmcompressor.modifiers.quantization import GPTQModifier, QuantizationModifier
     from safetensors.torch import load_file
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -295,21 +361,7 @@ def child_llmcompressor(args: argparse.Namespace) -> dict[str, Any]:
         IntermediatesCache.pin_memory = lambda self, *a, **k: None  # type: ignore[method-assign]
         notes.append("IntermediatesCache.pin_memory replaced by a no-op (no accelerator)")
 
-    strategy = QuantizationStrategy.CHANNEL if args.group == -1 else QuantizationStrategy.GROUP
-    weights = QuantizationArgs(
-        num_bits=args.bits, type="int", symmetric=bool(args.symmetric), strategy=strategy,
-        group_size=None if args.group == -1 else args.group, dynamic=False,
-    )
-    groups = {"group_0": QuantizationScheme(targets=["Linear"], weights=weights)}
-    if args.method == "rtn":
-        recipe: list[Any] = [QuantizationModifier(config_groups=groups, ignore=["lm_head"])]
-    elif args.method == "gptq":
-        recipe = [GPTQModifier(config_groups=groups, ignore=["lm_head"])]
-    else:
-        from llmcompressor.modifiers.transform import AWQModifier
-
-        recipe = [AWQModifier(), QuantizationModifier(config_groups=groups, ignore=["lm_head"])]
-
+    recipe = llmc_recipe(args)
     dtype = getattr(torch, args.llmc_dtype)
     t0 = time.perf_counter()
     model = AutoModelForCausalLM.from_pretrained(args.model, dtype=dtype)
@@ -317,7 +369,7 @@ def child_llmcompressor(args: argparse.Namespace) -> dict[str, Any]:
     t_load = time.perf_counter() - t0
     ids = load_file(args.windows)["calibration"]
     kwargs: dict[str, Any] = {}
-    if args.method != "rtn":
+    if llmc_needs_calibration(args):
         from datasets import Dataset
 
         kwargs = dict(
@@ -351,6 +403,7 @@ def child_llmcompressor(args: argparse.Namespace) -> dict[str, Any]:
         },
         "recipe": [repr(m) for m in recipe],
         "written_weights_config": qcfg.get("config_groups", {}).get("group_0", {}).get("weights"),
+        "written_input_activations_config": qcfg.get("config_groups", {}).get("group_0", {}).get("input_activations"),
         "dtype": args.llmc_dtype,
         "saved_dtype": str(saved_dtype if args.llmc_save_model_dtype else dtype),
         "notes": notes,
@@ -408,10 +461,16 @@ def child_quantfleet(args: argparse.Namespace) -> dict[str, Any]:
         calls.append(1)
         return ids.clone()
 
+    if args.preset:
+        scheme = QuantScheme.from_preset(args.preset)
+        if args.smoothquant:
+            spec_kw["smoothquant"] = args.smoothquant
+    else:
+        scheme = QuantScheme(bits=args.bits, group_size=args.group, symmetric=bool(args.symmetric))
     spec = JobSpec(
         model_dir=args.model,
         method=Method(args.method),
-        scheme=QuantScheme(bits=args.bits, group_size=args.group, symmetric=bool(args.symmetric)),
+        scheme=scheme,
         calibration=CalibrationSpec(path=args.calib_text, num_samples=ids.shape[0], seq_len=ids.shape[1], seed=args.seed),
         formats=(OutputFormat.COMPRESSED_TENSORS,),
         device=args.device,
@@ -522,6 +581,210 @@ def load_dense(path: Path) -> Any:
     return model.float().eval().to(EVAL_DEVICE)
 
 
+# Weight+activation schemes (issue 12): both tools' checkpoints read here, independently of either tool's loader
+# (plain safetensors + the compressed-tensors config), with each quantized Linear's input quantized the way vLLM
+# quantizes it at run time.
+
+E4M3_MAX = 448.0
+FP8_MIN_SCALE = 1.0 / (E4M3_MAX * 512)  # vLLM's floor for a dynamic per-token FP8 scale
+SAFETENSORS_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "F8_E4M3": 1, "F8_E5M2": 1, "I64": 8, "I32": 4,
+                     "I16": 2, "I8": 1, "U8": 1, "BOOL": 1}
+LINEAR_PARTS = ("weight", "weight_packed", "weight_shape", "weight_scale", "weight_zero_point", "weight_g_idx",
+                "input_scale", "input_zero_point")  # every stored tensor of one quantized Linear
+FUSED_SHARDS = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))  # one Linear each in vLLM
+ACTIVATION_NOTE = (
+    "activations as vLLM quantizes them, read from each checkpoint's own compressed-tensors config (input_activations)"
+    " by this script's reader, not either tool's: W8A8 int8 per token, dynamic, symmetric (scale max|x|/127, round "
+    "half to even, clamp [-128, 127]); FP8 dynamic per token E4M3 (scale max(max|x|/448, 1/(448·512)), clamp ±448, "
+    "round to E4M3); FP8 static per tensor E4M3 with the checkpoint's input_scale, the max over q/k/v and over "
+    "gate/up (vLLM fuses each into one Linear with one input scale; per-tensor FP8 weights of a fused Linear are "
+    "requantized to the shards' max weight scale, as vLLM's requantize_with_max_scale does); weights dequantized "
+    "from the stored codes × scales; the model runs in float32 (vLLM runs bf16/fp16 activations)"
+)
+
+
+def e4m3(x: torch.Tensor) -> torch.Tensor:
+    """x (already divided by its scale) rounded to FP8 E4M3 (saturating at ±448), as float32."""
+    return x.clamp(-E4M3_MAX, E4M3_MAX).to(torch.float8_e4m3fn).to(torch.float32)
+
+
+def int8_per_token_dynamic(x: torch.Tensor) -> torch.Tensor:
+    xf = x.to(torch.float32)
+    amax = xf.abs().amax(dim=-1, keepdim=True)
+    inv = torch.where(amax > 0, 127.0 / amax, torch.zeros_like(amax))
+    return (torch.round(xf * inv).clamp(-128, 127) * (amax / 127.0)).to(x.dtype)
+
+
+def fp8_per_token_dynamic(x: torch.Tensor) -> torch.Tensor:
+    xf = x.to(torch.float32)
+    scale = (xf.abs().amax(dim=-1, keepdim=True) / E4M3_MAX).clamp(min=FP8_MIN_SCALE)
+    return (e4m3(xf / scale) * scale).to(x.dtype)
+
+
+def fp8_static(x: torch.Tensor, scale: float) -> torch.Tensor:
+    return (e4m3(x.to(torch.float32) / scale) * scale).to(x.dtype)
+
+
+def activation_kind(args: dict[str, Any] | None) -> str | None:
+    """What a compressed-tensors input_activations entry asks the runtime to do; None = weight-only."""
+    if not args:
+        return None
+    kind = (args.get("type"), int(args.get("num_bits", 0)), args.get("strategy"), bool(args.get("dynamic")))
+    if kind == ("int", 8, "token", True) and args.get("symmetric", True):
+        return "int8-token-dynamic"
+    if kind == ("float", 8, "token", True):
+        return "fp8-token-dynamic"
+    if kind == ("float", 8, "tensor", False):
+        return "fp8-tensor-static"
+    raise SystemExit(f"input_activations {args} are not simulated by this script")
+
+
+def _target_matches(target: str, module: str) -> bool:
+    if target == "Linear":  # the class: every stored quantized module here is a Linear
+        return True
+    if target.startswith("re:"):
+        import re
+
+        return re.match(target[3:], module) is not None
+    return module == target or module.endswith("." + target)
+
+
+def module_activation_kinds(qcfg: dict[str, Any], modules: Sequence[str]) -> dict[str, str | None]:
+    groups = list((qcfg.get("config_groups") or {}).values())
+    out: dict[str, str | None] = {}
+    for module in modules:
+        group = next((g for g in groups if any(_target_matches(t, module) for t in g.get("targets", []))), None)
+        if group is None:
+            raise SystemExit(f"{module} has quantized tensors but no config group of the checkpoint targets it")
+        out[module] = activation_kind(group.get("input_activations"))
+    return out
+
+
+def _scale_for(scale: torch.Tensor, shape: torch.Size) -> torch.Tensor:
+    """A stored weight scale (or zero point) broadcast to the weight's [out, in]: per tensor, channel or group."""
+    s = scale.to(torch.float32)
+    if s.numel() == 1:
+        return s.reshape(1, 1)
+    s = s.reshape(shape[0], -1)
+    return s if s.shape[1] == 1 else s.repeat_interleave(shape[1] // s.shape[1], dim=1)
+
+
+def fused_siblings(module: str, present: set[str]) -> list[str]:
+    """The shards vLLM fuses with `module` into one Linear (itself included), those present in the checkpoint."""
+    parent, _, leaf = module.rpartition(".")
+    for shards in FUSED_SHARDS:
+        if leaf in shards:
+            return [f"{parent}.{s}" for s in shards if f"{parent}.{s}" in present]
+    return [module]
+
+
+def read_checkpoint(ckpt: Path) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    from safetensors import safe_open
+
+    cfg = json.loads((ckpt / "config.json").read_text())
+    qcfg = cfg.get("quantization_config") or {}
+    if qcfg.get("quant_method") != "compressed-tensors" or qcfg.get("format") not in (
+        "int-quantized", "float-quantized", "naive-quantized"
+    ):
+        raise SystemExit(f"{ckpt}: not a compressed-tensors int-/float-quantized checkpoint ({qcfg.get('format')!r})")
+    tensors: dict[str, torch.Tensor] = {}
+    for f in sorted(ckpt.glob("*.safetensors")):
+        with safe_open(str(f), "pt") as h:
+            for k in h.keys():  # noqa: SIM118 (a safe_open handle is not a dict)
+                tensors[k] = h.get_tensor(k)
+    return qcfg, tensors
+
+
+def load_runtime(model_dir: Path, ckpt: Path) -> tuple[Any, dict[str, Any]]:
+    """The checkpoint as a float32 model of `model_dir`'s architecture with every weight replaced from `ckpt`
+    (quantized Linears dequantized), and forward pre-hooks quantizing each quantized Linear's input as vLLM does
+    (ACTIVATION_NOTE). Returns (model, what was simulated)."""
+    from transformers import AutoModelForCausalLM
+
+    qcfg, tensors = read_checkpoint(ckpt)
+    modules = sorted(k[: -len(".weight_scale")] for k in tensors if k.endswith(".weight_scale"))
+    kinds = module_activation_kinds(qcfg, modules)
+    present = set(modules)
+    codes = {m: tensors.pop(f"{m}.weight") for m in modules}
+    scales = {m: tensors.pop(f"{m}.weight_scale").to(torch.float32) for m in modules}
+    zero_points = {m: tensors.pop(f"{m}.weight_zero_point") for m in modules if f"{m}.weight_zero_point" in tensors}
+    input_scales = {m: tensors.pop(f"{m}.input_scale").to(torch.float32) for m in modules if f"{m}.input_scale" in tensors}
+    state: dict[str, torch.Tensor] = {}
+    requantized: list[str] = []
+    for m in modules:
+        q = codes[m].to(torch.float32)
+        if m in zero_points:
+            q = q - _scale_for(zero_points[m], q.shape)
+        dense = q * _scale_for(scales[m], q.shape)
+        siblings = fused_siblings(m, present)
+        if codes[m].dtype == torch.float8_e4m3fn and scales[m].numel() == 1 and len(siblings) > 1:
+            shared = max(float(scales[s].reshape(())) for s in siblings)
+            if shared != float(scales[m].reshape(())):
+                dense = e4m3(dense / shared) * shared
+                requantized.append(m)
+        state[f"{m}.weight"] = dense
+    dropped = sorted(k for k in tensors if k.rpartition(".")[2] in ("k_scale", "v_scale", *LINEAR_PARTS[1:]))
+    for k in dropped:
+        tensors.pop(k)
+    state |= {k: t.to(torch.float32) if t.is_floating_point() else t for k, t in tensors.items()}
+    model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32)
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    tied = {"lm_head.weight"} if model.config.tie_word_embeddings else set()
+    if unexpected or set(missing) - tied:
+        raise SystemExit(f"{ckpt}: tensors the model lacks {unexpected[:5]}, model tensors the checkpoint lacks "
+                         f"{sorted(set(missing) - tied)[:5]}")
+    if tied:
+        model.tie_weights()
+    counts: dict[str, int] = {}
+    for m in modules:
+        kind = kinds[m]
+        counts[str(kind)] = counts.get(str(kind), 0) + 1
+        if kind is None:
+            continue
+        if kind == "int8-token-dynamic":
+            quantize = int8_per_token_dynamic
+        elif kind == "fp8-token-dynamic":
+            quantize = fp8_per_token_dynamic
+        else:
+            siblings = fused_siblings(m, present)
+            if any(s not in input_scales for s in siblings):
+                raise SystemExit(f"{ckpt}: static FP8 activations but no input_scale for {siblings}")
+            scale = max(float(input_scales[s].reshape(())) for s in siblings)
+
+            def quantize(x: torch.Tensor, scale: float = scale) -> torch.Tensor:
+                return fp8_static(x, scale)
+
+        def hook(_m: Any, args: tuple[Any, ...], quantize: Any = quantize) -> tuple[Any, ...]:
+            return (quantize(args[0]), *args[1:])
+
+        model.get_submodule(m).register_forward_pre_hook(hook)
+    info = {"linears_by_activation": counts, "requantized_to_shared_weight_scale": len(requantized),
+            "dropped_runtime_tensors": len(dropped), "note": ACTIVATION_NOTE}
+    return model.float().eval().to(EVAL_DEVICE), info
+
+
+def bits_per_weight_of(ckpt: Path) -> float:
+    """Every stored byte of the quantized Linears (codes, scales, zero points, input scales) × 8 per weight, from
+    the checkpoint files' safetensors headers."""
+    import struct
+
+    header: dict[str, Any] = {}
+    for f in sorted(ckpt.glob("*.safetensors")):
+        with open(f, "rb") as h:
+            (n,) = struct.unpack("<Q", h.read(8))
+            header |= {k: v for k, v in json.loads(h.read(n)).items() if k != "__metadata__"}
+    modules = [k[: -len(".weight_scale")] for k in header if k.endswith(".weight_scale")]
+    stored = weights = 0
+    for m in modules:
+        for part in LINEAR_PARTS:
+            if (t := header.get(f"{m}.{part}")) is not None:
+                stored += SAFETENSORS_BYTES[t["dtype"]] * math.prod(t["shape"])
+        if f"{m}.weight" not in header:
+            raise SystemExit(f"{ckpt}: {m} has no unpacked weight (packed codes are not counted here)")
+        weights += math.prod(header[f"{m}.weight"]["shape"])
+    return 8 * stored / weights
+
+
 def final_hidden(model: Any, windows: torch.Tensor, batch: int = 4) -> torch.Tensor:
     """Normed last hidden states [n, seq, hidden] (what lm_head reads)."""
     decoder = model.get_decoder()
@@ -624,6 +887,8 @@ def quantize_row(row: Row, args: argparse.Namespace, work: Path) -> dict[str, An
     cmd = [
         python, str(Path(__file__).resolve()), "--child", row.tool, "--method", row.method,
         "--bits", str(row.scheme.bits), "--group", str(row.scheme.group), "--symmetric", str(int(row.scheme.symmetric)),
+        *(["--preset", row.scheme.preset] if row.scheme.preset else []),
+        *(["--smoothquant", str(row.scheme.smoothquant)] if row.scheme.smoothquant else []),
         "--model", str(args.model), "--windows", str(row.windows.path), "--calib-text", str(args.calib_text),
         "--ckpt", str(ckpt), "--result-json", str(result_json), "--seed", str(row.seed),
         "--llmc-dtype", args.llmc_dtype, *([] if args.llmc_save_model_dtype else ["--llmc-save-fp32"]), "--qf-options", json.dumps(row.options.get("qf", {})),
@@ -676,12 +941,19 @@ def run_rows(rows: list[Row], args: argparse.Namespace, work: Path, results_path
         if reference is None:
             reference = Reference(Path(args.model), row.windows, work)
         t0 = time.perf_counter()
-        model = load_dense(Path(entry["checkpoint"]))
-        metrics = score(reference, model) | {"eval_s": time.perf_counter() - t0}
+        extra: dict[str, Any] = {}
+        if row.scheme.preset:  # weights + activations: this script's reader, the runtime's activation quantization
+            model, simulated = load_runtime(Path(args.model), Path(entry["checkpoint"]))
+            extra = {"bits_per_weight": bits_per_weight_of(Path(entry["checkpoint"])), "scorer": "load_runtime",
+                     "activation_simulation": simulated}
+        else:
+            model = load_dense(Path(entry["checkpoint"]))
+        metrics = score(reference, model) | extra | {"eval_s": time.perf_counter() - t0}
         del model
+        bpw = f" bits/weight {metrics['bits_per_weight']:.3f}" if "bits_per_weight" in metrics else ""
         print(
             f"    {row.tool} {row.method} {row.scheme.label()}: Δppl {metrics['dppl_pct']:+.2f} % KL {metrics['kl_mean']:.4f} "
-            f"top-1 {metrics['top1']:.3f}  quantize {entry['seconds']:.1f} s  eval {metrics['eval_s']:.0f} s",
+            f"top-1 {metrics['top1']:.3f}{bpw}  quantize {entry['seconds']:.1f} s  eval {metrics['eval_s']:.0f} s",
             flush=True,
         )
         with locked_results(results_path) as data:
@@ -689,10 +961,11 @@ def run_rows(rows: list[Row], args: argparse.Namespace, work: Path, results_path
             data["original"][ev] = {"ppl": metrics["ppl_original"], "tokens": metrics["tokens"]}
 
 
-def fmt_table(rows: list[Row], results: dict[str, Any], eval_hash: str) -> str:
+def fmt_table(rows: list[Row], results: dict[str, Any], eval_hash: str, bpw_col: bool = False) -> str:
+    """One line per row; `bpw_col` adds bits per weight measured from the checkpoint (weight+activation rows)."""
     lines = [
-        "| config | method | tool | Δppl % | KL mean | KL p99 | top-1 | seconds |",
-        "|---|---|---|---|---|---|---|---|",
+        "| config | method | tool | Δppl % | KL mean | KL p99 | top-1 | seconds |" + (" bits / weight |" if bpw_col else ""),
+        "|---|---|---|---|---|---|---|---|" + ("---|" if bpw_col else ""),
     ]
     seen = set()
     for row in rows:
@@ -716,9 +989,10 @@ def fmt_table(rows: list[Row], results: dict[str, Any], eval_hash: str) -> str:
             lines.append(f"| {label} | {row.method} | {tool} | not evaluated | | | | {e['seconds']:.1f} |")
         else:
             m = e["metrics"][eval_hash]
+            bpw = (f" {m['bits_per_weight']:.3f} |" if "bits_per_weight" in m else " |") if bpw_col else ""
             lines.append(
                 f"| {label} | {row.method} | {tool} | {m['dppl_pct']:+.2f} | {m['kl_mean']:.4f} | {m['kl_p99']:.3f} | "
-                f"{m['top1']:.3f} | {e['seconds']:.1f} |"
+                f"{m['top1']:.3f} | {e['seconds']:.1f} |{bpw}"
             )
     return "\n".join(lines)
 
@@ -764,7 +1038,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tools", default="llmcompressor,quantfleet", help="comma list of llmcompressor, quantfleet (or both)")
     p.add_argument("--methods", default=",".join(METHODS),
                    help="comma list of rtn, gptq, awq (both tools) and QuantFleet-only methods such as awq-gptq, auto")
-    p.add_argument("--configs", default=",".join(CONFIGS), help=f"comma list of {', '.join(CONFIGS)}")
+    p.add_argument("--configs", default=",".join(WEIGHT_CONFIGS),
+                   help=f"comma list of {', '.join(CONFIGS)} (default: the weight-only ones; {', '.join(SCHEME_CONFIGS)} "
+                        "are the weight+activation schemes of issue 12, each with its own method: FP8 rtn, W8A8 gptq)")
     p.add_argument("--num-samples", type=int, default=128)
     p.add_argument("--seq-len", type=int, default=512)
     p.add_argument("--eval-windows", type=int, default=64)
@@ -795,6 +1071,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--child", choices=TOOLS, help=argparse.SUPPRESS)
     for name in ("--method", "--windows", "--ckpt", "--result-json", "--qf-options"):
         p.add_argument(name, help=argparse.SUPPRESS)
+    p.add_argument("--preset", default="", help=argparse.SUPPRESS)
+    p.add_argument("--smoothquant", type=float, default=0.0, help=argparse.SUPPRESS)
     for name in ("--bits", "--group", "--symmetric"):
         p.add_argument(name, type=int, help=argparse.SUPPRESS)
     return p
@@ -861,7 +1139,7 @@ def main(argv: list[str] | None = None) -> int:
         for cfg in configs:
             asked = CONFIGS[cfg]
             scheme, note = effective_scheme(asked, dims, args.substitute_group)
-            for method in methods:
+            for method in [PRESETS[asked.preset].method] if asked.preset else methods:
                 for tool in tool_list:
                     if tool == "llmcompressor" and method not in METHODS:
                         continue  # a QuantFleet-only method: no llm-compressor row
@@ -875,7 +1153,12 @@ def main(argv: list[str] | None = None) -> int:
 
     results = read_results(results_path)
     shown = rows_for(list(TOOLS), seeds)  # both tools' rows from the results file, whichever ran now
-    table = fmt_table(shown, results, w0.eval_hash)
+    weight_rows = [r for r in shown if not r.scheme.preset]
+    scheme_rows = [r for r in shown if r.scheme.preset]
+    tables = [fmt_table(weight_rows, results, w0.eval_hash)] if weight_rows else []
+    if scheme_rows:
+        tables.append(fmt_table(scheme_rows, results, w0.eval_hash, bpw_col=True))
+    table = "\n\n".join(tables)
     orig = results["original"].get(w0.eval_hash, {})
     subs = sorted({f"{config_label(r.asked, r.scheme)}: {r.note}" for r in shown if r.note})
     header = [
@@ -889,6 +1172,14 @@ def main(argv: list[str] | None = None) -> int:
         f"- QuantFleet options: {qf_opts or 'engine defaults'} (engine source hash {engine}); llm-compressor at its "
         f"defaults, loaded in {args.llmc_dtype}",
         f"- {PIN_MEMORY_NOTE}",
+        *([f"- weight+activation rows ({', '.join(sorted({r.scheme.label() for r in scheme_rows}))}): scored with "
+           f"{ACTIVATION_NOTE}; bits / weight: every stored byte of the quantized Linears (codes, scales, zero points, "
+           "input scales) × 8 per weight, from the checkpoint's safetensors headers; llm-compressor recipes: "
+           "QuantizationModifier(targets='Linear', scheme='FP8_DYNAMIC' | 'FP8', ignore=['lm_head']), "
+           "GPTQModifier(targets='Linear', scheme='W8A8', ignore=['lm_head']), after "
+           "SmoothQuantModifier(smoothing_strength=0.8) for the SmoothQuant row; QuantFleet: "
+           "QuantScheme.from_preset('fp8-dynamic' | 'fp8-static' | 'w8a8-int8'), JobSpec.smoothquant=0.8 for the "
+           "SmoothQuant row"] if scheme_rows else []),
         *[f"- group substitution: {s}" for s in subs],
         "- seconds: the quantization call (llm-compressor `oneshot`; QuantFleet `run_local` less its final write)",
         f"- results: {results_path}",

@@ -147,3 +147,157 @@ def test_evaluation_of_a_model_against_itself_and_a_perturbed_copy(assets: dict[
     moved = qb.score(ref, qb.load_dense(noisy_dir))
     assert moved["kl_mean"] > 1e-3 and moved["top1"] < 1.0
     assert moved["ppl_original"] == pytest.approx(same["ppl_original"], rel=1e-6)  # the cached reference
+
+
+# --- weight+activation schemes (issue 12): the scorer's own checkpoint reader and the runtime's activations ---
+
+
+def fp8_checkpoint(model_dir: Path, out: Path, input_scales: dict[str, float], *, static: bool = True) -> dict[str, torch.Tensor]:
+    """A compressed-tensors float-quantized checkpoint of `model_dir` written by hand (per-channel E4M3 weights as
+    llm-compressor's FP8 preset writes them; static per-tensor input scales from `input_scales` by Linear leaf name)."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    out.mkdir(parents=True)
+    for name in ("config.json", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
+        if (model_dir / name).exists():
+            shutil.copy(model_dir / name, out / name)
+    tensors = load_file(str(model_dir / "model.safetensors"))
+    stored: dict[str, torch.Tensor] = {}
+    for name, t in tensors.items():
+        leaf = name.rsplit(".", 2)[-2]
+        if name.startswith("model.layers.") and name.endswith("_proj.weight"):
+            module = name[: -len(".weight")]
+            w = t.float()
+            scale = (w.abs().amax(dim=1, keepdim=True) / 448).clamp(min=1e-8)
+            stored[f"{module}.weight"] = (w / scale).to(torch.float8_e4m3fn)
+            stored[f"{module}.weight_scale"] = scale.half()
+            if static:
+                stored[f"{module}.input_scale"] = torch.tensor([input_scales[leaf]], dtype=torch.float16)
+        else:
+            stored[name] = t
+    save_file(stored, str(out / "model.safetensors"))
+    args = {"num_bits": 8, "type": "float", "symmetric": True, "group_size": None, "block_structure": None}
+    inputs = args | ({"strategy": "tensor", "dynamic": False} if static else {"strategy": "token", "dynamic": True})
+    cfg = json.loads((out / "config.json").read_text())
+    cfg["quantization_config"] = {
+        "quant_method": "compressed-tensors", "format": "float-quantized", "ignore": ["lm_head"],
+        "config_groups": {"group_0": {"targets": ["Linear"], "weights": args | {"strategy": "channel", "dynamic": False},
+                                      "input_activations": inputs}},
+    }
+    (out / "config.json").write_text(json.dumps(cfg))
+    return stored
+
+
+def capture_inputs(model: torch.nn.Module, names: list[str]) -> dict[str, torch.Tensor]:
+    """Record what each named Linear computes with (hooks added after the scorer's: they see its quantized input)."""
+    seen: dict[str, torch.Tensor] = {}
+    for name in names:
+        def hook(_m: torch.nn.Module, args: tuple[torch.Tensor, ...], name: str = name) -> None:
+            seen[name] = args[0].detach().clone()
+
+        model.get_submodule(name).register_forward_pre_hook(hook)
+    return seen
+
+
+def test_static_fp8_input_scale_from_the_file_quantizes_the_input(assets: dict[str, Path], tmp_path: Path) -> None:
+    scales = {"q_proj": 0.011, "k_proj": 0.023, "v_proj": 0.017, "o_proj": 0.0007, "gate_proj": 0.019,
+              "up_proj": 0.013, "down_proj": 0.0009}
+    ckpt = tmp_path / "fp8static"
+    stored = fp8_checkpoint(assets["plain"], ckpt, scales)
+    model, info = qb.load_runtime(assets["plain"], ckpt)
+    assert info["linears_by_activation"] == {"fp8-tensor-static": 14}
+    # weights: the stored codes × scales, not the original's
+    q = "model.layers.1.self_attn.o_proj"
+    expected = stored[f"{q}.weight"].float() * stored[f"{q}.weight_scale"].float()
+    assert torch.equal(model.get_submodule(q).weight.detach(), expected)
+    names = [f"model.layers.1.self_attn.{n}" for n in ("q_proj", "k_proj", "v_proj", "o_proj")] + [
+        f"model.layers.1.mlp.{n}" for n in ("gate_proj", "up_proj", "down_proj")]
+    seen = capture_inputs(model, names)
+    ids = torch.randint(0, VOCAB - 1, (2, 16), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        model(input_ids=ids)
+    for name in names:
+        leaf = name.rsplit(".", 1)[-1]
+        # the scale the file holds (fp16), the max over the shards vLLM fuses (q/k/v, gate/up)
+        group = next((g for g in qb.FUSED_SHARDS if leaf in g), (leaf,))
+        s = max(float(torch.tensor(scales[g], dtype=torch.float16)) for g in group)
+        x = seen[name]
+        codes = x / s
+        assert torch.equal(codes, codes.to(torch.float8_e4m3fn).float()), name  # every value on the E4M3 grid × s
+        assert codes.abs().max() <= 448
+    # a tiny scale saturates: o_proj's inputs clip at ±448 × 0.0007 (in fp16)
+    s_o = float(torch.tensor(scales["o_proj"], dtype=torch.float16))
+    assert seen[names[3]].abs().max() == pytest.approx(448 * s_o, rel=1e-6)
+    # the same checkpoint with other input scales in the file scores differently (the file is what is read)
+    other = tmp_path / "fp8static-x8"
+    fp8_checkpoint(assets["plain"], other, {k: v * 8 for k, v in scales.items()})
+    model8, _ = qb.load_runtime(assets["plain"], other)
+    seen8 = capture_inputs(model8, names[3:4])
+    with torch.no_grad():
+        model8(input_ids=ids)
+    assert seen8[names[3]].abs().max() > seen[names[3]].abs().max()
+
+
+def test_static_fp8_reader_agrees_with_quantfleets_reader(assets: dict[str, Path], tmp_path: Path) -> None:
+    """An independent reading: where vLLM fuses nothing (o_proj, down_proj), QuantFleet's own reader
+    (workers/formats/reader.py input_quantizers) quantizes the input exactly as this script does."""
+    from workers.formats.reader import QuantizedCheckpoint
+
+    scales = {"q_proj": 0.02, "k_proj": 0.02, "v_proj": 0.02, "o_proj": 0.003, "gate_proj": 0.02, "up_proj": 0.02,
+              "down_proj": 0.001}
+    ckpt = tmp_path / "fp8"
+    fp8_checkpoint(assets["plain"], ckpt, scales)
+    theirs = QuantizedCheckpoint(ckpt).input_quantizers("model.layers.0.")
+    model, _ = qb.load_runtime(assets["plain"], ckpt)
+    x = torch.randn(3, 5, 128, generator=torch.Generator().manual_seed(0))
+    for leaf, width in (("self_attn.o_proj", 64), ("mlp.down_proj", 128)):
+        layer = model.get_submodule(f"model.layers.0.{leaf}")
+        mine = layer._forward_pre_hooks[next(iter(layer._forward_pre_hooks))](layer, (x[..., :width],))[0]
+        assert torch.equal(mine, theirs[leaf](x[..., :width]))
+
+
+def test_dynamic_activations_per_token(assets: dict[str, Path], tmp_path: Path) -> None:
+    ckpt = tmp_path / "fp8dyn"
+    fp8_checkpoint(assets["plain"], ckpt, {}, static=False)
+    model, info = qb.load_runtime(assets["plain"], ckpt)
+    assert info["linears_by_activation"] == {"fp8-token-dynamic": 14}
+    name = "model.layers.0.mlp.down_proj"
+    seen = capture_inputs(model, [name])
+    with torch.no_grad():
+        model(input_ids=torch.arange(20).reshape(1, 20))
+    x = seen[name].reshape(-1, 128)
+    scale = x.abs().amax(-1, keepdim=True) / 448
+    assert torch.allclose(x.abs().amax(-1), 448 * scale.squeeze(-1))  # each token's max lands on ±448 × its scale
+    codes = x / scale
+    assert torch.allclose(codes, codes.to(torch.float8_e4m3fn).float(), rtol=1e-5, atol=1e-5)
+    # int8 per token: codes are integers in [-128, 127] with the token's max at 127
+    t = torch.randn(4, 7, 33, generator=torch.Generator().manual_seed(2))
+    y = qb.int8_per_token_dynamic(t)
+    step = t.abs().amax(-1, keepdim=True) / 127
+    assert torch.allclose(y / step, torch.round(y / step), atol=1e-4) and (y - t).abs().le(step / 2 + 1e-6).all()
+    assert qb.activation_kind({"type": "int", "num_bits": 8, "strategy": "token", "dynamic": True,
+                               "symmetric": True}) == "int8-token-dynamic"
+    assert qb.activation_kind(None) is None
+
+
+def test_bits_per_weight_from_the_files(assets: dict[str, Path], tmp_path: Path) -> None:
+    ckpt = tmp_path / "fp8bpw"
+    stored = fp8_checkpoint(assets["plain"], ckpt, dict.fromkeys(
+        ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"), 0.01))
+    weights = sum(t.numel() for k, t in stored.items() if k.endswith(".weight") and t.dtype == torch.float8_e4m3fn)
+    outs = sum(t.numel() for k, t in stored.items() if k.endswith(".weight_scale"))
+    expected = 8 * (weights + 2 * outs + 2 * 14) / weights  # E4M3 codes, fp16 channel scales, fp16 input scales
+    assert qb.bits_per_weight_of(ckpt) == pytest.approx(expected)
+
+
+def test_scheme_configs_carry_their_method_and_labels() -> None:
+    assert qb.CONFIGS["w8a8sq"].label() == "W8A8 int8 + SmoothQuant 0.8"
+    assert {k: qb.PRESETS[c.preset].method for k, c in qb.SCHEME_CONFIGS.items()} == {
+        "fp8dyn": "rtn", "fp8static": "rtn", "w8a8": "gptq", "w8a8sq": "gptq"}
+    assert qb.CONFIGS["w8chsym"].label() == "w8 per-channel sym"  # weight-only labels (cached keys) unchanged
+    ns = qb.build_parser().parse_args(["--child", "llmcompressor", "--method", "rtn", "--preset", "fp8-dynamic"])
+    assert not qb.llmc_needs_calibration(ns)
+    ns.preset = "fp8-static"
+    assert qb.llmc_needs_calibration(ns)
