@@ -142,7 +142,10 @@ def run_case(case: Case, model_dir: Path, calibration_file: Path, out_dir: Path)
 
 
 def environment() -> dict[str, str]:
-    return {"torch": torch.__version__, "machine": platform.machine(), "python": platform.python_version()}
+    import transformers
+
+    return {"torch": torch.__version__, "transformers": transformers.__version__, "machine": platform.machine(),
+            "python": platform.python_version()}
 
 
 def record(names: list[str]) -> dict[str, Any]:
