@@ -126,6 +126,36 @@ def wait_for_state(sessions: sessionmaker[Session], job_id: str, states: set[str
     return wait_for(reached, timeout, f"job {job_id} to reach {sorted(states)}")
 
 
+def wait_for_quantizing(sessions: sessionmaker[Session], job_id: str, timeout: float = 120) -> None:
+    """Until the job's attempt reports its first quantize progress."""
+    wait_for(lambda: any(e.stage == "quantize" for e in events(sessions, job_id)), timeout, "quantization to start")
+
+
+def quantizing_pid(sessions: sessionmaker[Session], job_id: str, attempt: int = 1) -> int | None:
+    """The worker process id of `attempt` once it is quantizing (from its "attempt" event), else None."""
+    history = events(sessions, job_id)
+    started = [e for e in history if e.kind == "attempt" and e.attempt == attempt]
+    busy = any(e.stage == "quantize" and e.attempt == attempt for e in history)
+    return started[0].data["pid"] if started and busy else None
+
+
+def assert_handed_over_once(
+    sessions: sessionmaker[Session], settings: Settings, job: Job, old: str, new: str
+) -> list[JobEvent]:
+    """A rolling deploy cost nothing: one attempt, dispatcher `old` left it running and `new` adopted it,
+    every layer quantized once, and the published manifest matches the bytes."""
+    assert job.state == "succeeded", job.error
+    assert job.attempts == 1  # no attempt burned, no restart from layer 0
+    history = events(sessions, job.id)
+    messages = [e.message or "" for e in history if e.kind == "attempt"]
+    assert any(f"dispatcher {old} stopped; attempt 1 keeps running" in m for m in messages), messages
+    assert any(f"dispatcher {new} adopted the lease of attempt 1" in m for m in messages), messages
+    layers = [e.layer for e in history if e.kind == "progress" and e.stage == "quantize"]
+    assert layers == sorted(layers) and len(layers) == len(set(layers))  # every layer quantized once
+    check_manifest(LocalStore(settings.object_store), f"jobs/{job.id}")
+    return history
+
+
 def check_manifest(store: ObjectStore, prefix: str) -> dict[str, Any]:
     """The manifest lists every other stored file, and every sha256 and size matches the stored bytes."""
     manifest = json.loads(store.get_bytes(f"{prefix}/manifest.json"))

@@ -26,6 +26,7 @@ from tests.orchestrator.support import (
     sessions_for,
     submit,
     wait_for,
+    wait_for_quantizing,
     wait_for_state,
 )
 from workers.storage import LocalStore, S3Store
@@ -96,9 +97,7 @@ def test_cancel_stops_a_running_job_at_a_layer_boundary(
     job_id = submit(sessions, body, settings)
     worker = running(Dispatcher(sessions, ThreadExecutor(1), settings))
     try:
-        wait_for(
-            lambda: any(e.stage == "quantize" for e in events(sessions, job_id)), 60, "quantization to start"
-        )
+        wait_for_quantizing(sessions, job_id, timeout=60)
         with transaction(sessions) as s:
             assert crud.request_cancel(s, s.get(Job, job_id)).state == "cancelling"
         job = wait_for_state(sessions, job_id, {"cancelled", "succeeded", "failed"}, timeout=60)

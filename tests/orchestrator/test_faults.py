@@ -15,14 +15,13 @@ from orchestrator.dispatcher import Dispatcher, start_in_thread
 from orchestrator.executors import ThreadExecutor
 from tests.orchestrator.support import (
     assert_succeeded_once_after_two_attempts,
-    events,
     load_job,
     service_settings,
     sessions_for,
     slow_body,
     stop,
     submit,
-    wait_for,
+    wait_for_quantizing,
     wait_for_state,
 )
 
@@ -55,11 +54,7 @@ def test_dead_dispatcher_lease_expires_and_another_finishes_the_job(
         stderr=subprocess.DEVNULL,
     )
     try:
-        wait_for(
-            lambda: any(e.stage == "quantize" for e in events(sessions, job_id)),
-            120,
-            "the first dispatcher's attempt",
-        )
+        wait_for_quantizing(sessions, job_id)
         first.send_signal(signal.SIGKILL)  # no chance to hand the job back: only the lease can tell
         first.wait(timeout=30)
     finally:

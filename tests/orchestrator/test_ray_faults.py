@@ -12,7 +12,7 @@ import pytest
 from orchestrator.dispatcher import Dispatcher, start_in_thread
 from tests.orchestrator.support import (
     assert_succeeded_once_after_two_attempts,
-    events,
+    quantizing_pid,
     service_settings,
     sessions_for,
     slow_body,
@@ -39,14 +39,8 @@ def test_killed_ray_worker_is_retried_and_succeeds(
     job_id = submit(sessions, slow_body(tiny_assets, slow_model), settings)
     worker = start_in_thread(Dispatcher(sessions, RayExecutor(capacity=1), settings))
 
-    def quantizing_pid() -> int | None:
-        history = events(sessions, job_id)
-        started = [e for e in history if e.kind == "attempt" and e.attempt == 1]
-        busy = any(e.stage == "quantize" and e.attempt == 1 for e in history)
-        return started[0].data["pid"] if started and busy else None
-
     try:
-        pid = wait_for(quantizing_pid, 120, "attempt 1 to start quantizing on a Ray worker")
+        pid = wait_for(lambda: quantizing_pid(sessions, job_id), 120, "attempt 1 to start quantizing on a Ray worker")
         assert pid != os.getpid()  # a separate Ray worker process
         os.kill(pid, signal.SIGKILL)
         wait_for_state(sessions, job_id, {"succeeded", "failed"}, timeout=180)

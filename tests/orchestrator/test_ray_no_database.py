@@ -19,12 +19,14 @@ from tests.orchestrator.support import (
     check_manifest,
     events,
     load_job,
+    quantizing_pid,
     service_settings,
     sessions_for,
     slow_body,
     stop,
     submit,
     wait_for,
+    wait_for_quantizing,
     wait_for_state,
 )
 from workers.storage import LocalStore
@@ -91,14 +93,8 @@ def test_a_ray_attempt_reports_through_the_dispatcher_and_never_touches_the_data
 
     worker = start_in_thread(dispatcher)
 
-    def quantizing_pid() -> int | None:
-        history = events(sessions, job_id)
-        started = [e for e in history if e.kind == "attempt" and e.attempt == 1]
-        busy = any(e.stage == "quantize" and e.attempt == 1 for e in history)
-        return started[0].data["pid"] if started and busy else None
-
     try:
-        pid = wait_for(quantizing_pid, 120, "the attempt to quantize on a Ray worker")
+        pid = wait_for(lambda: quantizing_pid(sessions, job_id), 120, "the attempt to quantize on a Ray worker")
         assert pid != os.getpid()  # the attempt runs in a Ray worker process of its own
         # While it quantizes, that process has no database URL in its environment or command line, no
         # database file open and no connection to the database server.
@@ -151,9 +147,7 @@ def test_a_cancel_reaches_a_ray_attempt_through_the_dispatcher_and_its_actor_is_
     job_id = submit(sessions, slow_body(tiny_assets, slow_model), settings)
     worker = start_in_thread(Dispatcher(sessions, RayExecutor(capacity=1), settings, name="cancel"))
     try:
-        wait_for(
-            lambda: any(e.stage == "quantize" for e in events(sessions, job_id)), 120, "quantization to start"
-        )
+        wait_for_quantizing(sessions, job_id)
         assert ray.get_actor(actor_name(job_id, 1), namespace=NAMESPACE) is not None
         with transaction(sessions) as s:
             assert crud.request_cancel(s, s.get(Job, job_id)).state == "cancelling"

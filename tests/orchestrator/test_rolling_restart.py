@@ -4,15 +4,18 @@ finishes with its attempt count unchanged. An adopted attempt whose worker stops
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from datetime import timedelta
 from pathlib import Path
 
 import pytest
 from sqlalchemy import update
+from sqlalchemy.orm import Session, sessionmaker
 
 from orchestrator.db import transaction
 from orchestrator.dispatcher import Dispatcher, start_in_thread
 from orchestrator.executors import ThreadExecutor
+from orchestrator.executors.base import Executor
 from orchestrator.queue import crud
 from orchestrator.queue.leases import (
     RetryPolicy,
@@ -22,21 +25,43 @@ from orchestrator.queue.leases import (
     renew_adopted,
     rescue_expired,
 )
-from orchestrator.queue.models import Job, utcnow
+from orchestrator.queue.models import Job, JobEvent, utcnow
 from orchestrator.queue.states import JobState
+from orchestrator.settings import Settings
 from tests.orchestrator.support import (
-    check_manifest,
-    events,
+    assert_handed_over_once,
     load_job,
     service_settings,
     sessions_for,
     slow_body,
     stop,
     submit,
-    wait_for,
+    wait_for_quantizing,
     wait_for_state,
 )
-from workers.storage import LocalStore
+
+
+def rolling_deploy(
+    sessions: sessionmaker[Session], settings: Settings, job_id: str, executor: Callable[[], Executor]
+) -> list[JobEvent]:
+    """Dispatcher "old" runs the job; mid-quantization "new" starts and "old" stops gracefully, as a deploy
+    replaces it. Returns the job's history once it ended, checked by `assert_handed_over_once`."""
+    old = start_in_thread(Dispatcher(sessions, executor(), settings, name="old"))
+    new = None
+    try:
+        wait_for_quantizing(sessions, job_id)
+        new = start_in_thread(Dispatcher(sessions, executor(), settings, name="new"))
+        stop(old)  # graceful: the deploy replaces this dispatcher
+        assert load_job(sessions, job_id).state == "running"
+        job = wait_for_state(sessions, job_id, {"succeeded", "failed", "queued"}, timeout=180)
+    finally:
+        if new is not None:
+            stop(new)
+        stop(old)
+    history = assert_handed_over_once(sessions, settings, job, "old", "new")
+    states = [(e.state, e.attempt) for e in history if e.kind == "state"]
+    assert states == [("queued", 0), ("running", 1), ("succeeded", 1)]
+    return history
 
 
 def test_a_dispatcher_stopping_mid_job_hands_its_attempt_to_another(
@@ -45,33 +70,7 @@ def test_a_dispatcher_stopping_mid_job_hands_its_attempt_to_another(
     settings = service_settings(database_url, allowed_root, tmp_path, lease_seconds=3.0)
     sessions = sessions_for(database_url)
     job_id = submit(sessions, slow_body(tiny_assets, slow_model), settings)
-    old = start_in_thread(Dispatcher(sessions, ThreadExecutor(1), settings, name="old"))
-    new = None
-    try:
-        wait_for(
-            lambda: any(e.stage == "quantize" for e in events(sessions, job_id)),
-            120,
-            "the attempt to quantize",
-        )
-        new = start_in_thread(Dispatcher(sessions, ThreadExecutor(1), settings, name="new"))
-        stop(old)  # graceful: the deploy replaces this dispatcher
-        assert load_job(sessions, job_id).state == "running"
-        job = wait_for_state(sessions, job_id, {"succeeded", "failed", "queued"}, timeout=180)
-    finally:
-        if new is not None:
-            stop(new)
-        stop(old)
-    assert job.state == "succeeded", job.error
-    assert job.attempts == 1  # no attempt burned, no restart from layer 0
-    history = events(sessions, job_id)
-    states = [(e.state, e.attempt) for e in history if e.kind == "state"]
-    assert states == [("queued", 0), ("running", 1), ("succeeded", 1)]
-    messages = [e.message or "" for e in history if e.kind == "attempt"]
-    assert any("dispatcher old stopped; attempt 1 keeps running" in m for m in messages), messages
-    assert any("dispatcher new adopted the lease of attempt 1" in m for m in messages), messages
-    layers = [e.layer for e in history if e.kind == "progress" and e.stage == "quantize"]
-    assert layers == sorted(layers) and len(layers) == len(set(layers))  # every layer quantized once
-    check_manifest(LocalStore(settings.object_store), f"jobs/{job_id}")
+    rolling_deploy(sessions, settings, job_id, lambda: ThreadExecutor(1))
 
 
 def test_an_adopted_attempt_whose_worker_went_quiet_is_rescued(database_url: str) -> None:
@@ -114,34 +113,11 @@ def test_a_dispatcher_stopping_mid_job_leaves_its_ray_attempt_to_another(
     settings = service_settings(clean_sqlite_url, allowed_root, tmp_path, executor="ray", lease_seconds=6.0)
     sessions = sessions_for(clean_sqlite_url)
     job_id = submit(sessions, slow_body(tiny_assets, slow_model), settings)
-    old = start_in_thread(Dispatcher(sessions, RayExecutor(capacity=1), settings, name="old"))
-    new = None
-    try:
-        wait_for(
-            lambda: any(e.stage == "quantize" for e in events(sessions, job_id)),
-            120,
-            "the attempt to quantize",
-        )
-        new = start_in_thread(Dispatcher(sessions, RayExecutor(capacity=1), settings, name="new"))
-        stop(old)  # graceful: the deploy replaces this dispatcher
-        assert load_job(sessions, job_id).state == "running"
-        job = wait_for_state(sessions, job_id, {"succeeded", "failed", "queued"}, timeout=180)
-    finally:
-        if new is not None:
-            stop(new)
-        stop(old)
-    assert job.state == "succeeded", job.error
-    assert job.attempts == 1  # no attempt burned, no restart from layer 0
-    history = events(sessions, job_id)
-    states = [(e.state, e.attempt) for e in history if e.kind == "state"]
-    assert states == [("queued", 0), ("running", 1), ("succeeded", 1)]
+    history = rolling_deploy(sessions, settings, job_id, lambda: RayExecutor(capacity=1))
     messages = [e.message or "" for e in history if e.kind == "attempt"]
-    assert any("dispatcher old stopped; attempt 1 keeps running" in m for m in messages), messages
-    assert any("dispatcher new adopted the lease of attempt 1" in m for m in messages), messages
     assert len([m for m in messages if m == "attempt started"]) == 1  # one worker process, never restarted
     layers = [e.layer for e in history if e.kind == "progress" and e.stage == "quantize"]
-    assert layers == list(range(8))  # every layer quantized once, all reported (drained by both)
-    check_manifest(LocalStore(settings.object_store), f"jobs/{job_id}")
+    assert layers == list(range(8))  # all reported (drained by both)
 
 
 @pytest.mark.ray
@@ -190,11 +166,7 @@ def test_a_dispatcher_process_stopping_leaves_its_ray_attempt_running_for_anothe
     )
     new = None
     try:
-        wait_for(
-            lambda: any(e.stage == "quantize" for e in events(sessions, job_id)),
-            180,
-            "the attempt to quantize",
-        )
+        wait_for_quantizing(sessions, job_id, timeout=180)
         new = start_in_thread(Dispatcher(sessions, RayExecutor(capacity=1), settings, name="new"))
         old.send_signal(signal.SIGTERM)  # graceful: the deploy replaces this dispatcher
         assert old.wait(timeout=60) == 0
@@ -204,12 +176,6 @@ def test_a_dispatcher_process_stopping_leaves_its_ray_attempt_running_for_anothe
             old.kill()
         if new is not None:
             stop(new)
-    assert job.state == "succeeded", job.error
-    assert job.attempts == 1  # the actor outlived its dispatcher's process; no attempt burned
-    history = events(sessions, job_id)
-    messages = [e.message or "" for e in history if e.kind == "attempt"]
-    assert any("dispatcher old-process stopped; attempt 1 keeps running" in m for m in messages), messages
-    assert any("dispatcher new adopted the lease of attempt 1" in m for m in messages), messages
+    history = assert_handed_over_once(sessions, settings, job, "old-process", "new")  # the actor outlived its process
     layers = [e.layer for e in history if e.kind == "progress" and e.stage == "quantize"]
     assert layers == list(range(8))
-    check_manifest(LocalStore(settings.object_store), f"jobs/{job_id}")
