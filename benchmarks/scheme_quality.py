@@ -8,9 +8,9 @@ job per row:
     python3 benchmarks/scheme_quality.py --assets .cache/assets --rows w8a8-gptq,w8a8-sq-gptq,fp8-dynamic
 
 Rows: w8a8-gptq / w8a8-rtn (scheme w8a8-int8), w8a8-sq-gptq / w8a8-sq-rtn (w8a8-int8-smoothquant, α 0.8),
-fp8-dynamic, fp8-static (method rtn), w4g32-gptq (uniform W4A16 g32, 4.5 bits per weight: g32 stands for g128,
-which SmolLM2's 576 inputs rule out), mixed4.5-gptq (mixed precision by measured sensitivity at 4.5 bits per
-weight, candidates w4/w8 at g32/64/128), mixed-rule-gptq (w4 g32, the first/last 2 layers and down_proj at w8 g32).
+fp8-dynamic, fp8-static (method rtn), w4g32-gptq / w4g64-gptq (uniform W4A16 g32 / g64, 4.5 / 4.25 bits per
+weight: g32 stands for g128, which SmolLM2's 576 inputs rule out), mixed4.5-gptq / mixed4.25-gptq (mixed precision
+by measured sensitivity at 4.5 / 4.25 bits per weight, the default candidates), mixed-rule-gptq (w4 g32, the first/last 2 layers and down_proj at w8 g32).
 """
 
 from __future__ import annotations
@@ -22,6 +22,8 @@ import shutil
 import sys
 import time
 from pathlib import Path
+
+import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -45,8 +47,11 @@ ROWS: dict[str, dict[str, object]] = {
     "fp8-dynamic": {"method": Method.RTN, "scheme": QuantScheme.from_preset("fp8-dynamic")},
     "fp8-static": {"method": Method.RTN, "scheme": QuantScheme.from_preset("fp8-static")},
     "w4g32-gptq": {"method": Method.GPTQ, "scheme": W4G32},
+    "w4g64-gptq": {"method": Method.GPTQ, "scheme": QuantScheme(4, 64, True)},
     "mixed4.5-gptq": {"method": Method.GPTQ, "scheme": W4G32,
                       "mixed_precision": MixedPrecisionSpec(target_bits_per_weight=4.5)},
+    "mixed4.25-gptq": {"method": Method.GPTQ, "scheme": W4G32,
+                       "mixed_precision": MixedPrecisionSpec(target_bits_per_weight=4.25)},
     "mixed-rule-gptq": {"method": Method.GPTQ, "scheme": W4G32,
                         "mixed_precision": MixedPrecisionSpec(edge_layers=2, patterns=("down_proj",))},
 }
@@ -62,7 +67,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--device", default="auto")
     p.add_argument("--work", type=Path, default=Path("/tmp/qf-scheme-quality"))
     p.add_argument("--results", type=Path, default=None, help="JSON lines are also appended here")
+    p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     args = p.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     base = JobSpec(
         model_dir=str(args.assets / "smollm2-135m"), method=Method.GPTQ,
         calibration=CalibrationSpec(str(args.assets / "shakespeare-calibration.txt"), args.num_samples, 512, args.seed),

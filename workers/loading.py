@@ -288,9 +288,11 @@ class LayerwiseModel:
             raise InputError(f"{self.arch.name}'s forward called {len(calls)} of its {self.num_layers} decoder layers")
         return calls
 
-    def head(self, weights: WeightSource, embed_weight: Tensor | None = None) -> Callable[[Tensor], Tensor]:
+    def head(
+        self, weights: WeightSource, embed_weight: Tensor | None = None, *, grad: bool = False
+    ) -> Callable[[Tensor], Tensor]:
         """Logits `[tokens, vocab]` of the last decoder layer's outputs `[tokens, hidden]`, as the model computes
-        them after its layers (final norm, lm_head, logit scaling or soft-capping)."""
+        them after its layers (final norm, lm_head, logit scaling or soft-capping); differentiable with `grad`."""
         template = self.skeleton.get_submodule(self.graph.lm_head)
         state = {"weight": self.lm_head_weight(weights, embed_weight)}
         state.update({k: v for k, v in self.stored(self.graph.lm_head, weights, self.device)[1].items() if k != "weight"})
@@ -304,8 +306,8 @@ class LayerwiseModel:
 
         def logits(hidden: Tensor) -> Tensor:
             injected[:] = [hidden.unsqueeze(0)]
-            probe = torch.zeros_like(injected[0])
-            with torch.no_grad():
+            probe = torch.zeros_like(injected[0]).detach()
+            with torch.set_grad_enabled(grad):
                 return shell(inputs_embeds=probe, use_cache=False).logits[0]
 
         return logits

@@ -35,6 +35,7 @@ from torch import Tensor, nn
 
 from workers.activations import ShardedActivations
 from workers.errors import InvalidSpecError
+from workers.fisher import output_fisher
 from workers.loading import LayerwiseModel, WeightSource
 from workers.memory import release_host_memory
 from workers.methods.base import LayerWork
@@ -193,8 +194,10 @@ def measure(
     options: PipelineOptions | None = None,
     on_progress: ProgressCallback = no_progress,
 ) -> list[GroupChoice]:
-    """Each group's error at each candidate grid, on the original model's inputs (one pass over the layers)."""
+    """Each group's error at each candidate grid, on the original model's inputs (one pass over the layers),
+    weighted by its output channels' Fisher (workers/fisher.py)."""
     options = options or PipelineOptions()
+    fisher = output_fisher(model, weights, calibration, seed=spec.calibration.seed, on_progress=on_progress)
     groups: list[GroupChoice] = []
     with torch.no_grad(), contextlib.ExitStack() as cleanup:
         calls = model.layer_calls(calibration.shape[1], weights)
@@ -208,23 +211,28 @@ def measure(
             work = LayerWork(index, [layer], acts, model, spec, options)
             prefix = model.graph.layer_prefix(index)
             for group, statistics in work.statistics.items():
-                linears = [work.linear(name) for name in group]
-                groups.append(measure_group(work, tuple(prefix + n for n in group), linears, statistics.hessian(model.device)))
+                names = tuple(prefix + n for n in group)
+                rows = torch.cat([fisher[name] for name in names]).to(model.device)
+                groups.append(measure_group(work, names, [work.linear(n) for n in group], statistics.hessian(model.device), rows))
             acts.forward([layer], update=True)
             del layer, work
             release_host_memory()
     return groups
 
 
-def measure_group(work: LayerWork, names: tuple[str, ...], linears: Sequence[nn.Linear], hessian: Tensor) -> GroupChoice:
-    """One group's errors tr(ΔW H ΔWᵀ) at every candidate grid that fits, each ΔW from the job's own solver (GPTQ
-    or RTN, same dampening, act-order, observer), the Hessian factored once for all candidates. Both solvers
-    treat rows independently, so the error is a sum over rows: it is estimated from at most `MEASURED_ROWS` evenly
-    spaced rows of the group's Linears stacked, scaled by rows / measured (exact when the group has no more rows)."""
+def measure_group(
+    work: LayerWork, names: tuple[str, ...], linears: Sequence[nn.Linear], hessian: Tensor, row_weights: Tensor
+) -> GroupChoice:
+    """One group's error Σ_rows F_r (ΔW H ΔWᵀ)_rr at every candidate grid that fits (F: `row_weights`, the rows'
+    Fisher), each ΔW from the job's own solver (GPTQ with its dampening, act-order and observer, or RTN), the
+    Hessian factored once for all candidates. Both solvers treat rows independently, so the error is a sum over
+    rows: it is estimated from at most `MEASURED_ROWS` evenly spaced rows of the group's Linears stacked, scaled
+    by rows / measured (exact when the group has no more rows)."""
     spec, model = work.spec, work.model
     full = torch.cat([m.weight for m in linears])
     stride = -(-full.shape[0] // MEASURED_ROWS)  # at most MEASURED_ROWS rows
     weight, scale = full[::stride], full.shape[0] / full[::stride].shape[0]
+    row_weights = row_weights[::stride].to(weight.device, torch.float32)
     choice = GroupChoice(work.index, names, full.shape[1], int(full.numel()))
     prepared = prepare_hessian(hessian, dampening=spec.dampening, act_order=spec.act_order, device=weight.device)
     for grid in (g for g in candidates(spec) if fits(g, choice.in_features)):
@@ -233,14 +241,16 @@ def measure_group(work: LayerWork, names: tuple[str, ...], linears: Sequence[nn.
                             observer=spec.observer).quantized
         else:
             qt = rtn_quantize(weight, grid, scale_dtype=work.dtype, observer=spec.observer, importance=prepared.importance)
-        choice.errors[grid] = scale * hessian_error(weight, deployed(qt, model, weight.device), hessian)
+        rows = row_errors(weight, deployed(qt, model, weight.device), hessian)
+        choice.errors[grid] = scale * float((row_weights * rows).sum())
     return choice
 
 
-def hessian_error(reference: Tensor, quantized: Tensor, hessian: Tensor) -> float:
-    """tr(ΔW H ΔWᵀ): the summed squared output error per calibration token (× 2, H = 2 E[x xᵀ]), no forward."""
+def row_errors(reference: Tensor, quantized: Tensor, hessian: Tensor) -> Tensor:
+    """(ΔW H ΔWᵀ)_rr per row `[out]`: each output's squared error per calibration token (× 2, H = 2 E[x xᵀ]),
+    from the Hessian alone (no forward)."""
     delta = quantized.to(torch.float32) - reference.to(torch.float32)
-    return float(((delta @ hessian.to(delta.device, torch.float32)) * delta).sum())
+    return ((delta @ hessian.to(delta.device, torch.float32)) * delta).sum(1)
 
 
 def with_allocation(spec: JobSpec, measured: Sequence[GroupChoice]) -> tuple[JobSpec, float]:
