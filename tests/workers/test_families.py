@@ -21,11 +21,12 @@ from transformers.utils.quantization_config import CompressedTensorsConfig
 
 from tests.families import FAMILIES, make_tiny_family
 from tests.helpers import write_text_corpus
+from tests.workers.layerwise import layerwise_logits, relative
 from workers.awq_mappings import AWQ_MAPPINGS
 from workers.engine import run_local
 from workers.errors import InvalidSpecError
 from workers.evaluate import QuantizedWeights
-from workers.loading import CheckpointWeights, LayerwiseModel, WeightSource, run_decoder_layer
+from workers.loading import CheckpointWeights, LayerwiseModel
 from workers.spec import CalibrationSpec, EvalSpec, JobSpec, Method, QuantScheme
 from workers.tensor_source import TensorSource
 
@@ -46,20 +47,6 @@ def _spec(model_dir: Path, method: str, text: Path, *, calibrate: bool = True, e
     )
 
 
-def _layerwise_logits(model: LayerwiseModel, weights: WeightSource, ids: torch.Tensor) -> torch.Tensor:
-    hidden = model.embed(ids, weights)
-    calls = model.layer_calls(ids.shape[1], weights)
-    with torch.no_grad():
-        for index in range(model.num_layers):
-            hidden = run_decoder_layer(model.decoder_layer(index, weights), hidden, calls[index])
-        head = model.head(weights)
-        return torch.stack([head(h) for h in hidden]).float()
-
-
-def _relative(a: torch.Tensor, b: torch.Tensor) -> float:
-    return float((a - b).norm() / b.norm())
-
-
 def _quantized_linears(out: Path) -> set[str]:
     with safe_open(str(out / "model.safetensors"), "pt") as f:
         return {name.removesuffix(".weight_packed") for name in f.keys() if name.endswith(".weight_packed")}  # noqa: SIM118
@@ -70,10 +57,10 @@ def test_family_quantizes_loads_and_matches(family: str, text: Path, tmp_path: P
     model_dir = make_tiny_family(family, tmp_path / "model")
     model = LayerwiseModel(model_dir, CPU)
     ids = torch.randint(4, 300, (2, SEQ_LEN), generator=torch.Generator().manual_seed(0))
-    original = _layerwise_logits(model, CheckpointWeights(TensorSource(model_dir)), ids)
+    original = layerwise_logits(model, CheckpointWeights(TensorSource(model_dir)), ids)
     reference = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
     with torch.no_grad():
-        assert _relative(original, reference(ids).logits) < 1e-5  # the layerwise model is the model
+        assert relative(original, reference(ids).logits) < 1e-5  # the layerwise model is the model
 
     layer_linears = [n for n, m in reference.get_decoder().layers[0].named_modules() if isinstance(m, nn.Linear)]
     expected = {f"{model.graph.layer_prefix(i)}{n}" for i in range(model.num_layers) for n in layer_linears}
@@ -84,14 +71,14 @@ def test_family_quantizes_loads_and_matches(family: str, text: Path, tmp_path: P
         report = run_local(_spec(model_dir, method, text, evaluate=method == "gptq"), out)
         assert report.architecture == model.arch.name
         assert _quantized_linears(out) == expected, method  # every Linear of every decoder layer
-        ours = _layerwise_logits(model, QuantizedWeights(out, model.model_dtype), ids)
+        ours = layerwise_logits(model, QuantizedWeights(out, model.model_dtype), ids)
         loaded = AutoModelForCausalLM.from_pretrained(
             out, dtype=torch.float32, quantization_config=CompressedTensorsConfig(dequantize=True)
         )
         with torch.no_grad():
-            assert _relative(loaded(ids).logits, ours) < 1e-3, method
+            assert relative(loaded(ids).logits, ours) < 1e-3, method
         errors[method] = sum(e.error for e in report.module_errors)  # output MSE of every module, calibration inputs
-        assert _relative(ours, original) < 1.0
+        assert relative(ours, original) < 1.0
         if method == "gptq":
             assert report.eval is not None and report.eval.kl_mean >= 0
     assert errors["gptq"] < errors["rtn"], errors

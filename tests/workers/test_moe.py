@@ -28,12 +28,13 @@ from transformers.utils.quantization_config import CompressedTensorsConfig
 
 from tests.helpers import write_text_corpus
 from tests.moe_families import MOE, MOE_LAYERS, NUM_EXPERTS, make_tiny_moe
+from tests.workers.layerwise import layerwise_logits, quantized_modules, relative, stored
 from workers import moe
 from workers.awq_mappings import AWQ_MAPPINGS
 from workers.engine import run_local
 from workers.errors import InvalidSpecError
 from workers.evaluate import QuantizedWeights
-from workers.loading import CheckpointWeights, LayerwiseModel, WeightSource, run_decoder_layer
+from workers.loading import CheckpointWeights, LayerwiseModel
 from workers.methods import awq
 from workers.model_graph import LayerPlan, build_skeleton
 from workers.pipeline import quantize_model
@@ -64,29 +65,6 @@ def spec_for(model_dir: Path, method: str, text: Path, *, samples: int = 8, seq_
         model_dir=str(model_dir), method=Method(method), scheme=QuantScheme(bits=4, group_size=32, symmetric=True),
         calibration=CalibrationSpec(path=str(text), num_samples=samples, seq_len=seq_len),
     )
-
-
-def layerwise_logits(model: LayerwiseModel, weights: WeightSource, ids: torch.Tensor) -> torch.Tensor:
-    hidden = model.embed(ids, weights)
-    calls = model.layer_calls(ids.shape[1], weights)
-    with torch.no_grad():
-        for index in range(model.num_layers):
-            hidden = run_decoder_layer(model.decoder_layer(index, weights), hidden, calls[index])
-        head = model.head(weights)
-        return torch.stack([head(h) for h in hidden]).float()
-
-
-def relative(a: torch.Tensor, b: torch.Tensor) -> float:
-    return float((a - b).norm() / b.norm())
-
-
-def stored(out: Path) -> dict[str, tuple[int, ...]]:
-    with safe_open(str(out / "model.safetensors"), "pt") as f:
-        return {name: tuple(f.get_slice(name).get_shape()) for name in f.keys()}  # noqa: SIM118
-
-
-def quantized_modules(out: Path) -> set[str]:
-    return {name.removesuffix(".weight_packed") for name in stored(out) if name.endswith(".weight_packed")}
 
 
 def expected_experts(family: str) -> set[str]:

@@ -23,7 +23,8 @@ from transformers import AutoModelForImageTextToText
 from transformers.utils.quantization_config import CompressedTensorsConfig
 
 from tests.moe_families import make_tiny_multimodal
-from tests.workers.test_moe import layerwise_logits, quantized_modules, relative, spec_for
+from tests.workers.layerwise import layerwise_logits, quantized_modules, relative
+from tests.workers.test_moe import spec_for
 from workers.engine import run_local
 from workers.evaluate import QuantizedWeights
 from workers.loading import CheckpointWeights, LayerwiseModel
