@@ -17,6 +17,7 @@ from tests.api.test_jobs_api import job_rows
 def test_at_most_total_calls_run_at_once_and_they_start_in_arrival_order() -> None:
     slots = ThreadSlots(3)
     lock = threading.Lock()
+    done = [threading.Event() for _ in range(8)]
     running, most, started = 0, 0, []
 
     def work(i: int) -> int:
@@ -25,21 +26,34 @@ def test_at_most_total_calls_run_at_once_and_they_start_in_arrival_order() -> No
             running += 1
             most = max(most, running)
             started.append(i)
-        time.sleep(0.02)
+        done[i].wait(timeout=30)
         with lock:
             running -= 1
         return i * i
 
+    async def until_started(n: int) -> None:
+        deadline = time.monotonic() + 30
+        while len(started) < n and time.monotonic() < deadline:
+            await asyncio.sleep(0.01)
+        await asyncio.sleep(0.1)  # room for one more to start, were it let in
+
     async def main() -> list[int]:
         calls = []
-        for i in range(12):
+        for i in range(8):
             calls.append(asyncio.create_task(slots.run(work, i)))
             await asyncio.sleep(0)  # arrive one after the other
+        await until_started(3)
+        assert sorted(started) == [0, 1, 2] and slots.busy() == 3
+        for i in range(5):  # each finished call lets in exactly the next one to arrive
+            done[i].set()
+            await until_started(i + 4)
+            assert started[3:] == list(range(3, i + 4))
+        for event in done:
+            event.set()
         return list(await asyncio.gather(*calls))
 
-    assert asyncio.run(main()) == [i * i for i in range(12)]
+    assert asyncio.run(main()) == [i * i for i in range(8)]
     assert most == 3
-    assert started[3:] == sorted(started[3:])  # past the first three, each started in its turn
 
 
 def test_submits_beyond_the_threads_wait_their_turn_and_all_get_in(
