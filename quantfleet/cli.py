@@ -27,6 +27,13 @@ def is_loopback(host: str) -> bool:
         return False
 
 
+def positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text} is not a positive number")
+    return value
+
+
 def _settings(args: argparse.Namespace) -> Settings:
     overrides: dict[str, Any] = {}
     for name in ("executor", "concurrency", "database_url"):
@@ -36,6 +43,18 @@ def _settings(args: argparse.Namespace) -> Settings:
     if getattr(args, "no_auth", False):
         overrides["no_auth"] = True
     return Settings(**overrides)
+
+
+def _settings_environment(settings: Settings) -> dict[str, str]:
+    """The QF_* variables that give a process started from this environment the flags' settings."""
+    environment = {
+        "QF_DATABASE_URL": settings.database_url,
+        "QF_EXECUTOR": settings.executor,
+        "QF_NO_AUTH": "true" if settings.no_auth else "false",
+    }
+    if settings.concurrency is not None:
+        environment["QF_CONCURRENCY"] = str(settings.concurrency)
+    return environment
 
 
 def cmd_migrate(args: argparse.Namespace) -> int:
@@ -137,9 +156,15 @@ def cmd_serve(args: argparse.Namespace) -> int:
         settings, scheduler=not args.no_scheduler, deliveries=not args.no_dispatcher
     )
     try:
-        uvicorn.run(
-            create_app(settings, service_metrics=metrics), host=args.host, port=args.port, log_level="info"
-        )
+        if args.workers > 1:
+            # Worker processes build the app from the environment (api.main:app): pass this command's flags
+            # on there. Each process has its own /metrics; the dispatcher's numbers are not among them.
+            os.environ.update(_settings_environment(settings))
+            uvicorn.run("api.main:app", host=args.host, port=args.port, workers=args.workers, log_level="info")
+        else:
+            uvicorn.run(
+                create_app(settings, service_metrics=metrics), host=args.host, port=args.port, log_level="info"
+            )
     finally:
         stop_background(background)
         if worker is not None:
@@ -172,6 +197,13 @@ def parser() -> argparse.ArgumentParser:
     serve.add_argument("--executor", choices=["ray", "thread"])
     serve.add_argument("--concurrency", type=int, help="attempts the dispatcher runs at once")
     serve.add_argument("--no-dispatcher", action="store_true", help="API only (run dispatchers separately)")
+    serve.add_argument(
+        "--workers",
+        type=positive_int,
+        default=1,
+        help="API processes (default 1). One process runs Python on one core at a time: with more cores than "
+        "the database needs, 2 or more answer more submits; the dispatcher and scheduler stay in this process",
+    )
     serve.add_argument("--skip-migrate", action="store_true", help="do not upgrade the database on start")
     serve.add_argument("--no-scheduler", action="store_true", help="do not fire schedules in this process")
     serve.set_defaults(func=cmd_serve)

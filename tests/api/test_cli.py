@@ -1,7 +1,9 @@
-"""The quantfleet command line: keys, migrations, and the --no-auth guard."""
+"""The quantfleet command line: keys, migrations, the --no-auth guard, and serve with several API processes."""
 
 from __future__ import annotations
 
+import os
+import signal
 from pathlib import Path
 
 import pytest
@@ -66,3 +68,84 @@ def test_quantize_is_handed_to_the_engine_cli(capsys: pytest.CaptureFixture[str]
         main(["quantize", "--help"])
     assert exit_.value.code == 0
     assert "--method" in capsys.readouterr().out
+
+
+@pytest.mark.postgres
+def test_serve_with_two_api_processes_answers_submits(
+    clean_postgres_url: str, tiny_assets: dict, allowed_root: Path, tmp_path: Path
+) -> None:
+    """`quantfleet serve --workers 2`: two API processes, started with this command's flags (database URL,
+    --no-auth), answer submits into the one database."""
+    import subprocess
+    import sys
+    import time
+
+    import httpx
+
+    port = _free_port()
+    env = {
+        **os.environ,
+        "QF_ALLOWED_ROOTS": str(allowed_root),
+        "QF_OBJECT_STORE": str(tmp_path / "objects"),
+        "QF_WORK_DIR": str(tmp_path / "work"),
+        "QF_CACHE_DIR": str(tmp_path / "cache"),
+    }
+    command = [sys.executable, "-m", "quantfleet.cli", "serve", "--no-dispatcher", "--no-scheduler", "--no-auth"]
+    command += ["--database-url", clean_postgres_url, "--port", str(port), "--workers", "2"]
+    server = subprocess.Popen(command, env=env)
+    try:
+        url = f"http://127.0.0.1:{port}"
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                if httpx.get(f"{url}/readyz", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            assert time.monotonic() < deadline and server.poll() is None, "serve --workers 2 did not start"
+            time.sleep(0.2)
+        body = {
+            "model": str(tiny_assets["model"]),
+            "method": "rtn",
+            "bits": 4,
+            "group_size": 32,
+            "calibration": {"uri": str(tiny_assets["calibration"]), "num_samples": 8, "seq_len": 64},
+        }
+        workers = _api_processes(server.pid)
+        assert len(workers) == 2
+        ids = set()
+        for _ in range(8):  # a fresh connection each
+            r = httpx.post(f"{url}/v1/jobs", json=body, timeout=30)
+            assert r.status_code == 202, r.text
+            ids.add(r.json()["id"])
+        assert len(ids) == 8
+        jobs = httpx.get(f"{url}/v1/jobs", params={"limit": 50}, timeout=30).json()["jobs"]
+        assert {j["id"] for j in jobs} == ids
+    finally:
+        server.send_signal(signal.SIGINT)
+        server.wait(timeout=30)
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _api_processes(parent: int) -> list[int]:
+    """Worker processes uvicorn started for `parent` (spawned: multiprocessing's spawn_main)."""
+    children = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as f:
+                    ppid = int(f.read().rsplit(")", 1)[1].split()[1])
+                with open(f"/proc/{entry}/cmdline", "rb") as f:
+                    spawned = b"spawn_main" in f.read()
+            except OSError:
+                continue
+            if ppid == parent and spawned:
+                children.append(int(entry))
+    return children
