@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import math
 from collections import Counter
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -23,7 +24,7 @@ import pytest
 import torch
 from rich.console import Console
 
-from tests.workers.test_gguf_export import TEXT, calibration, tiny_model
+from tests.workers.test_gguf_export import LLAMA_CPP, TEXT, _logits, calibration, read_back, tiny_model
 from workers import statistics
 from workers.activations import ShardedActivations
 from workers.cli import summary_table
@@ -189,3 +190,19 @@ def test_with_rtn_every_gguf_file_is_the_file_of_its_job_alone(tmp_path: Path) -
     assert _sha(tmp_path / "mixed" / "gguf-Q4_K_M" / "model-Q4_K_M.gguf") == _sha(tmp_path / "alone" / "model-Q4_K_M.gguf")
     saved = json.loads((tmp_path / "mixed" / "eval.json").read_text())
     assert len(saved["module_errors"]) == 14  # the calibrated compressed-tensors RTN reports its errors
+
+
+@pytest.mark.skipif(not LLAMA_CPP, reason="llama-cpp-python is not installed (`make llama-cpp` builds it)")
+def test_llama_cpp_reads_a_file_solved_beside_another_format(
+    jobs: dict[str, tuple[Path, EngineReport, Counter[str]]],
+) -> None:
+    from benchmarks.gguf_quality import llama_cpp_perplexity
+
+    path = jobs["mixed"][0] / "gguf-Q4_K_M" / "model-Q4_K_M.gguf"
+    model_dir = Path(jobs["mixed"][1].model)
+    ids = calibration(model_dir, samples=12)[8:]
+    logits = _logits(read_back(path), model_dir, ids)
+    nll = -torch.log_softmax(logits[:, :-1].double(), -1).gather(2, ids[:, 1:].unsqueeze(2)).mean()
+    ours = math.exp(float(nll))
+    theirs = llama_cpp_perplexity(path, ids, threads=2)
+    assert abs(theirs / ours - 1) < 0.01, (theirs, ours)
