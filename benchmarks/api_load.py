@@ -1,23 +1,27 @@
-"""Load benchmark of the API on loopback, with PostgreSQL (bounded: about a minute).
+"""Load benchmark of the API on loopback, with PostgreSQL (bounded: about two minutes).
 
-Starts `uvicorn api.main:app` in a child process (one worker, as `quantfleet serve` runs it) on a fresh
-PostgreSQL database created for the run (and dropped after), then measures from this process:
+Starts the API as the container images run it, `uvicorn api.main:app` (uvicorn's defaults: log level info
+and an access log line per request, written to a file), in a child process: one worker process, or
+`--workers N` (what `quantfleet serve --workers N` runs), on a fresh PostgreSQL database created for the
+run (and dropped after). Then measures from this process, the load generator (one process, one asyncio loop,
+one keep-alive connection per client):
 
 1. submits: POST /v1/jobs (a real, fully validated job body: a tiny local model, calibration and evaluation
    text) from 1, 20 and 100 concurrent clients, each sending its next request as soon as the last one was
    answered, for --seconds each: throughput and p50/p99 latency, and any non-202. Each level runs twice:
-   all clients one owner (every submit then waits for that owner's cap lock, held to the commit), and
-   one owner per client.
+   all clients one owner (every submit then waits for that owner's cap lock, held while the server runs
+   the insert), and one owner per client.
 2. /healthz with 200 open event streams: 200 `GET /v1/jobs/{id}/events?follow=true` streams held open
    (10 API keys × 20, the per-key cap) on queued jobs, then sequential /healthz requests: p50/p99/max,
    next to the same measured with no stream open.
 
 The client shares the machine with the server: on 2 cores both compete for the CPU, so the throughput is a
 floor of what the server alone does. The submits are sent by a minimal keep-alive HTTP/1.1 client
-(`RawClient`, a fraction of httpx's CPU per request; `--client httpx` for httpx). Each level also reports
-the CPU time per submit of the API processes, of the database's backends and of the load generator
-itself (from /proc), and the load average: throughput on a shared machine depends on what else runs, the
-CPU per submit much less. Run from the repository root:
+(`RawClient`: each request's bytes built once, 0.1 ms of CPU per request; `--client httpx` for httpx, which
+costs more than the server's own work). The first line printed names the server command and the server and
+client processes; each level also reports the CPU time per submit of the API processes, of the database's
+backends and of the load generator itself (from /proc), and the load average: throughput on a shared
+machine depends on what else runs, the CPU per submit much less. Run from the repository root:
 
     .venv/bin/python benchmarks/api_load.py [--seconds 8] [--workers 1] [--json results.json]
 """
@@ -187,8 +191,17 @@ def _process_tree(pid: int) -> list[int]:
     return tree
 
 
+def server_command(port: int, workers: int = 1, access_log: bool = True) -> list[str]:
+    """The API as the container images run it (`uvicorn api.main:app`, uvicorn's defaults: log level info,
+    one access log line per request), on loopback; `workers` processes."""
+    command = [sys.executable, "-m", "uvicorn", "api.main:app", "--host", "127.0.0.1", "--port", str(port)]
+    if workers > 1:
+        command += ["--workers", str(workers)]
+    return command if access_log else [*command, "--no-access-log"]
+
+
 def _start_server(
-    db_url: str, work: Path, inputs: Path, port: int, workers: int = 1
+    db_url: str, work: Path, inputs: Path, port: int, workers: int = 1, access_log: bool = True
 ) -> subprocess.Popen[bytes]:
     env = {
         **os.environ,
@@ -199,10 +212,10 @@ def _start_server(
         "QF_WORK_DIR": str(work / "work"),
         "QF_MAX_ACTIVE_JOBS_PER_OWNER": str(10**9),  # measure the API, not the per-owner cap
     }
-    command = [sys.executable, "-m", "uvicorn", "api.main:app", "--host", "127.0.0.1", "--port", str(port)]
-    if workers > 1:
-        command += ["--workers", str(workers)]
-    server = subprocess.Popen([*command, "--log-level", "warning", "--no-access-log"], cwd=REPO, env=env)
+    with open(work / "server.log", "wb") as log:  # the access log goes where a container's output would
+        server = subprocess.Popen(
+            server_command(port, workers, access_log), cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT
+        )
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline:
         try:
@@ -402,8 +415,14 @@ def main() -> None:
         default="raw",
         help="submit load generator: a minimal keep-alive HTTP/1.1 client (default) or httpx",
     )
+    parser.add_argument(
+        "--no-access-log",
+        action="store_true",
+        help="start uvicorn with --no-access-log (the images log every request, uvicorn's default)",
+    )
     parser.add_argument("--json", type=Path, help="also write the results here")
     args = parser.parse_args()
+    access_log = not args.no_access_log
 
     db = Database()
     server = None
@@ -412,9 +431,17 @@ def main() -> None:
             work = Path(tmp)
             prepared = _prepare(db.url, work)
             port = _free_port()
-            server = _start_server(db.url, work, prepared["inputs"], port, args.workers)
-            meter = CpuMeter(_process_tree(server.pid), db.name)
+            server = _start_server(db.url, work, prepared["inputs"], port, args.workers, access_log)
+            server_pids = _process_tree(server.pid)
+            meter = CpuMeter(server_pids, db.name)
             url = f"http://127.0.0.1:{port}"
+            processes = {
+                "server_command": " ".join(server_command(port, args.workers, access_log)[1:]),
+                "server_processes": len(server_pids),  # uvicorn's supervisor as well when --workers > 1
+                "api_workers": args.workers,
+                "client_processes": 1,  # this one: one asyncio loop, `--client` connections, one per client
+            }
+            print(json.dumps(processes), flush=True)
             submits = []
             for clients in (int(c) for c in args.clients.split(",")):
                 # One owner: every submit takes that owner's cap lock (counted and inserted in one step).
@@ -447,7 +474,8 @@ def main() -> None:
             "python": platform.python_version(),
             "platform": platform.platform(),
         },
-        "api_workers": args.workers,
+        **processes,
+        "client": args.client,
         "submits": submits,
         "streams": streams,
     }
