@@ -189,8 +189,9 @@ class MixedPrecisionSpec:
     * by measured sensitivity, when `target_bits_per_weight` is set: each group's output error at each of
       `candidates` (default: 4 bits per channel and at group sizes 128, 64, 32, 8 bits per channel and at
       group size 128, the job's symmetry) is measured from its
-      Hessian, and precision is bought greedily where it cuts the error most per bit until the average bits per
-      weight (scales and zero points included) would pass the target.
+      Hessian (solved by the job's method, each output channel weighted by its Fisher information), and precision
+      is bought greedily where it cuts the error most per bit until the average bits per weight (scales and zero
+      points included) would pass the target; never worse by that measure than the best uniform candidate.
     Written as compressed-tensors config groups (format `mixed-precision`); the allocation is in eval.json."""
 
     edge_layers: int = 0
