@@ -26,6 +26,7 @@ from api.schemas import unstorable
 from api.thread_slots import ThreadSlots
 from orchestrator.db import make_engine, session_factory
 from orchestrator.metrics import ServiceMetrics
+from orchestrator.queue.submission import preload_model_checks
 from orchestrator.settings import Settings
 
 DESCRIPTION = """Batch LLM weight quantization (GPTQ, AWQ, RTN) as a service.
@@ -138,6 +139,7 @@ async def database_error(request: Request, exc: Exception) -> JSONResponse:
 
 @asynccontextmanager
 async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+    preload_model_checks()  # before serving: a server's first submit would import torch and transformers
     yield
     app.state.engine.dispose()  # close pooled database connections when the server stops
 

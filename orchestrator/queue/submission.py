@@ -126,6 +126,16 @@ def _validate(
     return _checked_against_model(job)  # the plan names no path: nothing of the server's to hide
 
 
+def preload_model_checks() -> None:
+    """Import what the model check runs on (torch, transformers and the engine's model readers): seconds of
+    CPU that a server's first submit would otherwise spend, while it is being waited for. The API does it
+    at startup, before it serves."""
+    import workers.moe  # noqa: F401
+    import workers.preflight  # noqa: F401
+    import workers.tensor_source  # noqa: F401
+    import workers.validation  # noqa: F401
+
+
 MODEL_CHECKS_KEPT = 256
 _passed_model_checks: OrderedDict[tuple[str, tuple[Any, ...]], str] = OrderedDict()  # the plans as JSON
 _passed_lock = threading.Lock()
