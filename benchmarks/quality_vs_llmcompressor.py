@@ -23,6 +23,18 @@ What it does (issue 9, item 1):
      perplexity over every next-token position, Δppl % vs the original, mean (and p99) KL(original ‖
      quantized) of the next-token distributions, top-1 agreement.
 
+Weight+activation schemes (issue 12; `--configs fp8dyn,fp8static,w8a8,w8a8sq`, not in the default list): FP8
+dynamic, FP8 static (both RTN: both tools' FP8 is round-to-nearest), W8A8 int8 and W8A8 int8 after SmoothQuant
+α 0.8 (both GPTQ). llm-compressor runs its presets as its examples write them: QuantizationModifier(targets=
+"Linear", scheme="FP8_DYNAMIC" | "FP8", ignore=["lm_head"]), GPTQModifier(targets="Linear", scheme="W8A8",
+ignore=["lm_head"]), preceded by SmoothQuantModifier(smoothing_strength=0.8) for the SmoothQuant row; QuantFleet
+runs QuantScheme.from_preset("fp8-dynamic" | "fp8-static" | "w8a8-int8"), JobSpec.smoothquant=0.8 for the
+SmoothQuant row. Both checkpoints are scored by `load_runtime`, this script's own reader (safetensors + the
+compressed-tensors config, neither tool's loader): weights = stored codes × scales, and each quantized Linear's
+input quantized as vLLM does from the checkpoint's `input_activations` (per-token dynamic int8; per-token dynamic
+E4M3; static per-tensor E4M3 with the checkpoint's `input_scale`, max over the shards vLLM fuses — see
+ACTIVATION_NOTE). Their rows also report bits per weight from the checkpoint's safetensors headers.
+
 Group sizes: SmolLM2-135M's hidden size 576 is not divisible by 128, so group 128 is invalid for most of its
 Linears (QuantFleet rejects it with a message). With the default `--substitute-group 32`, a config whose
 group does not tile every Linear input of the model runs at group 32 instead, and the table says so
@@ -41,9 +53,10 @@ layer loop, so loading is included). All stages are kept in results.json.
 `--seeds 1,2` also runs QuantFleet with calibration windows drawn with those seeds (a noise estimate).
 
 Usage (repository root; `make quality` runs the full table):
-    .venv/bin/python benchmarks/quality_vs_llmcompressor.py                      # everything, both tools
+    .venv/bin/python benchmarks/quality_vs_llmcompressor.py                      # the weight-only table, both tools
     .venv/bin/python benchmarks/quality_vs_llmcompressor.py --tools llmcompressor --threads 1
     .venv/bin/python benchmarks/quality_vs_llmcompressor.py --tools quantfleet --qf-act-order on
+    .venv/bin/python benchmarks/quality_vs_llmcompressor.py --configs fp8dyn,fp8static,w8a8,w8a8sq --threads 1
     .venv/bin/python benchmarks/quality_vs_llmcompressor.py --methods gptq --configs w4g64sym \\
         --num-samples 8 --seq-len 128 --eval-windows 4 --out /tmp/qbench       # a quick smoke run
 """
