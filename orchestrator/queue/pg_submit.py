@@ -99,11 +99,14 @@ def insert_committed(engine: Engine, job: Job, cap: int, now: datetime) -> bool:
             driver.autocommit = False
         except psycopg.Error as e:
             lost = engine.dialect.is_disconnect(e, pooled, None)  # type: ignore[arg-type]
+            if not lost:
+                try:
+                    driver.rollback()  # the transaction a failed statement left open
+                    driver.autocommit = False
+                except psycopg.Error:
+                    lost = True
             if lost:
                 connection.invalidate(e)  # a broken connection never goes back to the pool
-            else:
-                driver.rollback()  # the transaction a failed statement left open
-                driver.autocommit = False
             raise DBAPIError.instance(
                 INSERT_WITHIN_CAP,
                 None,
