@@ -211,9 +211,10 @@ def measure(
             work = LayerWork(index, [layer], acts, model, spec, options)
             prefix = model.graph.layer_prefix(index)
             for group, statistics in work.statistics.items():
-                names = tuple(prefix + n for n in group)
-                rows = torch.cat([fisher[name] for name in names]).to(model.device)
-                groups.append(measure_group(work, names, [work.linear(n) for n in group], statistics.hessian(model.device), rows))
+                names, linears = tuple(prefix + n for n in group), [work.linear(n) for n in group]
+                rows = torch.cat([fisher.get(name, torch.zeros(m.out_features))  # never ran on the Fisher's tokens
+                                  for name, m in zip(names, linears, strict=True)]).to(model.device)
+                groups.append(measure_group(work, names, linears, statistics.hessian(model.device), rows))
             acts.forward([layer], update=True)
             del layer, work
             release_host_memory()
