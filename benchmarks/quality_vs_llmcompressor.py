@@ -994,12 +994,13 @@ def fmt_table(rows: list[Row], results: dict[str, Any], eval_hash: str, bpw_col:
             if ran != row.options["engine"]:
                 tool += f" (engine {ran})"
         label = config_label(row.asked, row.scheme)
+        pad = " |" if bpw_col else ""
         if e is None:
-            lines.append(f"| {label} | {row.method} | {tool} | not run | | | | |")
+            lines.append(f"| {label} | {row.method} | {tool} | not run | | | | |{pad}")
         elif e["status"] != "ok":
-            lines.append(f"| {label} | {row.method} | {tool} | {e['status']}: {e.get('error', '')[:120]} | | | | |")
+            lines.append(f"| {label} | {row.method} | {tool} | {e['status']}: {e.get('error', '')[:120]} | | | | |{pad}")
         elif eval_hash not in e.get("metrics", {}):
-            lines.append(f"| {label} | {row.method} | {tool} | not evaluated | | | | {e['seconds']:.1f} |")
+            lines.append(f"| {label} | {row.method} | {tool} | not evaluated | | | | {e['seconds']:.1f} |{pad}")
         else:
             m = e["metrics"][eval_hash]
             bpw = (f" {m['bits_per_weight']:.3f} |" if "bits_per_weight" in m else " |") if bpw_col else ""
