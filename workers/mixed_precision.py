@@ -7,11 +7,13 @@ decoder layers or when any of its Linears' full names matches a pattern, and the
 By sensitivity (`target_bits_per_weight`): one pass through the original model (`measure`) gives each group's
 input Hessian H = 2 E[x xᵀ] and, from it, the group's error at every candidate grid without another forward,
 
-    error(group, grid) = trace(ΔW H ΔWᵀ)   (ΔW = solved(W, grid) − W, the group's Linears stacked by rows)
+    error(group, grid) = Σ_rows F_r (ΔW H ΔWᵀ)_rr   (ΔW = solved(W, grid) − W, the group's Linears stacked by rows)
 
-with ΔW from the job's own solver (GPTQ with its dampening, act-order and observer, or RTN), the Hessian
-factored once for all candidates and at most `MEASURED_ROWS` rows solved per grid (rows are independent in both
-solvers, so the sum over rows is estimated from evenly spaced ones). Every group starts at its cheapest grid;
+where F_r is the Fisher information of output channel r (workers/fisher.py: the error's second-order cost in
+KL(original ‖ quantized), so errors of every layer and kind of Linear count in one unit), and ΔW from the job's
+own solver (GPTQ with its dampening, act-order and observer, or RTN), the Hessian factored once for all
+candidates and at most `MEASURED_ROWS` rows solved per grid (rows are independent in both solvers, so the sum
+over rows is estimated from evenly spaced ones). Every group starts at its cheapest grid;
 then, while the budget target · (number of weights) allows, the upgrade with the largest error reduction per
 extra bit, over all groups and costlier grids, is bought (along each group's convex hull of (cost, error); the
 budget left at the end buys the best upgrades that still fit). The result is never worse by this criterion than
