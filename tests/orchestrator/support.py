@@ -126,7 +126,7 @@ def wait_for_state(sessions: sessionmaker[Session], job_id: str, states: set[str
     return wait_for(reached, timeout, f"job {job_id} to reach {sorted(states)}")
 
 
-def wait_for_quantizing(sessions: sessionmaker[Session], job_id: str, timeout: float = 120) -> None:
+def wait_for_quantizing(sessions: sessionmaker[Session], job_id: str, timeout: float = 300) -> None:
     """Until the job's attempt reports its first quantize progress."""
     wait_for(lambda: any(e.stage == "quantize" for e in events(sessions, job_id)), timeout, "quantization to start")
 

@@ -40,7 +40,7 @@ def test_killed_ray_worker_is_retried_and_succeeds(
     worker = start_in_thread(Dispatcher(sessions, RayExecutor(capacity=1), settings))
 
     try:
-        pid = wait_for(lambda: quantizing_pid(sessions, job_id), 120, "attempt 1 to start quantizing on a Ray worker")
+        pid = wait_for(lambda: quantizing_pid(sessions, job_id), 300, "attempt 1 to start quantizing on a Ray worker")
         assert pid != os.getpid()  # a separate Ray worker process
         os.kill(pid, signal.SIGKILL)
         wait_for_state(sessions, job_id, {"succeeded", "failed"}, timeout=180)

@@ -94,7 +94,7 @@ def test_a_ray_attempt_reports_through_the_dispatcher_and_never_touches_the_data
     worker = start_in_thread(dispatcher)
 
     try:
-        pid = wait_for(lambda: quantizing_pid(sessions, job_id), 120, "the attempt to quantize on a Ray worker")
+        pid = wait_for(lambda: quantizing_pid(sessions, job_id), 300, "the attempt to quantize on a Ray worker")
         assert pid != os.getpid()  # the attempt runs in a Ray worker process of its own
         # While it quantizes, that process has no database URL in its environment or command line, no
         # database file open and no connection to the database server.
