@@ -17,7 +17,7 @@ from orchestrator.db import transaction
 from orchestrator.queue import pg_submit
 from orchestrator.queue.models import Artifact, Job, JobEvent, JobLabel, utcnow
 from orchestrator.queue.scoping import newest_first_page, owned_by
-from orchestrator.queue.states import ACTIVE, JobState, check_transition
+from orchestrator.queue.states import CAPPED_STATES, JobState, check_transition
 
 
 def add_event(session: Session, job_id: str, kind: str, attempt: int, **fields: Any) -> None:
@@ -103,8 +103,7 @@ def lock_owner(session: Session, owner: str) -> None:
 
 
 def count_active_jobs(session: Session, owner: str) -> int:
-    states = [JobState.QUEUED.value, *(s.value for s in ACTIVE)]
-    return session.scalar(select(func.count()).where(Job.owner == owner, Job.state.in_(states))) or 0
+    return session.scalar(select(func.count()).where(Job.owner == owner, Job.state.in_(CAPPED_STATES))) or 0
 
 
 def list_jobs(

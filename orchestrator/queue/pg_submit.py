@@ -26,9 +26,7 @@ from sqlalchemy import Engine
 from sqlalchemy.exc import DBAPIError
 
 from orchestrator.queue.models import Job
-from orchestrator.queue.states import ACTIVE, JobState
-
-ACTIVE_STATES = [JobState.QUEUED.value, *sorted(s.value for s in ACTIVE)]
+from orchestrator.queue.states import CAPPED_STATES
 
 LOCK_OWNER = "SELECT pg_advisory_xact_lock(hashtext(%(key)s))"
 
@@ -74,7 +72,7 @@ def _parameters(job: Job, cap: int, now: datetime) -> dict[str, Any]:
         "max_attempts": job.max_attempts,
         "plan": json.dumps(job.plan),  # None as JSON null, as the ORM stores it
         "now": now.replace(tzinfo=None),  # stored as naive UTC (models.UTCDateTime)
-        "active": ACTIVE_STATES,
+        "active": CAPPED_STATES,
         "cap": cap,
         "labels": json.dumps({label.key: label.value for label in job.labels}),
     }

@@ -30,6 +30,8 @@ class JobState(StrEnum):
 
 TERMINAL = frozenset({JobState.SUCCEEDED, JobState.FAILED, JobState.CANCELLED})
 ACTIVE = frozenset({JobState.RUNNING, JobState.CANCELLING})  # an attempt holds a lease
+# What counts against an owner's cap of queued and running jobs (sorted: a stable statement parameter)
+CAPPED_STATES = [JobState.QUEUED.value, *sorted(s.value for s in ACTIVE)]
 
 TRANSITIONS: dict[JobState, frozenset[JobState]] = {
     JobState.QUEUED: frozenset({JobState.RUNNING, JobState.CANCELLED}),
