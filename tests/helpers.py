@@ -11,8 +11,12 @@ from __future__ import annotations
 
 import itertools
 import random
+import subprocess
+import time
+from collections.abc import Callable
 from pathlib import Path
 
+import httpx
 import torch
 from tokenizers import Tokenizer, models, pre_tokenizers, processors
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
@@ -99,3 +103,18 @@ def write_text_corpus(path: Path, n_words: int, seed: int = 0) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(" ".join(out[:n_words]) + "\n", encoding="utf-8")
     return path
+
+
+def wait_until_up(url: str, server: subprocess.Popen[bytes], timeout: float, what: str,
+                  log: Callable[[], str] = lambda: "") -> None:
+    """Until GET `url` answers 200; fails if `server` exits first or `timeout` seconds pass (with `log()`)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            if httpx.get(url, timeout=2).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        if server.poll() is not None or time.monotonic() > deadline:
+            raise AssertionError(f"{what} did not come up\n{log()}")
+        time.sleep(0.2)

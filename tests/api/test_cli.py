@@ -11,6 +11,7 @@ import pytest
 from orchestrator.auth import authenticate
 from orchestrator.db import make_engine, migration_status, session_factory, transaction
 from quantfleet.cli import is_loopback, main
+from tests.helpers import wait_until_up
 
 
 def test_migrate_then_create_use_and_revoke_a_key(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -78,7 +79,6 @@ def test_serve_with_two_api_processes_answers_submits(
     --no-auth), answer submits into the one database."""
     import subprocess
     import sys
-    import time
 
     import httpx
 
@@ -95,15 +95,7 @@ def test_serve_with_two_api_processes_answers_submits(
     server = subprocess.Popen(command, env=env)
     try:
         url = f"http://127.0.0.1:{port}"
-        deadline = time.monotonic() + 60
-        while True:
-            try:
-                if httpx.get(f"{url}/readyz", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            assert time.monotonic() < deadline and server.poll() is None, "serve --workers 2 did not start"
-            time.sleep(0.2)
+        wait_until_up(f"{url}/readyz", server, 60, "serve --workers 2")
         body = {
             "model": str(tiny_assets["model"]),
             "method": "rtn",

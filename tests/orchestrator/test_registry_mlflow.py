@@ -10,12 +10,10 @@ import signal
 import socket
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import httpx
 import pytest
 from sqlalchemy import select
 
@@ -35,6 +33,7 @@ from orchestrator.queue.leases import claim_jobs, succeed_attempt
 from orchestrator.queue.models import Registration
 from orchestrator.queue.specs import request_hash
 from orchestrator.settings import Settings
+from tests.helpers import wait_until_up
 from tests.orchestrator.support import sessions_for
 
 pytestmark = pytest.mark.skipif(
@@ -87,16 +86,7 @@ def mlflow_uri(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     )
     uri = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + 120
-        while True:
-            try:
-                if httpx.get(f"{uri}/health", timeout=1).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            if server.poll() is not None or time.monotonic() > deadline:
-                pytest.fail(f"MLflow server did not come up:\n{(root / 'server.log').read_text()[-3000:]}")
-            time.sleep(0.25)
+        wait_until_up(f"{uri}/health", server, 120, "MLflow server", lambda: (root / "server.log").read_text()[-3000:])
         yield uri
     finally:
         os.killpg(server.pid, signal.SIGTERM)  # the server and the uvicorn worker it started
