@@ -42,7 +42,7 @@ from workers.loading import LayerwiseModel, WeightSource
 from workers.memory import release_host_memory
 from workers.methods.base import LayerWork
 from workers.options import PipelineOptions
-from workers.output_error import deployed
+from workers.output_error import deployed, row_errors
 from workers.progress import Progress, ProgressCallback, no_progress
 from workers.quant.gptq import gptq_solve, prepare_hessian
 from workers.quant.rtn import rtn_quantize
@@ -247,13 +247,6 @@ def measure_group(
         rows = row_errors(weight, deployed(qt, model, weight.device), hessian)
         choice.errors[grid] = scale * float((row_weights * rows).sum())
     return choice
-
-
-def row_errors(reference: Tensor, quantized: Tensor, hessian: Tensor) -> Tensor:
-    """(ΔW H ΔWᵀ)_rr per row `[out]`: each output's squared error per calibration token (× 2, H = 2 E[x xᵀ]),
-    from the Hessian alone (no forward)."""
-    delta = quantized.to(torch.float32) - reference.to(torch.float32)
-    return ((delta @ hessian.to(delta.device, torch.float32)) * delta).sum(1)
 
 
 def with_allocation(spec: JobSpec, measured: Sequence[GroupChoice]) -> tuple[JobSpec, float]:

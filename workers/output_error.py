@@ -52,6 +52,13 @@ def output_error(reference: Tensor, quantized: Tensor, second_moment: Tensor) ->
     return mse, (mse / power if power > 0 else 0.0)
 
 
+def row_errors(reference: Tensor, quantized: Tensor, hessian: Tensor) -> Tensor:
+    """(ΔW H ΔWᵀ)_rr per row `[out]`: each output's squared error per calibration token (× 2, H = 2 E[x xᵀ]),
+    from the Hessian alone (no forward)."""
+    delta = quantized.to(torch.float32) - reference.to(torch.float32)
+    return ((delta @ hessian.to(delta.device, torch.float32)) * delta).sum(1)
+
+
 def deployed(qt: QuantizedTensor, model: LayerwiseModel, device: torch.device) -> Tensor:
     """The weight a runtime computes with: dequantized in the model dtype, then in the compute dtype."""
     return qt.dequantize(model.model_dtype).to(device, model.compute_dtype)

@@ -25,7 +25,8 @@ from workers.engine import run_local
 from workers.errors import InvalidSpecError
 from workers.formats.mixed_precision import schemes_from_config
 from workers.formats.reader import QuantizedCheckpoint
-from workers.mixed_precision import GroupChoice, allocate, bits_per_weight, row_errors, total_error
+from workers.mixed_precision import GroupChoice, allocate, bits_per_weight, total_error
+from workers.output_error import row_errors
 from workers.spec import JobSpec, MixedPrecisionSpec, OutputFormat, QuantScheme
 
 LINEARS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
