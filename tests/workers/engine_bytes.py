@@ -3,7 +3,7 @@ the several-device path on two CPU "devices".
 
 `python -m tests.workers.engine_bytes record` writes the sha256 of every output file of every case to
 `tests/workers/data/engine_bytes.json`, with the environment the numbers belong to (torch version, machine):
-the float arithmetic of the solvers follows the BLAS build and the CPU, so the recorded hashes are only
+the float arithmetic of the solvers follows the BLAS build and the CPU's vector units (AVX2 vs AVX-512), so the recorded hashes are only
 comparable where that environment matches. `tests/workers/test_engine_bytes.py` checks them.
 """
 
@@ -145,7 +145,7 @@ def environment() -> dict[str, str]:
     import transformers
 
     return {"torch": torch.__version__, "transformers": transformers.__version__, "machine": platform.machine(),
-            "python": platform.python_version()}
+            "cpu_capability": torch.backends.cpu.get_cpu_capability(), "python": platform.python_version()}
 
 
 def record(names: list[str]) -> dict[str, Any]:

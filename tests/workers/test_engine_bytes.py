@@ -14,7 +14,7 @@ Two checks:
 from __future__ import annotations
 
 import json
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -32,10 +32,20 @@ from workers.spec import JobSpec
 from workers.tensor_source import TensorSource
 
 RECORDED = json.loads(engine_bytes.RECORD.read_text())
-KEYS = ("torch", "transformers", "machine")  # the layers' float results follow all three
+KEYS = ("torch", "transformers", "machine", "cpu_capability")  # the float results follow all four
 SAME_ENVIRONMENT = {k: RECORDED["environment"].get(k) for k in KEYS} == {
     k: engine_bytes.environment()[k] for k in KEYS
 }
+
+
+@pytest.fixture
+def one_thread() -> Iterator[None]:
+    """The threads the hashes were recorded with (`engine_bytes.record`): a BLAS reduction split over more
+    threads adds in another order."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")
@@ -48,7 +58,7 @@ def bytes_models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
                     f"this is {engine_bytes.environment()}: float results follow the torch build and CPU")
 @pytest.mark.parametrize("name", list(engine_bytes.CASES))
 def test_every_output_file_has_the_recorded_sha256(
-    name: str, bytes_models: dict[str, Path], calibration_file: Path, tmp_path: Path
+    name: str, bytes_models: dict[str, Path], calibration_file: Path, tmp_path: Path, one_thread: None
 ) -> None:
     case = engine_bytes.CASES[name]
     hashes = engine_bytes.run_case(case, bytes_models[case.model], calibration_file, tmp_path / "out")

@@ -91,6 +91,11 @@ def _tensors(path: Path) -> dict[str, bytes]:
     return {t.name: np.asarray(t.data).tobytes() for t in gguf.GGUFReader(str(path)).tensors}
 
 
+def _dequantized(path: Path) -> dict[str, np.ndarray]:
+    return {t.name: gguf.quants.dequantize(t.data, t.tensor_type).astype(np.float64)
+            for t in gguf.GGUFReader(str(path)).tensors}
+
+
 def _sha(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
@@ -154,7 +159,8 @@ def test_every_format_is_evaluated_and_listed(jobs: dict[str, tuple[Path, Engine
 
 def test_gguf_grids_on_several_devices(tmp_path: Path) -> None:
     """Two CPU "devices" (calibration split, statistics merged on the primary, where the GGUF grid is solved):
-    the GGUF file, first format of a job beside compressed-tensors, has the bytes of the one-device job."""
+    the GGUF file, first format of a job beside compressed-tensors, has the tensors of the one-device job up to
+    codes on a rounding boundary (the merged Hessian is summed in another order; workers/statistics.py)."""
     model_dir = tiny_model(tmp_path / "model")
     config = json.loads((model_dir / "config.json").read_text())
     ids = calibration(model_dir)
@@ -174,7 +180,12 @@ def test_gguf_grids_on_several_devices(tmp_path: Path) -> None:
         writer.finalize(info.config)
         files.append(path)
         assert len(grid.result.module_errors) == 14
-    assert _sha(files[0]) == _sha(files[1])
+    one, two = _dequantized(files[0]), _dequantized(files[1])
+    assert one.keys() == two.keys()
+    for name, weight in one.items():  # a flipped code moves its row's later columns by GPTQ's compensation
+        assert weight.shape == two[name].shape
+        bound = 1e-3 if name.startswith("blk.0.") else 1e-2  # layer 0: same inputs; later: inputs moved too
+        assert np.linalg.norm(weight - two[name]) <= bound * np.linalg.norm(weight), name
 
 
 def test_with_rtn_every_gguf_file_is_the_file_of_its_job_alone(tmp_path: Path) -> None:

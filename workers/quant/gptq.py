@@ -201,6 +201,9 @@ def hessian_in_sweep_order(
     return (h[perm][:, perm] if perm is not None else h), perm, dead
 
 
+Swept = tuple[Tensor, Tensor, Tensor | None, Tensor]  # codes, scales, zero points, per-row losses
+
+
 def gptq_quantize(
     weight: Tensor,
     hessian: Tensor,
@@ -218,8 +221,9 @@ def gptq_quantize(
     Without act_order the scale/zero of each group are computed at the group's first column from the
     error-updated weights (original GPTQ). With act_order columns are visited by descending diag(H), with
     group parameters fixed beforehand from the original weight groups ("static" actorder), so the result
-    keeps the plain layout g_idx = j // group. `observer="mse"` also fixes the group parameters beforehand,
-    from the range search weighted by diag(H) (`range_search.py`). The result is always in the original
+    keeps the plain layout g_idx = j // group. `observer="mse"` sweeps twice, once with the group parameters
+    fixed beforehand by the range search weighted by diag(H) (`range_search.py`) and once with min-max, and
+    keeps each row's better sweep (`_better_rows`). The result is always in the original
     column order. A Hessian
     that stays indefinite after raising the dampening gives an RTN result with `fell_back_to_rtn=True`.
     `scale_dtype` as in `rtn_quantize` (default: the weight's dtype). Math is float32 on the weight's device.
@@ -296,36 +300,79 @@ def gptq_solve(
         fallback = rtn_quantize(w, scheme, scale_dtype=scale_dtype, observer=observer, importance=prepared.importance)
         return GPTQResult(fallback, math.nan, prepared.dampening, fell_back_to_rtn=True, note=note)
 
-    hinv = prepared.hinv.to(w.device)
-    perm = prepared.perm.to(w.device) if prepared.perm is not None else None
-    group = n if scheme.group_size == -1 else scheme.group_size
-    block_size = math.ceil(block_size / group) * group if group < n else block_size
-    # Static parameters from the original weight: per channel always, per group with act_order (the sweep
-    # then visits a group's columns out of order) or the range search; otherwise replaced at each group start.
-    static = perm is not None or observer == "mse"
-    scale, zero = group_qparams(w, scheme, observer, prepared.importance.to(w.device), scale_dtype)
-
     if kernel not in ("auto", "reference", "triton"):
         raise ValueError(f"kernel={kernel!r}: choose 'auto', 'reference' or 'triton'")
     if kernel == "triton" and not triton_available():
         raise ValueError("kernel='triton' needs Triton (pip install triton); use kernel='reference' or 'auto'")
-    if kernel == "triton" or (kernel == "auto" and _triton_applies(w)):
-        from workers.quant.gptq_triton import triton_sweep
-
-        if not static:
-            q, losses = triton_sweep(w, hinv, scale, zero, scheme, block_size=block_size, scale_dtype=scale_dtype)
+    group = n if scheme.group_size == -1 else scheme.group_size
+    importance = prepared.importance.to(w.device)
+    scale, zero = group_qparams(w, scheme, "minmax", importance, scale_dtype)
+    # Min-max groups are fixed beforehand from the original weight with act_order (the sweep then visits a
+    # group's columns out of order), else recomputed at each group start from the error-updated weights.
+    # The range search's are always fixed beforehand.
+    static = prepared.perm is not None
+    if observer != "mse":
+        q, losses = _sweep(w, prepared, scheme, block_size, scale_dtype, kernel, scale, zero, static)
+    else:  # per row, the better of the range search's and min-max's ranges after the sweep (_better_rows)
+        found, found_zero = group_qparams(w, scheme, "mse", importance, scale_dtype)
+        if static or group == n:  # both candidates in one sweep, stacked by rows (rows never interact)
+            both_zero = torch.cat([found_zero, zero]) if found_zero is not None and zero is not None else None
+            both_q, both_losses = _sweep(torch.cat([w, w]), prepared, scheme, block_size, scale_dtype, kernel,
+                                         torch.cat([found, scale]), both_zero, True)
+            rows = w.shape[0]
+            first: Swept = (both_q[:rows], found, found_zero, both_losses[:rows])
+            second: Swept = (both_q[rows:], scale, zero, both_losses[rows:])
         else:
-            order = perm if perm is not None else torch.arange(n, device=w.device)
-            q, losses = triton_sweep(w[:, order], hinv, scale, zero, scheme, block_size=block_size,
-                                     scale_dtype=scale_dtype, column_groups=order // group)
-            q = q[:, torch.argsort(order)]
-    else:
-        q, losses = _reference_sweep(w, hinv, perm, scale, zero, scheme, block_size, scale_dtype, static)
+            q, losses = _sweep(w, prepared, scheme, block_size, scale_dtype, kernel, found, found_zero, True)
+            first = (q, found, found_zero, losses)
+            q, losses = _sweep(w, prepared, scheme, block_size, scale_dtype, kernel, scale, zero, False)
+            second = (q, scale, zero, losses)
+        q, scale, zero, losses = _better_rows(first, second)
 
     result = QuantizedTensor(q, scale, zero, scheme)
     damp = prepared.dampening
     raised = f"dampening raised to {damp:g} for a positive-definite Hessian" if damp != prepared.requested_dampening else None
     return GPTQResult(result, float(losses.sum()), damp, fell_back_to_rtn=False, note=raised)
+
+
+def _sweep(
+    w: Tensor, prepared: PreparedHessian, scheme: QuantScheme, block_size: int, scale_dtype: torch.dtype,
+    kernel: SweepKernel, scale: Tensor, zero: Tensor | None, static: bool,
+) -> tuple[Tensor, Tensor]:
+    """One column sweep of `w` (float32, dead inputs zeroed): (codes, per-row losses). `static`: the group
+    parameters `scale`/`zero` stay as given; otherwise they are replaced at each group start (in place)."""
+    assert prepared.hinv is not None
+    n = w.shape[1]
+    hinv = prepared.hinv.to(w.device)
+    perm = prepared.perm.to(w.device) if prepared.perm is not None else None
+    group = n if scheme.group_size == -1 else scheme.group_size
+    block_size = math.ceil(block_size / group) * group if group < n else block_size
+    if kernel == "triton" or (kernel == "auto" and _triton_applies(w)):
+        from workers.quant.gptq_triton import triton_sweep
+
+        if not static:
+            return triton_sweep(w, hinv, scale, zero, scheme, block_size=block_size, scale_dtype=scale_dtype)
+        order = perm if perm is not None else torch.arange(n, device=w.device)
+        q, losses = triton_sweep(w[:, order], hinv, scale, zero, scheme, block_size=block_size,
+                                 scale_dtype=scale_dtype, column_groups=order // group)
+        return q[:, torch.argsort(order)], losses
+    return _reference_sweep(w, hinv, perm, scale, zero, scheme, block_size, scale_dtype, static)
+
+
+def _better_rows(first: Swept, second: Swept) -> Swept:
+    """Per output row, the sweep with the lower loss (ties: `second`).
+
+    GPTQ solves every row on its own (a row's updates never touch another row), and a row's summed loss
+    Σ err²/2 is its Hessian-weighted error ½·(w − ŵ)·H·(w − ŵ)ᵀ (H damped), so picking rows from two sweeps
+    is exact: each row gets the lower of its two errors. The range search ranks ranges by the rounding error
+    alone; after GPTQ's compensation a shrunk range can lose to min-max (at 8 bits it mostly does), so
+    min-max is always the second candidate (benchmarks/quality.md, "GPTQ ranges").
+    """
+    q1, s1, z1, l1 = first
+    q2, s2, z2, l2 = second
+    take = (l1 < l2).unsqueeze(1)
+    zero = torch.where(take, z1, z2) if z1 is not None and z2 is not None else None
+    return torch.where(take, q1, q2), torch.where(take, s1, s2), zero, torch.minimum(l1, l2)
 
 
 @functools.cache
