@@ -297,7 +297,7 @@ def quantize_model(
             replicas = replicate(layer, devices if acts is not None else devices[:1])
             if acts is not None:
                 acts.at_layer(index)
-            work = LayerWork(index, replicas, acts, model, spec, options, result, on_progress)
+            work = LayerWork(index, replicas, acts, model, spec, options, result, on_progress, wanted=method.statistics)
             # MoE layers: expert passes within a memory budget (workers/moe.py); every grid from one capture
             solved = _solve_outputs(method, work, outputs)
             originals = _originals(layer, solved) if len(outputs) > 1 else {}

@@ -82,14 +82,17 @@ def precision_for(num_devices: int) -> HessianPrecision:
 
 
 def collect_statistics(
-    replicas: Sequence[nn.Module], acts: ShardedActivations, plan: LayerPlan, precision: HessianPrecision | None = None
+    replicas: Sequence[nn.Module], acts: ShardedActivations, plan: LayerPlan, precision: HessianPrecision | None = None,
+    *, magnitudes: bool = True,
 ) -> dict[Group, InputStatistics]:
-    """Every group's input statistics: each device captures its shard through its replica of the layer."""
+    """Every group's input statistics: each device captures its shard through its replica of the layer.
+    `magnitudes`: also Σ|x| and max|x| (AWQ, static FP8; see `HessianAccumulator`)."""
     precision = precision or precision_for(len(acts.devices))
 
     def accumulate(i: int) -> dict[Group, HessianAccumulator]:
         accs = {
-            group: HessianAccumulator(_in_features(replicas[i], group[0]), acts.devices[i], precision=precision)
+            group: HessianAccumulator(_in_features(replicas[i], group[0]), acts.devices[i], precision=precision,
+                                      magnitudes=magnitudes)
             for group in plan.groups
         }
         capture_inputs(replicas[i], acts.shards[i], acts.positions[i], plan, lambda group, x: accs[group].add(x))

@@ -48,6 +48,21 @@ def test_hessian_accumulator_equals_the_direct_formula() -> None:
         acc.add(torch.randn(3, 64))
 
 
+def test_an_accumulator_without_magnitudes_has_the_same_hessian_and_no_abs_statistics() -> None:
+    """GPTQ and RTN read only the Hessian: their capture skips Σ|x| and max|x| (AWQ's and static FP8's)."""
+    x = _correlated_inputs(seed=4).to(torch.float32)
+    both, bare = HessianAccumulator(IN), HessianAccumulator(IN, magnitudes=False)
+    for acc in (both, bare):
+        acc.add(x[:70])
+        acc.add(x[70:])
+    assert torch.equal(both.hessian, bare.hessian)
+    assert torch.allclose(both.mean_abs, x.abs().mean(dim=0), rtol=1e-5)
+    assert float(both.abs_max) == float(x.abs().max())
+    for read in (lambda: bare.mean_abs, lambda: bare.abs_max, bare.abs_sum):
+        with pytest.raises(ValueError, match="magnitudes=False"):
+            read()
+
+
 @pytest.mark.parametrize("act_order", [False, True], ids=["plain", "act_order"])
 @pytest.mark.parametrize("group_size", [-1, 32, 64])
 @pytest.mark.parametrize("symmetric", [True, False], ids=["sym", "asym"])

@@ -5,7 +5,7 @@ A method is one class in one file of this package, registered by name:
     @register
     class Rtn(QuantMethod):
         name = "rtn"                            # spec.method's value ("rtn:float": that method for FP8 schemes)
-        statistics = frozenset({"second_moment"})  # what it reads of each Linear group's input, if calibrated
+        statistics = frozenset({"second_moment"})  # what it reads of each group's input (the loop collects only that)
         def solve(self, work: LayerWork) -> dict[str, QuantizedTensor]: ...
 
 `solve` gets a `LayerWork`: the layer (on every device: `replicas`, the primary first), its calibration
@@ -41,6 +41,7 @@ from workers.spec import JobSpec
 from workers.statistics import InputStatistics, collect_statistics
 
 Statistic = Literal["second_moment", "mean_abs", "abs_max"]
+ALL_STATISTICS: frozenset[Statistic] = frozenset({"second_moment", "mean_abs", "abs_max"})
 
 
 @dataclass
@@ -62,6 +63,7 @@ class LayerWork:
     result: PipelineResult = field(default_factory=PipelineResult)
     on_progress: ProgressCallback = no_progress
     precision: HessianPrecision | None = None  # of the statistics; default: workers.statistics.precision_for
+    wanted: frozenset[Statistic] = ALL_STATISTICS  # what `statistics` collects: the methods' (and grids') needs
 
     @property
     def layer(self) -> nn.Module:
@@ -90,7 +92,8 @@ class LayerWork:
     def statistics(self) -> dict[Group, InputStatistics]:
         """Every group's input statistics over all calibration tokens (one capture forward per device)."""
         assert self.acts is not None, "statistics need calibration inputs"
-        return collect_statistics(self.replicas, self.acts, self.plan, self.precision)
+        magnitudes = bool(self.wanted & {"mean_abs", "abs_max"})
+        return collect_statistics(self.replicas, self.acts, self.plan, self.precision, magnitudes=magnitudes)
 
     def linear(self, name: str, device: int = 0) -> nn.Linear:
         module = self.replicas[device].get_submodule(name)

@@ -52,12 +52,14 @@ class HessianAccumulator:
       (~15× faster). Float32 rows (the CPU path) are accumulated with float32 products, also unscaled.
     * "auto": "half-operands" for half-precision rows on CUDA, "fp32" otherwise (chosen from the measured
       Δppl and packed-weight mismatch rate in benchmarks/gpu.md).
-    The mode is fixed by the first non-empty batch. The accumulator also keeps Σ|x| per input channel
-    (AWQ's activation magnitude `mean_abs`), so one capture serves GPTQ, AWQ and the error report.
+    The mode is fixed by the first non-empty batch. With `magnitudes` (the default) the accumulator also keeps
+    Σ|x| per input channel (AWQ's activation magnitude `mean_abs`) and max|x| (static FP8's range), so one
+    capture serves every method; a method that reads neither (GPTQ, RTN) collects without them.
     """
 
     def __init__(
-        self, in_features: int, device: str | torch.device = "cpu", *, precision: HessianPrecision = "auto"
+        self, in_features: int, device: str | torch.device = "cpu", *, precision: HessianPrecision = "auto",
+        magnitudes: bool = True,
     ) -> None:
         if precision not in ("auto", "fp32", "half-operands"):
             raise ValueError(f"precision={precision!r}: choose 'auto', 'fp32' or 'half-operands'")
@@ -68,6 +70,7 @@ class HessianAccumulator:
         self._scaled: Tensor | None = None  # 2/n · S, cached until the next batch (half-operands mode)
         self._abs = torch.zeros(in_features, dtype=torch.float32, device=device)
         self._max = torch.zeros((), dtype=torch.float32, device=device)  # max|x| over all rows (static FP8)
+        self.magnitudes = magnitudes
         self.num_samples = 0
 
     def _resolve(self, rows: Tensor) -> Literal["fp32", "half-operands"]:
@@ -84,9 +87,11 @@ class HessianAccumulator:
         if rows.shape[0] == 0:
             return
         self._mode = self._mode or self._resolve(rows)
-        magnitude = rows.abs()
-        self._abs.add_(magnitude.sum(dim=0, dtype=torch.float32))
-        self._max = torch.maximum(self._max, magnitude.amax().to(torch.float32))
+        if self.magnitudes:
+            magnitude = rows.abs()
+            self._abs.add_(magnitude.sum(dim=0, dtype=torch.float32))
+            self._max = torch.maximum(self._max, magnitude.amax().to(torch.float32))
+            del magnitude
         total = self.num_samples + rows.shape[0]
         if self._mode == "fp32":
             rows = rows.to(torch.float32)
@@ -106,17 +111,22 @@ class HessianAccumulator:
 
     def abs_sum(self) -> Tensor:
         """Σ|x| per input channel (float32 `[in]`); partial sums of several devices add up."""
-        return self._abs
+        return self._magnitude(self._abs)
 
     @property
     def abs_max(self) -> Tensor:
         """max|x| over every input seen (0-dim float32): static FP8's activation range."""
-        return self._max
+        return self._magnitude(self._max)
 
     @property
     def mean_abs(self) -> Tensor:
         """E|x| per input channel: AWQ's activation magnitude."""
-        return self._abs / max(self.num_samples, 1)
+        return self._magnitude(self._abs) / max(self.num_samples, 1)
+
+    def _magnitude(self, value: Tensor) -> Tensor:
+        if not self.magnitudes:
+            raise ValueError("this accumulator was made with magnitudes=False: it kept no Σ|x| or max|x|")
+        return value
 
     @property
     def second_moment(self) -> Tensor:
