@@ -248,7 +248,8 @@ class JobCreate(Strict):
     observer: Literal["minmax", "mse"] = Field(
         default="mse",
         description="How each group's range is chosen (GPTQ and RTN): 'mse', the range with the least "
-        "activation-weighted rounding error (default; benchmarks/quality.md), or 'minmax'",
+        "activation-weighted rounding error (default; with GPTQ each output row keeps whichever of those ranges "
+        "and min-max gives the lower error after the solve; benchmarks/quality.md), or 'minmax'",
     )
     auto_candidates: list[Annotated[str, Field(max_length=32)]] = Field(
         default_factory=lambda: ["gptq:mse", "awq", "awq-gptq:mse"],

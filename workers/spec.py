@@ -286,7 +286,7 @@ class JobSpec:
     formats: tuple[OutputFormat, ...] = (OutputFormat.COMPRESSED_TENSORS,)
     dampening: float = 0.01
     act_order: bool = True  # GPTQ: static-group act-order (llm-compressor's default; benchmarks/quality.md)
-    observer: Observer = "mse"  # group ranges: the activation-weighted range search (range_search.py) or min-max
+    observer: Observer = "mse"  # group ranges: the weighted range search (range_search.py; GPTQ: per row, the better of it and min-max) or min-max
     auto_candidates: tuple[str, ...] = AUTO_CANDIDATES  # method "auto": "method" or "method:observer" each
     auto_budget_s: float | None = None  # method "auto": start no candidate that would end past this many seconds
     allow_pickle: bool = False
