@@ -10,12 +10,13 @@ traceback that carries it, never shows the values it was sent (webhook secrets, 
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import Engine, create_engine, event, make_url
+from sqlalchemy import Engine, create_engine, event, exc, make_url
 from sqlalchemy.orm import Session, sessionmaker
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -31,6 +32,39 @@ def absolute_url(url: str) -> str:
     return parsed.set(database=str(path)).render_as_string(hide_password=False)
 
 
+PING_AFTER_IDLE_S = 1.0
+
+
+def _ping_when_idle(engine: Engine) -> None:
+    """SQLAlchemy's `pool_pre_ping`, for connections that sat in the pool longer than PING_AFTER_IDLE_S only.
+
+    A ping is a round trip to the server on every checkout: under load, a submit's second one (its insert is
+    one round trip, orchestrator/queue/pg_submit.py), about a quarter of the API's time per submit. A
+    connection in steady use was just used successfully; one that waited in the pool may have been cut (a
+    database restart, an idle timeout), and is pinged: if the ping fails, the pool drops it and connects
+    anew, as with pre-ping. A connection cut while in use fails its request either way (a JSON 503)."""
+
+    @event.listens_for(engine, "connect")
+    def _connected(_dbapi_conn: Any, record: Any) -> None:
+        record.info["returned"] = time.monotonic()
+
+    @event.listens_for(engine, "checkin")
+    def _returned(_dbapi_conn: Any, record: Any) -> None:
+        if record is not None:
+            record.info["returned"] = time.monotonic()
+
+    @event.listens_for(engine, "checkout")
+    def _checked_out(dbapi_conn: Any, record: Any, _proxy: Any) -> None:
+        if time.monotonic() - record.info.get("returned", 0.0) < PING_AFTER_IDLE_S:
+            return
+        try:
+            alive = engine.dialect.do_ping(dbapi_conn)
+        except engine.dialect.loaded_dbapi.Error as e:
+            raise exc.DisconnectionError(f"a pooled connection failed its ping: {e}") from e
+        if not alive:
+            raise exc.DisconnectionError("a pooled connection failed its ping")
+
+
 def make_engine(url: str, *, pool_size: int | None = None, **kwargs: Any) -> Engine:
     """`pool_size` (PostgreSQL): connections kept open, as many again opened for a burst and closed after;
     SQLAlchemy's default (5) otherwise. A server whose request threads outnumber it opens and closes a
@@ -40,7 +74,9 @@ def make_engine(url: str, *, pool_size: int | None = None, **kwargs: Any) -> Eng
     if parsed.get_backend_name() != "sqlite":
         if pool_size is not None:
             kwargs.update(pool_size=pool_size, max_overflow=pool_size)
-        return create_engine(url, pool_pre_ping=True, **kwargs)
+        engine = create_engine(url, **kwargs)
+        _ping_when_idle(engine)
+        return engine
     if parsed.database and parsed.database != ":memory:":
         Path(parsed.database).expanduser().parent.mkdir(parents=True, exist_ok=True)
     engine = create_engine(url, connect_args={"timeout": SQLITE_BUSY_TIMEOUT_MS / 1000}, **kwargs)
