@@ -79,15 +79,14 @@ def layer_problems(model_dir: Path, text: Path, layer: int, samples: int, seq_le
             for name, m in linears.items()}
 
 
-def objective(w: torch.Tensor, w_hat: torch.Tensor, h: torch.Tensor) -> float:
-    delta = (w - w_hat).double()
-    return float(((delta @ h.double()) * delta).sum())
-
-
 def compare(problems: dict[str, dict[str, torch.Tensor]], llmc: dict[str, torch.Tensor], bits: int, group: int,
             symmetric: bool) -> dict[str, float]:
+    from workers.output_error import row_errors
     from workers.quant.gptq import gptq_quantize
     from workers.spec import QuantScheme
+
+    def objective(w: torch.Tensor, w_hat: torch.Tensor, h: torch.Tensor) -> float:
+        return float(row_errors(w, w_hat, h).double().sum())
 
     scheme = QuantScheme(bits=bits, group_size=group, symmetric=symmetric)
     variants = {"min-max, fp32 scales": ("minmax", torch.float32), "min-max, fp16 scales": ("minmax", torch.float16),

@@ -180,3 +180,16 @@ def _default_dtype_is_not_leaked() -> Iterator[None]:
 
     yield
     assert torch.get_default_dtype() == torch.float32, "a test left torch's default dtype changed"
+
+
+@pytest.fixture
+def one_thread() -> Iterator[None]:
+    """One torch thread for the test: fastest on the tiny models the benchmark tests run (the cores are shared
+    with the rest of the suite), and the thread count the engine-bytes hashes were recorded with (a BLAS
+    reduction split over more threads adds in another order)."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

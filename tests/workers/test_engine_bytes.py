@@ -14,7 +14,7 @@ Two checks:
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -36,16 +36,6 @@ KEYS = ("torch", "transformers", "machine", "cpu_capability")  # the float resul
 SAME_ENVIRONMENT = {k: RECORDED["environment"].get(k) for k in KEYS} == {
     k: engine_bytes.environment()[k] for k in KEYS
 }
-
-
-@pytest.fixture
-def one_thread() -> Iterator[None]:
-    """The threads the hashes were recorded with (`engine_bytes.record`): a BLAS reduction split over more
-    threads adds in another order."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")
