@@ -26,8 +26,11 @@ Memory (`solve_layer`): an MoE layer's statistics are the groups of a dense laye
 expert's down projection (E · 4·I² bytes). When they exceed `STATISTICS_BUDGET_BYTES`, the layer is solved
 in passes: the first with every other group and as many experts as fit, then further chunks of experts,
 each pass one capture forward over the calibration windows holding only its own statistics. Methods that
-smooth (AWQ, awq-gptq) fold every scale before any Linear of the layer is rounded, so they solve an MoE layer in
-one pass, holding all its statistics (and AWQ's routed ones, workers/methods/awq_moe.py) at once.
+smooth (AWQ, awq-gptq) must fold every scale into a Linear before it is rounded; an expert's own mapping
+(up → down) folds only into that expert, so they solve the experts first, in chunks that hold each expert's
+down_proj statistics and its routed ones (workers/methods/awq_moe.py) within the budget, each chunk searching,
+folding and rounding its down projections, then every other group with the remaining mappings (norm → gate/up
+of all experts, attention) on the already folded up projections. One pass when everything fits.
 
 Too few tokens: an expert Linear whose statistics come from fewer tokens than it has inputs (a rank-deficient
 Hessian) is solved with `STARVED_DAMPENING_FACTOR` times the job's dampening; if Cholesky
@@ -51,6 +54,7 @@ from torch import Tensor, nn
 from workers.errors import InvalidSpecError
 
 if TYPE_CHECKING:
+    from workers.awq_mappings import AwqMapping
     from workers.methods.base import LayerWork, QuantMethod
     from workers.model_graph import Group, LayerPlan
     from workers.quant.grid import QuantizedTensor
@@ -290,10 +294,15 @@ def _group_bytes(layer: nn.Module, group: Group) -> int:
     return 4 * module.in_features**2
 
 
-def plan_passes(layer: nn.Module, plan: LayerPlan, budget: int) -> list[LayerPlan]:
+def plan_passes(layer: nn.Module, plan: LayerPlan, budget: int, smoothing: bool = False) -> list[LayerPlan]:
     """The layer's groups split into solve passes whose statistics fit `budget` bytes: every group that is not
     one expert's own (attention, shared experts, the experts' shared gate/up input) in the first pass, the
-    per-expert groups packed in order after them. One pass when everything fits."""
+    per-expert groups packed in order after them. One pass when everything fits.
+
+    `smoothing` (AWQ, awq-gptq): each expert group also holds its routed statistics (twice the bytes), the
+    expert passes come first, each with its experts' own mappings (up → down: they fold only into that expert),
+    and the last pass takes every other group and mapping; the folds of a pass are then complete before any
+    Linear it quantizes is rounded (see the module docstring)."""
     from workers.model_graph import LayerPlan
 
     def own_expert(group: Group) -> bool:
@@ -302,17 +311,38 @@ def plan_passes(layer: nn.Module, plan: LayerPlan, budget: int) -> list[LayerPla
 
     first = [g for g in plan.groups if not own_expert(g)]
     rest = [g for g in plan.groups if own_expert(g)]
-    passes: list[list[Group]] = [first]
-    used = sum(_group_bytes(layer, g) for g in first)
+    per_expert = 2 if smoothing else 1
+    total = sum(_group_bytes(layer, g) for g in first) + per_expert * sum(_group_bytes(layer, g) for g in rest)
+    if total <= budget or not rest:
+        return [plan]
+    passes: list[list[Group]] = [[]] if smoothing else [first]
+    used = 0 if smoothing else sum(_group_bytes(layer, g) for g in first)
     for group in rest:
-        size = _group_bytes(layer, group)
+        size = per_expert * _group_bytes(layer, group)
         if used + size > budget and any(own_expert(g) for g in passes[-1]):  # each pass solves an expert at least
             passes.append([])
             used = 0
         passes[-1].append(group)
         used += size
+    if smoothing:
+        passes.append(first)
     order = {g: i for i, g in enumerate(plan.groups)}
-    return [LayerPlan(tuple(sorted(p, key=order.__getitem__)), plan.awq_mappings) for p in passes if p]
+    plans = []
+    for groups in passes:
+        if not groups:
+            continue
+        names = {name for g in groups for name in g}
+        expert_pass = all(own_expert(g) for g in groups)
+        mappings = tuple(m for m in plan.awq_mappings if _own_mapping(layer, m) and set(m.linears) <= names) \
+            if expert_pass else tuple(m for m in plan.awq_mappings if not _own_mapping(layer, m))
+        plans.append(LayerPlan(tuple(sorted(groups, key=order.__getitem__)), mappings if smoothing else plan.awq_mappings))
+    return plans
+
+
+def _own_mapping(layer: nn.Module, mapping: AwqMapping) -> bool:
+    """A mapping whose Linears are one expert's own (an expert's up → down)."""
+    owners = {expert_of(layer, name) for name in mapping.linears}
+    return len(owners) == 1 and None not in owners
 
 
 def reset_counts(layers: list[nn.Module]) -> None:
@@ -338,8 +368,8 @@ def solve_layer(method: QuantMethod, work: LayerWork, budget: int | None = None)
         return method.solve(work)
     layer, replicas, plan = work.layer, work.replicas, work.plan  # the plan's probe forward is not counted
     tokens = work.acts.num_tokens
-    smooths = work.spec.method.smooths  # every scale folded before any Linear is rounded: one pass
-    passes = [plan] if smooths else plan_passes(layer, plan, STATISTICS_BUDGET_BYTES if budget is None else budget)
+    smooths = work.spec.method.smooths  # the expert passes (with their own mappings) first, see plan_passes
+    passes = plan_passes(layer, plan, STATISTICS_BUDGET_BYTES if budget is None else budget, smoothing=smooths)
     starved = STARVED_DAMPENING_FACTOR * work.spec.dampening
     solved: dict[str, QuantizedTensor] = {}
     first_record = len(work.result.module_errors)

@@ -173,23 +173,37 @@ def _expert_pattern(stored_layers: str, local: str) -> str:
 
 
 def _moe_statistics(info: ModelInfo, layer: int, linears: dict[str, tuple[int, int]], smooths: int = 0) -> int:
-    """One solve pass's statistics of an MoE layer (workers/moe.py plan_passes): every non-expert Linear's
-    (an upper bound, one per Linear), the experts' shared gate/up input once, and as many expert down_proj
-    Hessians as the budget holds (at least one). Methods that smooth solve the layer in one pass; AWQ's MoE
-    search adds each expert's routed statistics and the MoE block's input and output over the `smooths`
-    calibration tokens (float32; workers/methods/awq_moe.py)."""
+    """The largest solve pass's statistics of an MoE layer, passes packed as workers/moe.py plan_passes packs
+    them: every non-expert Linear's (an upper bound, one per Linear) and the experts' shared gate/up input in one
+    pass, the expert down_proj Hessians in as many as the budget holds (at least one expert each). Methods that
+    smooth also hold each expert's routed statistics (twice the bytes per expert, in expert passes of their own)
+    and the MoE block's input and output over the `smooths` calibration tokens (float32;
+    workers/methods/awq_moe.py) in the pass with the other groups."""
     from workers.moe import STATISTICS_BUDGET_BYTES
 
     blocks = [b for b in info.architecture.experts if b.layer == layer]
     inside = tuple(f"{b.path}." for b in blocks)
     dense = sum(4 * in_f * in_f for name, (_, in_f) in linears.items() if not name.startswith(inside))
     shared = sum(4 * b.hidden * b.hidden for b in blocks)
-    own = [4 * b.intermediate * b.intermediate for b in blocks for _ in range(b.num_experts)]
-    if smooths:
-        return dense + shared + 2 * sum(own) + sum(2 * 4 * smooths * b.hidden for b in blocks)
+    per_expert = 2 if smooths else 1
+    own = [per_expert * 4 * b.intermediate * b.intermediate for b in blocks for _ in range(b.num_experts)]
+    block_io = sum(2 * 4 * smooths * b.hidden for b in blocks)
     if dense + shared + sum(own) <= STATISTICS_BUDGET_BYTES:
-        return dense + shared + sum(own)
-    return max(STATISTICS_BUDGET_BYTES, dense + shared + max(own))
+        return dense + shared + sum(own) + block_io
+    if smooths:
+        return max(dense + shared + block_io, _largest_pass(0, own, STATISTICS_BUDGET_BYTES))
+    return _largest_pass(dense + shared, own, STATISTICS_BUDGET_BYTES)
+
+
+def _largest_pass(first: int, experts: list[int], budget: int) -> int:
+    """Bytes of the largest pass when `experts` are packed in order after `first`, each pass within `budget`
+    unless it holds a single expert."""
+    largest, used, holds_expert = 0, first, False
+    for size in experts:
+        if used + size > budget and holds_expert:
+            largest, used, holds_expert = max(largest, used), 0, False
+        used, holds_expert = used + size, True
+    return max(largest, used)
 
 
 def _expert_modules(info: ModelInfo, headers: Mapping[str, tuple[str, tuple[int, ...]]],

@@ -220,6 +220,59 @@ def test_expert_passes_fit_the_budget_and_give_the_same_checkpoint(
     assert [e.module for e in one.module_errors] == [e.module for e in split.module_errors]
 
 
+def test_awq_expert_passes_come_first_with_their_own_mappings(text: Path, tmp_path: Path) -> None:
+    """AWQ over the budget: chunks of experts first, each holding its experts' down_proj statistics twice (their
+    routed statistics too) and only their own up → down mappings; then every other group with the other mappings."""
+    model_dir = make_tiny_moe("qwen3_moe", tmp_path / "model")
+    model, weights = LayerwiseModel(model_dir, CPU), CheckpointWeights(TensorSource(model_dir))
+    layer = model.decoder_layer(0, weights)
+    hidden = model.embed(torch.randint(4, 290, (1, 8)), weights)
+    plan = model.layer_plan(layer, hidden, model.layer_calls(8, weights)[0])
+    down_bytes = 4 * 32 * 32
+    assert moe.plan_passes(layer, plan, budget=10**9, smoothing=True) == [plan]
+    passes = moe.plan_passes(layer, plan, budget=2 * 2 * down_bytes, smoothing=True)
+    assert [p.linears for p in passes[:2]] == [
+        ("mlp.experts.0.down_proj", "mlp.experts.1.down_proj"), ("mlp.experts.2.down_proj", "mlp.experts.3.down_proj")]
+    assert [[(m.prev, m.linears) for m in p.awq_mappings] for p in passes[:2]] == [
+        [(f"mlp.experts.{e}.up_proj", (f"mlp.experts.{e}.down_proj",)) for e in (0, 1)],
+        [(f"mlp.experts.{e}.up_proj", (f"mlp.experts.{e}.down_proj",)) for e in (2, 3)]]
+    last = passes[2]
+    assert set(last.linears) | {n for p in passes[:2] for n in p.linears} == set(plan.linears)
+    assert {m.prev for m in last.awq_mappings} == {m.prev for m in plan.awq_mappings} - {
+        f"mlp.experts.{e}.up_proj" for e in range(NUM_EXPERTS)}
+    assert len(moe.plan_passes(layer, plan, budget=1, smoothing=True)) == NUM_EXPERTS + 1  # one expert a pass
+
+
+@pytest.mark.parametrize("method", ["awq", "awq-gptq"])
+def test_awq_in_expert_passes_quantizes_every_expert_within_the_budget(
+    method: str, text: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With a budget of one expert's statistics, AWQ solves each expert's down_proj in its own pass, holding only that
+    expert's routed statistics, and the whole layer after: every expert quantized, each down_proj's error within
+    a few percent of the one-pass job's (the same scales, searched on the same statistics), the whole model's close."""
+    model_dir = make_tiny_moe("qwen3_moe", tmp_path / "model")
+    one = run_local(spec_for(model_dir, method, text), tmp_path / "one")
+    held: list[int] = []
+    capture = awq.awq_moe.capture
+
+    def counting(work: object, mappings: object) -> awq.awq_moe.MoeCapture:
+        found = capture(work, mappings)  # type: ignore[arg-type]
+        held.append(sum(r.weighted.numel() * 4 for r in found.routed.values()))
+        return found
+
+    monkeypatch.setattr(awq.awq_moe, "capture", counting)
+    monkeypatch.setattr(moe, "STATISTICS_BUDGET_BYTES", 1)
+    split = run_local(spec_for(model_dir, method, text), tmp_path / "split")
+    assert quantized_modules(tmp_path / "split") == quantized_modules(tmp_path / "one")
+    assert {m for m in quantized_modules(tmp_path / "split") if ".experts." in m} == expected_experts("qwen3_moe")
+    assert held.count(4 * 32 * 32) == 2 * NUM_EXPERTS and max(held) == 4 * 32 * 32  # one expert's routed Σ a pass
+    errors = {(e.layer, e.module): e.error for e in one.module_errors}
+    for record in split.module_errors:
+        if record.module.endswith("down_proj") and ".experts." in record.module:
+            assert record.error == pytest.approx(errors[(record.layer, record.module)], rel=0.05), record.module
+    assert sum(e.error for e in split.module_errors) == pytest.approx(sum(errors.values()), rel=0.1)
+
+
 def test_preflight_counts_expert_statistics_within_the_budget(
     text: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -233,9 +286,14 @@ def test_preflight_counts_expert_statistics_within_the_budget(
     assert plan_job(spec_for(model_dir, "gptq", text)).memory.statistics == dense + shared + 2 * down
     monkeypatch.setattr(moe, "STATISTICS_BUDGET_BYTES", 1)  # one expert per pass, the rest in the first
     assert plan_job(spec_for(model_dir, "gptq", text)).memory.statistics == dense + shared + down
-    # AWQ: one pass whatever the budget, each expert's routed statistics too, the block's input and output (float32)
+    # AWQ: each expert's routed statistics too, and the block's input and output (float32) beside the other groups:
+    # in one pass when it fits, else expert passes first and the rest after (workers/moe.py plan_passes)
+    block_io = 2 * 4 * 8 * SEQ_LEN * 64
+    monkeypatch.setattr(moe, "STATISTICS_BUDGET_BYTES", 4 * 2**30)
     awq_plan = plan_job(spec_for(model_dir, "awq", text))
-    assert awq_plan.memory.statistics == dense + shared + 2 * NUM_EXPERTS * down + 2 * 4 * 8 * SEQ_LEN * 64
+    assert awq_plan.memory.statistics == dense + shared + 2 * NUM_EXPERTS * down + block_io
+    monkeypatch.setattr(moe, "STATISTICS_BUDGET_BYTES", 1)
+    assert plan_job(spec_for(model_dir, "awq", text)).memory.statistics == dense + shared + block_io
     assert "mlp.experts.*.up_proj → mlp.experts.*.down_proj" in awq_plan.awq_mappings
     summary = "\n".join(summary_lines(plan.to_dict()))
     assert "experts: model.layers.*.mlp.experts ×2 layers, 4 experts each, all quantized" in summary
@@ -243,14 +301,17 @@ def test_preflight_counts_expert_statistics_within_the_budget(
 
 
 @pytest.mark.parametrize("family", ["mixtral", "qwen2_moe", "qwen3_moe", "deepseek_v3", "gpt_oss"])
+@pytest.mark.parametrize("budget", [None, 1], ids=["one-pass", "expert-passes"])
 def test_awq_smoothing_alone_leaves_the_float_moe_model_unchanged(
-    family: str, text: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    family: str, budget: int | None, text: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """AWQ with its scales searched and folded but nothing rounded, on a float32 model: the checkpoint's logits equal
     the original's within 1e-4, though the norms before the MoE blocks, every expert's gate/up, the shared experts
     and the routers and gates (dense, never quantized) all changed."""
     model_dir = make_tiny_moe(family, tmp_path / "model", dtype=torch.float32)
     monkeypatch.setattr(awq.Awq, "solve", lambda self, work: (awq.smooth(work), {})[1])
+    if budget is not None:  # each expert's up → down in its own pass, then the rest (workers/moe.py plan_passes)
+        monkeypatch.setattr(moe, "STATISTICS_BUDGET_BYTES", budget)
     out = tmp_path / "smoothed"
     run_local(spec_for(model_dir, "awq", text, samples=2), out)
     model = LayerwiseModel(model_dir, CPU)

@@ -92,10 +92,11 @@ def _searches_independent(mappings: Sequence[AwqMapping], plan: LayerPlan) -> bo
 
 def smooth(work: LayerWork) -> tuple[dict[Group, AwqStatistics], dict[str, Tensor]]:
     """Search and fold every mapping's scales into the primary layer. Returns the statistics of the scaled
-    inputs and, per Linear whose output rows were divided by a later mapping's scales, that row scale."""
+    inputs and, per Linear whose output rows were divided by a mapping's scales (in this solve pass of the
+    layer or an earlier one), that row scale."""
     devices, plan, stats = work.devices, work.plan, merged_statistics(work)
     mappings = usable_mappings(work)
-    moe = awq_moe.capture(work) if expert_blocks(work.layer) and mappings else None
+    moe = awq_moe.capture(work, mappings) if expert_blocks(work.layer) and mappings else None
     found: list[Tensor] = []
     if _searches_independent(mappings, plan):
         owner = assign_groups([sum(work.linear(n).weight.numel() for n in m.linears) for m in mappings], len(devices))
@@ -113,7 +114,7 @@ def smooth(work: LayerWork) -> tuple[dict[Group, AwqStatistics], dict[str, Tenso
 
         per_device = work.threads.run(scales_on)
         found = [per_device[d].pop(0) for d in owner]  # back in mapping order
-    row_scale: dict[str, Tensor] = {}
+    row_scale = work.row_scale
     for i, m in enumerate(mappings):
         first, *others = groups_of(plan, m)
         if not found:

@@ -11,13 +11,15 @@ The mappings inside an MoE block (workers/awq_mappings.py) are scored on the blo
   routing weight, h down_e's input), so the closed-form search (workers/quant/awq.py) scores it exactly on
   Σ_e = Σ_{t→e} g_t² h_t h_tᵀ / N, with E|h| over those tokens for the candidates; an expert no calibration
   token is routed to scores 0 for every s and keeps s = 1.
-`capture` gathers X, Y and every Σ_e in one forward of the primary layer over all calibration windows, before
-any scale is folded. Each MoE block's X and Y are held over all tokens (2 · tokens · hidden in the model's dtype,
+`capture` gathers X, Y and the Σ_e of the solve pass's mappings (workers/moe.py splits an MoE layer into expert
+chunks when its statistics exceed the budget) in one forward of the primary layer over all calibration windows,
+before the pass folds any scale. Each MoE block's X and Y are held over all tokens (2 · tokens · hidden in the model's dtype,
 where the calibration hidden states are kept); Σ_e takes the space of the experts' down_proj statistics again.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -55,37 +57,51 @@ def _output(out: Any) -> Tensor:
     return out[0] if isinstance(out, tuple) else out  # type: ignore[no-any-return]
 
 
-def capture(work: LayerWork) -> MoeCapture:
-    """One forward of the primary layer over every device's calibration windows (see the module docstring)."""
+def capture(work: LayerWork, mappings: Sequence[AwqMapping]) -> MoeCapture:
+    """One forward of the primary layer over every device's calibration windows, gathering what `mappings` are
+    scored on (see the module docstring): the input and output of the MoE blocks scored on their output, and
+    the routed statistics of the experts' down Linears that the mappings scale. No forward if none."""
     assert work.acts is not None, "AWQ needs calibration inputs"
     layer, acts, primary = work.layer, work.acts, work.devices[0]
     home = acts.shards[0].hidden.device  # where the calibration hidden states live (the host when offloaded)
     found = MoeCapture()
+    blocks = {scored for m in mappings if (scored := block_of(layer, m)) is not None}
+    downs = {m.linears[0] for m in mappings if len(m.linears) == 1 and expert_of(layer, m.linears[0]) is not None}
     handles = []
     for path, experts in expert_blocks(layer).items():
         block = path.rpartition(".")[0]
-        found.inputs[block], found.outputs[block] = [], []
+        mine = [(e, f"{path}.{e}.{expert.names.down}") for e, expert in enumerate(experts.experts())]
+        mine = [(e, name) for e, name in mine if name in downs]
+        if block in blocks:
+            found.inputs[block], found.outputs[block] = [], []
 
-        def on_block(_m: nn.Module, args: tuple[Any, ...], out: Any, block: str = block) -> None:
-            found.inputs[block].append(args[0].detach().to(home))
-            found.outputs[block].append(_output(out).detach().to(home))
+            def on_block(_m: nn.Module, args: tuple[Any, ...], out: Any, block: str = block) -> None:
+                found.inputs[block].append(args[0].detach().to(home))
+                found.outputs[block].append(_output(out).detach().to(home))
 
-        def on_experts(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], path: str = path) -> None:
+            handles.append(layer.get_submodule(block).register_forward_hook(on_block))
+        if not mine:
+            continue
+
+        def on_experts(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any],
+                       mine: list[tuple[int, str]] = mine) -> None:
             assert isinstance(module, ExpertLinears)
             values = [*args, *(kwargs[k] for k in ("hidden_states", "top_k_index", "top_k_weights") if k in kwargs)]
             hidden, index, weights = values[:3]
-            for e, expert in enumerate(module.experts()):
+            experts = module.experts()
+            for e, name in mine:
                 token, position = torch.where(index == e)
-                h = expert.hidden(hidden[token], module.__dict__["activation"], module.layout.concatenated).float()
+                h = experts[e].hidden(hidden[token], module.__dict__["activation"], module.layout.concatenated).float()
                 g = weights[token, position, None].float()
-                name = f"{path}.{e}.{expert.names.down}"
                 acc = found.routed.setdefault(name, Routed(h.new_zeros(h.shape[1], h.shape[1]), h.new_zeros(h.shape[1])))
                 acc.weighted.addmm_((g * h).T, g * h)
                 acc.abs_sum.add_(h.abs().sum(dim=0))
                 acc.tokens += int(token.numel())
 
-        handles.append(layer.get_submodule(block).register_forward_hook(on_block))
         handles.append(experts.register_forward_pre_hook(on_experts, with_kwargs=True))
+    found.num_tokens = acts.num_tokens
+    if not handles:
+        return found
     try:
         with torch.no_grad():
             for shard in acts.shards:
@@ -94,7 +110,6 @@ def capture(work: LayerWork) -> MoeCapture:
     finally:
         for handle in handles:
             handle.remove()
-    found.num_tokens = acts.num_tokens
     return found
 
 

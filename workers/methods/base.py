@@ -64,6 +64,9 @@ class LayerWork:
     on_progress: ProgressCallback = no_progress
     precision: HessianPrecision | None = None  # of the statistics; default: workers.statistics.precision_for
     wanted: frozenset[Statistic] = ALL_STATISTICS  # what `statistics` collects: the methods' (and grids') needs
+    # per Linear whose output rows a smoothing fold divided (AWQ's prev Linear), that row scale; shared by the
+    # solve passes of one layer (workers/moe.py), so a later pass measures errors in the original coordinates
+    row_scale: dict[str, Tensor] = field(default_factory=dict)
 
     @property
     def layer(self) -> nn.Module:
