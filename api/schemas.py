@@ -30,8 +30,8 @@ EXAMPLE_JOB: dict[str, Any] = {
 MAX_GPUS_PER_JOB = 16  # the engine's limit on JobSpec.devices
 
 FormatName = Literal[  # workers.spec.OutputFormat; gguf:<type> is a llama.cpp file, solved on its own grid
-    "compressed-tensors", "gptq", "gguf:Q4_0", "gguf:Q4_1", "gguf:Q5_0", "gguf:Q5_1", "gguf:Q8_0", "gguf:Q4_K_M",
-    "gguf:Q6_K", "gguf:F16",
+    "compressed-tensors", "gptq", "gguf:Q4_0", "gguf:Q4_1", "gguf:Q5_0", "gguf:Q5_1", "gguf:Q8_0", "gguf:Q4_K_S",
+    "gguf:Q4_K_M", "gguf:Q5_K_S", "gguf:Q5_K_M", "gguf:Q6_K", "gguf:F16",
 ]
 MethodName = Literal["gptq", "awq", "rtn", "awq-gptq", "auto"]
 SchemeName = Literal[  # workers.spec.SCHEME_PRESETS

@@ -60,7 +60,10 @@ class OutputFormat(StrEnum):
     GGUF_Q5_0 = "gguf:Q5_0"
     GGUF_Q5_1 = "gguf:Q5_1"
     GGUF_Q8_0 = "gguf:Q8_0"
+    GGUF_Q4_K_S = "gguf:Q4_K_S"
     GGUF_Q4_K_M = "gguf:Q4_K_M"
+    GGUF_Q5_K_S = "gguf:Q5_K_S"
+    GGUF_Q5_K_M = "gguf:Q5_K_M"
     GGUF_Q6_K = "gguf:Q6_K"
     GGUF_F16 = "gguf:F16"
 

@@ -51,7 +51,7 @@ def bpe_tokenizer(vocab_size: int = 300) -> PreTrainedTokenizerFast:
 def tiny_model(directory: Path, family: str = "llama", hidden: int = 256, tied: bool = True) -> Path:
     """A random 2-layer model whose rows are whole 256-blocks (K-quants apply) or not (hidden 96)."""
     tokenizer = bpe_tokenizer()
-    config_class = {"llama": "LlamaConfig", "qwen2": "Qwen2Config", "qwen3": "Qwen3Config"}[family]
+    config_class = {"llama": "LlamaConfig", "qwen2": "Qwen2Config", "qwen3": "Qwen3Config", "phi3": "Phi3Config"}[family]
     config = getattr(transformers, config_class)(
         vocab_size=len(tokenizer), hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=2,
         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512, tie_word_embeddings=tied,
@@ -76,7 +76,7 @@ def read_back(path: Path) -> dict[str, torch.Tensor]:
     return model.state_dict()
 
 
-@pytest.mark.parametrize("family", ["llama", "qwen2", "qwen3"])
+@pytest.mark.parametrize("family", ["llama", "qwen2", "qwen3", "phi3"])
 def test_transformers_gguf_loader_reads_exactly_our_weights(tmp_path: Path, family: str) -> None:
     # transformers' GGUF loader takes Qwen3's head_dim from its config default (128), not from the file
     model_dir = tiny_model(tmp_path / "model", family, hidden=512 if family == "qwen3" else 256, tied=family != "qwen2")
@@ -89,15 +89,21 @@ def test_transformers_gguf_loader_reads_exactly_our_weights(tmp_path: Path, fami
     # what the evaluation scores: the file read back by gguf's dequantizers under the Hugging Face names
     from_file = result.read_back().tensors("", torch.device("cpu"))
     assert from_file.keys() == result.dequantized.keys()  # 9 a layer, embedding, norm; + qwen2's q/k/v biases,
-    assert len(from_file) == {"llama": 20, "qwen2": 20 + 6 + 1, "qwen3": 20 + 4}[family]  # lm_head; qwen3's q/k norms
+    # lm_head; qwen3's q/k norms; phi3: fused qkv_proj and gate_up_proj (6 a layer)
+    assert len(from_file) == {"llama": 20, "qwen2": 20 + 6 + 1, "qwen3": 20 + 4, "phi3": 14}[family]
     for name, ours in result.dequantized.items():
         assert torch.equal(from_file[name].view(torch.int32), ours.view(torch.int32)), name
-    # the recipe: Q6_K for attn_v / ffn_down of the layers llama.cpp's use_more_bits picks (layer 1 of 2),
-    # the output matrix Q6_K (the token embedding when tied), everything else Q4_K, norms F32
+    # the recipe: Q6_K for attn_v / ffn_down of the layers llama.cpp's use_more_bits picks (layer 1 of 2), Q5_K for
+    # a fused attn_qkv, the output matrix Q6_K (the token embedding when tied), everything else Q4_K, norms F32
     types = result.tensor_types
-    assert types["blk.0.attn_v.weight"] == "Q4_K" and types["blk.1.attn_v.weight"] == "Q6_K"
+    if family == "phi3":
+        assert types["blk.0.attn_qkv.weight"] == types["blk.1.attn_qkv.weight"] == "Q5_K"
+        assert types["blk.0.ffn_up.weight"] == "Q4_K"
+    else:
+        assert types["blk.0.attn_v.weight"] == "Q4_K" and types["blk.1.attn_v.weight"] == "Q6_K"
+        assert types["blk.0.attn_q.weight"] == "Q4_K"
     assert types["blk.0.ffn_down.weight"] == "Q4_K" and types["blk.1.ffn_down.weight"] == "Q6_K"
-    assert types["blk.0.attn_q.weight"] == "Q4_K" and types["blk.0.attn_norm.weight"] == "F32"
+    assert types["blk.0.attn_norm.weight"] == "F32"
     assert types["output.weight" if family == "qwen2" else "token_embd.weight"] == "Q6_K"
     assert ("output.weight" in types) == (family == "qwen2")
     assert 4.5 < result.bits_per_weight < 6.0
@@ -156,6 +162,40 @@ def test_rows_that_are_not_whole_super_blocks_fall_back_like_llama_cpp(tmp_path:
     assert types["token_embd.weight"] == "Q8_0"  # the (tied) output: rows of 96 are no 256-blocks
 
 
+def test_the_k_quant_mixes_follow_llama_cpp() -> None:
+    """llama_tensor_get_type for 16 layers: use_more_bits picks layers 0, 1, 4, 7, 10, 13, 14, 15; Q4_K_S raises
+    attn_v of the first four layers and ffn_down of the first eighth to Q5_K; a fused attn_qkv gets Q5_K (Q4_K_M) or
+    Q6_K (Q5_K_M); the untied output matrix Q6_K."""
+    def types(file_type: str, model_type: str = "llama") -> dict[str, list[str]]:
+        recipe = gguf_format.Recipe.for_config({"model_type": model_type, "num_hidden_layers": 16}, file_type)
+        names = {"attn_v": "self_attn.v_proj", "ffn_down": "mlp.down_proj", "attn_q": "self_attn.q_proj",
+                 "attn_qkv": "self_attn.qkv_proj"}
+        found: dict[str, list[str]] = {}
+        for short, hf in names.items():
+            if model_type == "phi3" and short in ("attn_v", "attn_q") or model_type != "phi3" and short == "attn_qkv":
+                continue
+            for layer in range(16):
+                target = recipe.target(f"model.layers.{layer}.{hf}.weight", (512, 512))
+                assert target is not None and target.block is not None
+                found.setdefault(short, []).append(target.block.name)
+        output = recipe.target("lm_head.weight", (300, 512))
+        assert output is not None and output.block is not None
+        found["output"] = [output.block.name]
+        return found
+
+    more = {0, 1, 4, 7, 10, 13, 14, 15}
+    m4 = types("Q4_K_M")
+    assert m4["attn_v"] == m4["ffn_down"] == ["Q6_K" if i in more else "Q4_K" for i in range(16)]
+    assert set(m4["attn_q"]) == {"Q4_K"} and m4["output"] == ["Q6_K"]
+    m5 = types("Q5_K_M")
+    assert m5["attn_v"] == m5["ffn_down"] == ["Q6_K" if i in more else "Q5_K" for i in range(16)]
+    assert set(m5["attn_q"]) == {"Q5_K"}
+    s4 = types("Q4_K_S")
+    assert s4["attn_v"] == ["Q5_K"] * 4 + ["Q4_K"] * 12 and s4["ffn_down"] == ["Q5_K"] * 2 + ["Q4_K"] * 14
+    assert set(types("Q5_K_S")["ffn_down"]) == {"Q5_K"}
+    assert set(types("Q4_K_M", "phi3")["attn_qkv"]) == {"Q5_K"} and set(types("Q5_K_M", "phi3")["attn_qkv"]) == {"Q6_K"}
+
+
 @pytest.mark.parametrize(
     ("model_type", "message"),
     [("opt", "llama.cpp does not know the architecture 'opt'"),
@@ -182,13 +222,16 @@ LLAMA_CPP = importlib.util.find_spec("llama_cpp") is not None
 
 
 @pytest.mark.skipif(not LLAMA_CPP, reason="llama-cpp-python is not installed (benchmarks/gguf_quality.py builds it)")
-def test_llama_cpp_loads_the_file_and_its_perplexity_matches_ours(tmp_path: Path) -> None:
+@pytest.mark.parametrize(("family", "file_type"),
+                         [("llama", "Q4_K_M"), ("llama", "Q4_K_S"), ("llama", "Q5_K_M"), ("phi3", "Q4_K_M")])
+def test_llama_cpp_loads_the_file_and_its_perplexity_matches_ours(tmp_path: Path, family: str, file_type: str) -> None:
     from benchmarks.gguf_quality import llama_cpp_perplexity
 
-    model_dir = tiny_model(tmp_path / "model")
+    model_dir = tiny_model(tmp_path / "model", family)
     calib = calibration(model_dir, samples=12)
     path = tmp_path / "m.gguf"
-    result = export_gguf(model_dir, path, "Q4_K_M", method="gptq", calibration=calib[:8])
+    result = export_gguf(model_dir, path, file_type, method="gptq", calibration=calib[:8])
+    assert ("Q5_K" in result.tensor_types.values()) == (file_type != "Q4_K_M" or family == "phi3")
     ids = calib[8:]
     logits = _logits(result.dequantized, model_dir, ids)
     nll = -torch.log_softmax(logits[:, :-1].double(), -1).gather(2, ids[:, 1:].unsqueeze(2)).mean()

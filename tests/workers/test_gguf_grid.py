@@ -65,9 +65,12 @@ def test_k_quant_sub_scales_live_on_the_super_block_grid() -> None:
     q6k = gguf_grid.quantize(gguf_grid.block_type("Q6_K"), w)
     assert q6k.fields["sc"].shape == (48, 2, 16)
     assert int(q6k.fields["sc"].min()) >= -128 and int(q6k.fields["sc"].max()) <= 127
+    q5k = gguf_grid.quantize(gguf_grid.block_type("Q5_K"), w)
+    assert int(q5k.codes.max()) == 31 and int(q5k.codes.min()) == 0  # the fifth bit is used
+    assert int(q5k.fields["sc"].max()) == 63 and int(q5k.fields["mn"].max()) <= 63
     rel = {n: float(((gguf_grid.quantize(gguf_grid.block_type(n), w).dequantize() - w) ** 2).sum() / (w**2).sum())
-           for n in ("Q4_0", "Q4_K", "Q6_K", "Q8_0")}
-    assert rel["Q8_0"] < rel["Q6_K"] < rel["Q4_K"] < rel["Q4_0"] < 0.02
+           for n in ("Q4_0", "Q4_K", "Q5_K", "Q6_K", "Q8_0")}
+    assert rel["Q8_0"] < rel["Q6_K"] < rel["Q5_K"] < rel["Q4_K"] < rel["Q4_0"] < 0.02
 
 
 def test_k_quants_refuse_rows_that_are_not_whole_super_blocks() -> None:
@@ -75,7 +78,7 @@ def test_k_quants_refuse_rows_that_are_not_whole_super_blocks() -> None:
         gguf_grid.quantize(gguf_grid.block_type("Q4_K"), torch.randn(4, 576))
 
 
-@pytest.mark.parametrize("name", ["Q4_0", "Q4_1", "Q8_0", "Q4_K", "Q6_K"])
+@pytest.mark.parametrize("name", ["Q4_0", "Q4_1", "Q8_0", "Q4_K", "Q5_K", "Q6_K"])
 def test_gptq_on_the_grid_has_lower_output_error_than_rtn(name: str) -> None:
     kind = gguf_grid.block_type(name)
     g = torch.Generator().manual_seed(3)

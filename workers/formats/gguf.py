@@ -6,14 +6,17 @@ tensor names from `gguf.TensorNameMap` (checked against `gguf.MODEL_TENSORS[arch
 through `GGUFWriter.add_*` (`gguf.Keys`). Three things are the architecture's, not the tables':
 
 * llama.cpp's `llama` architecture uses interleaved ("normal") RoPE, Hugging Face the rotate-half form, so
-  q/k rows are permuted exactly as llama.cpp's convert_hf_to_gguf.py does (`permute`); `qwen2`/`qwen3` use
-  NeoX RoPE and are written as they are. Quantized rows permute as whole rows: codes and fields move together.
+  q/k rows are permuted exactly as llama.cpp's convert_hf_to_gguf.py does (`permute`); `qwen2`/`qwen3`/`phi3`
+  use NeoX RoPE and are written as they are. Quantized rows permute as whole rows: codes and fields move together.
+  A few keys are one architecture's (`ARCH_KEYS`: Phi-3's original context length and sliding window).
 * RoPE scaling (llama3, yarn, ...) needs extra tensors/keys and is refused at submit.
 * The file types' recipe (`Recipe`) follows llama.cpp's `llama_tensor_get_type` (src/llama-quant.cpp) for
-  the types we write: Q4_K_M puts Q6_K on `attn_v` and `ffn_down` of the layers `use_more_bits` picks (the
-  first and last eighth and every third layer between), the output matrix (the token embedding when the
-  model ties them) is Q6_K, or Q8_0 when its rows are not whole 256-blocks; a K-quant tensor whose rows are
-  not whole super-blocks falls back like llama.cpp's (Q4_K → Q5_0, Q6_K → Q8_0).
+  the types we write: Q4_K_M and Q5_K_M put Q6_K on `attn_v` and `ffn_down` of the layers `use_more_bits`
+  picks (the first and last eighth and every third layer between) and Q5_K / Q6_K on a fused `attn_qkv`;
+  Q4_K_S puts Q5_K on `attn_v` of the first four layers and on `ffn_down` of the first eighth; the output
+  matrix (the token embedding when the model ties them) is Q6_K, or Q8_0 when its rows are not whole
+  256-blocks; a K-quant tensor whose rows are not whole super-blocks falls back like llama.cpp's (Q4_K → Q5_0,
+  Q5_K → Q5_1, Q6_K → Q8_0).
 """
 
 from __future__ import annotations
@@ -44,16 +47,19 @@ FILE_TYPES: dict[str, tuple[gguf.LlamaFileType, str | None]] = {
     "Q5_0": (gguf.LlamaFileType.MOSTLY_Q5_0, "Q5_0"),
     "Q5_1": (gguf.LlamaFileType.MOSTLY_Q5_1, "Q5_1"),
     "Q8_0": (gguf.LlamaFileType.MOSTLY_Q8_0, "Q8_0"),
+    "Q4_K_S": (gguf.LlamaFileType.MOSTLY_Q4_K_S, "Q4_K"),
     "Q4_K_M": (gguf.LlamaFileType.MOSTLY_Q4_K_M, "Q4_K"),
+    "Q5_K_S": (gguf.LlamaFileType.MOSTLY_Q5_K_S, "Q5_K"),
+    "Q5_K_M": (gguf.LlamaFileType.MOSTLY_Q5_K_M, "Q5_K"),
     "Q6_K": (gguf.LlamaFileType.MOSTLY_Q6_K, "Q6_K"),
     "F16": (gguf.LlamaFileType.MOSTLY_F16, None),  # unquantized: the input of llama.cpp's own quantizer
 }
 
 # architectures we export (llama.cpp knows many more; see `resolve_arch`), and which need q/k permuted
-EXPORTED_ARCHS = ("llama", "qwen2", "qwen3")
+EXPORTED_ARCHS = ("llama", "qwen2", "qwen3", "phi3")
 NORMAL_ROPE_ARCHS = ("llama",)
 ARCH_ALIASES = {"mistral": "llama"}  # model_type → llama.cpp architecture, as convert_hf_to_gguf.py maps it
-K_FALLBACK = {"Q4_K": "Q5_0", "Q6_K": "Q8_0"}  # llama-quant.cpp, for rows that are not whole super-blocks
+K_FALLBACK = {"Q4_K": "Q5_0", "Q5_K": "Q5_1", "Q6_K": "Q8_0"}  # llama-quant.cpp, for rows that are not whole super-blocks
 
 
 def parse_format(text: str) -> str:
@@ -147,8 +153,8 @@ class Recipe:
         layer = int(name.split(".")[1]) if name.startswith("blk.") else -1
         if is_output:
             chosen = "Q8_0" if in_features % QK_K != 0 else (default if default == "Q8_0" else "Q6_K")
-        elif self.file_type == "Q4_K_M" and kind in (gguf.MODEL_TENSOR.ATTN_V, gguf.MODEL_TENSOR.FFN_DOWN):
-            chosen = "Q6_K" if use_more_bits(layer, self.num_layers) else default
+        else:
+            chosen = self._mixed(kind, layer) or default
         block = gguf_grid.block_type(chosen)
         if not gguf_grid.fits(block, in_features):
             block = gguf_grid.block_type(K_FALLBACK.get(chosen, chosen))
@@ -158,6 +164,22 @@ class Recipe:
                 " choose another GGUF type or format"
             )
         return block
+
+
+    def _mixed(self, kind: gguf.MODEL_TENSOR, layer: int) -> str | None:
+        """The _S/_M file types' exceptions to their default block type (llama_tensor_get_type)."""
+        more_bits = use_more_bits(layer, self.num_layers)
+        if self.file_type in ("Q4_K_M", "Q5_K_M"):
+            if kind == gguf.MODEL_TENSOR.ATTN_QKV:
+                return "Q5_K" if self.file_type == "Q4_K_M" else "Q6_K"
+            if kind in (gguf.MODEL_TENSOR.ATTN_V, gguf.MODEL_TENSOR.FFN_DOWN) and more_bits:
+                return "Q6_K"
+        if self.file_type == "Q4_K_S":
+            if kind == gguf.MODEL_TENSOR.ATTN_V and layer < 4:
+                return "Q5_K"
+            if kind == gguf.MODEL_TENSOR.FFN_DOWN and layer < self.num_layers // 8:
+                return "Q5_K"
+        return None
 
 
 def check_model(config: dict[str, Any], file_type: str, model_dir: Path | None = None) -> None:
@@ -265,12 +287,26 @@ def _hyperparameters(writer: gguf.GGUFWriter, config: dict[str, Any], file_type:
     writer.add_head_count_kv(int(config.get("num_key_value_heads") or heads))
     writer.add_key_length(head_dim)
     writer.add_value_length(head_dim)
-    writer.add_rope_dimension_count(head_dim)
+    rotary = float(config.get("partial_rotary_factor") or rope.get("partial_rotary_factor") or 1.0)
+    writer.add_rope_dimension_count(int(rotary * head_dim))
     writer.add_rope_freq_base(float(config.get("rope_theta") or rope.get("rope_theta", 10000.0)))
     writer.add_layer_norm_rms_eps(float(config.get("rms_norm_eps", 1e-6)))
     writer.add_vocab_size(int(config["vocab_size"]))
     writer.add_file_type(int(FILE_TYPES[file_type][0]))
     writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
+    ARCH_KEYS.get(resolve_arch(config), lambda _w, _c: None)(writer, config)
+
+
+def _phi3_keys(writer: gguf.GGUFWriter, config: dict[str, Any]) -> None:
+    """convert_hf_to_gguf.py's Phi3MiniModel: the pre-extension context length, and a sliding window of 0 when the
+    model has none (llama.cpp tells Phi-4 from Phi-3 by it)."""
+    rope = config.get("rope_parameters") or {}
+    original = config.get("original_max_position_embeddings") or rope.get("original_max_position_embeddings")
+    writer.add_rope_scaling_orig_ctx_len(int(original or config.get("max_position_embeddings", 4096)))
+    writer.add_sliding_window(int(config.get("sliding_window") or 0))
+
+
+ARCH_KEYS = {"phi3": _phi3_keys}  # llama.cpp architecture → the keys only it has
 
 
 @dataclass

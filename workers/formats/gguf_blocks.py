@@ -72,6 +72,17 @@ def _q4_k(q: np.ndarray, f: dict[str, torch.Tensor]) -> np.ndarray:
     return np.concatenate([_f16_bytes(f["d"], n), _f16_bytes(f["dmin"], n), _q4_k_scales(sc, mn), qs], axis=1)
 
 
+def _q5_k(q: np.ndarray, f: dict[str, torch.Tensor]) -> np.ndarray:
+    """Q4_K's layout of the low four bits, plus qh: bit b of byte j is bit 4 of code 32·b + j."""
+    n = q.shape[0]
+    low = _q4_k(q & 0x0F, f)
+    high = ((q >> 4) & 1).reshape(n, 8, 32)
+    qh = np.zeros((n, 32), dtype=U8)
+    for b in range(8):
+        qh |= (high[:, b] << b).astype(U8)
+    return np.concatenate([low[:, :16], qh, low[:, 16:]], axis=1)
+
+
 def _q6_k(q: np.ndarray, f: dict[str, torch.Tensor]) -> np.ndarray:
     n = q.shape[0]
     halves = q.reshape(n, 2, 4, 32)  # per 128 values: four runs of 32 (l, l+32, l+64, l+96)
@@ -90,6 +101,7 @@ PACKERS: dict[str, Callable[[np.ndarray, dict[str, torch.Tensor]], np.ndarray]] 
     "Q5_1": _q5,
     "Q8_0": _q8_0,
     "Q4_K": _q4_k,
+    "Q5_K": _q5_k,
     "Q6_K": _q6_k,
 }
 

@@ -16,10 +16,11 @@ with `scale` and `bias` computed from the file's own fields exactly as ggml dequ
 | Q4_1 | 32  | [0, 15]    | d, m                             | d, m fp16 (d = (max-min)/15, m = min)  |
 | Q5_1 | 32  | [0, 31]    | d, m                             | d, m fp16                              |
 | Q4_K | 32  | [0, 15]    | d·sc, -(dmin·mn)                 | d, dmin fp16 per 256; sc, mn 6-bit ×8  |
+| Q5_K | 32  | [0, 31]    | d·sc, -(dmin·mn)                 | as Q4_K (+ one high bit per code)      |
 | Q6_K | 16  | [-32, 31]  | d·sc, none                       | d fp16 per 256; sc int8 ×16            |
 
 `choose_params` picks the fields from a weight the way llama.cpp's reference quantizers do (ggml-quants.c:
-the legacy types' max rules; `make_qkx2_quants` for Q4_K's sub-block scale/min with weights av_x + |x|,
+the legacy types' max rules; `make_qkx2_quants` for Q4_K's and Q5_K's sub-block scale/min with weights av_x + |x|,
 `make_qx_quants` for Q6_K's), the K-quant sub-scales already quantized to the super-block's 6-/8-bit
 grid. With `importance` (E[x²] of each input column, the diagonal of the Hessian) the K-quant searches weigh
 each column as llama.cpp does with an importance matrix (qw·sqrt(σ² + x²)). The fields are then fixed: RTN
@@ -74,6 +75,7 @@ BLOCK_TYPES: dict[str, BlockType] = {
     "Q4_1": BlockType("Q4_1", 32, 0, 15, 32, True, 0),
     "Q5_1": BlockType("Q5_1", 32, 0, 31, 32, True, 0),
     "Q4_K": BlockType("Q4_K", 32, 0, 15, QK_K, True, 0),
+    "Q5_K": BlockType("Q5_K", 32, 0, 31, QK_K, True, 0),
     "Q6_K": BlockType("Q6_K", 16, -32, 31, QK_K, False, 32),
 }
 
@@ -184,8 +186,8 @@ def choose_params(kind: BlockType, weight: Tensor, importance: Tensor | None = N
         blocks = _blocks(w, 32)
         lo, hi = blocks.amin(dim=-1), blocks.amax(dim=-1)
         return {"d": _fp16((hi - lo) / kind.cmax), "m": _fp16(lo)}
-    if kind.name == "Q4_K":
-        return _q4_k_params(w, importance)
+    if kind.name in K_MIN_SEARCH:
+        return _k_min_params(w, importance, kind.cmax, *K_MIN_SEARCH[kind.name])
     return _q6_k_params(w, importance)
 
 
@@ -307,10 +309,17 @@ def _make_qx(x: Tensor, weights: Tensor, nmax: int) -> Tensor:
     return torch.where(tiny, torch.zeros_like(scale), scale).squeeze(-1)
 
 
-def _q4_k_params(w: Tensor, importance: Tensor | None) -> dict[str, Tensor]:
+# make_qkx2_quants' search (rmin, rdelta, nstep) in quantize_row_q4_K_ref / quantize_row_q5_K_ref
+K_MIN_SEARCH: dict[str, tuple[float, float, int]] = {"Q4_K": (-1.0, 0.1, 20), "Q5_K": (-0.5, 0.1, 15)}
+
+
+def _k_min_params(w: Tensor, importance: Tensor | None, nmax: int, rmin: float, rdelta: float,
+                  nstep: int) -> dict[str, Tensor]:
+    """Q4_K / Q5_K: per 32-value sub-block a scale and a min (make_qkx2_quants), both then quantized to 6 bits
+    of the super-block's d and dmin."""
     out = w.shape[0]
     x = _blocks(w, 32)
-    scales, mins = _make_qkx2(x, _k_weights(w, importance, 32, q6=False), 15, -1.0, 0.1, 20)
+    scales, mins = _make_qkx2(x, _k_weights(w, importance, 32, q6=False), nmax, rmin, rdelta, nstep)
     scales, mins = scales.reshape(out, -1, 8), mins.reshape(out, -1, 8)
     max_scale, max_min = scales.amax(dim=-1, keepdim=True), mins.amax(dim=-1, keepdim=True)
     inv_scale = torch.where(max_scale > 0, 63.0 / torch.where(max_scale > 0, max_scale, torch.ones_like(max_scale)), 0.0)
