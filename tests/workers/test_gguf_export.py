@@ -239,3 +239,16 @@ def test_llama_cpp_loads_the_file_and_its_perplexity_matches_ours(tmp_path: Path
     theirs = llama_cpp_perplexity(path, ids, threads=2)
     assert abs(theirs / ours - 1) < 0.01, (theirs, ours)
     assert np.isfinite(theirs)
+    # a random tiny model's perplexity is near its vocabulary size whatever the weights: the logits themselves
+    # agree too (llama.cpp quantizes activations to 8 bits for its dot products: ~1.5 % apart)
+    import llama_cpp
+
+    row = ids[0].tolist()
+    llm = llama_cpp.Llama(model_path=str(path), n_ctx=len(row), n_batch=len(row), n_ubatch=len(row),
+                          logits_all=True, n_threads=2, verbose=False)
+    llm.eval(row)
+    cpp = torch.from_numpy(np.array(llm.scores[: len(row)], dtype=np.float32))
+    llm.close()
+    centred = [x - x.mean(-1, keepdim=True) for x in (cpp, logits[0])]
+    assert float((centred[0] - centred[1]).norm() / centred[1].norm()) < 0.05
+    assert float((cpp.argmax(-1) == logits[0].argmax(-1)).float().mean()) > 0.95
