@@ -17,7 +17,7 @@ from typing import Literal
 import torch
 from torch import Tensor
 
-from workers.formats.gguf import DenseWeights, GGUFFile, GGUFWeights
+from workers.formats.gguf import DenseWeights, GGUFFile, GGUFWeights, Origin
 from workers.loading import CheckpointWeights, LayerwiseModel
 from workers.methods.gguf import GGUFGrid
 from workers.pipeline import Output, quantize_model
@@ -42,7 +42,7 @@ class GGUFExport:
     fallback_modules: list[str] = field(default_factory=list)
     module_errors: dict[str, tuple[float, float]] = field(default_factory=dict)  # "layers.i.module" → (mse, relative)
     dequantized: dict[str, Tensor] = field(default_factory=dict)
-    origins: dict[str, tuple[str, int | None]] = field(default_factory=dict)  # GGUF name → (HF name, heads permuted)
+    origins: dict[str, Origin] = field(default_factory=dict)  # GGUF name → where it came from
 
     def weights(self) -> DenseWeights:
         return DenseWeights(self.dequantized)

@@ -51,12 +51,16 @@ def bpe_tokenizer(vocab_size: int = 300) -> PreTrainedTokenizerFast:
 def tiny_model(directory: Path, family: str = "llama", hidden: int = 256, tied: bool = True) -> Path:
     """A random 2-layer model whose rows are whole 256-blocks (K-quants apply) or not (hidden 96)."""
     tokenizer = bpe_tokenizer()
-    config_class = {"llama": "LlamaConfig", "qwen2": "Qwen2Config", "qwen3": "Qwen3Config", "phi3": "Phi3Config"}[family]
+    config_class = {"llama": "LlamaConfig", "qwen2": "Qwen2Config", "qwen3": "Qwen3Config", "phi3": "Phi3Config",
+                    "gemma": "GemmaConfig", "gemma2": "Gemma2Config", "gemma3": "Gemma3TextConfig"}[family]
+    head = {"head_dim": hidden // 4} if family in ("qwen3", "gemma") else {}
+    if family in ("gemma2", "gemma3"):  # llama.cpp scales queries by 1/√head_dim
+        head = {"head_dim": hidden // 4, "query_pre_attn_scalar": hidden // 4, "sliding_window": 16}
     config = getattr(transformers, config_class)(
         vocab_size=len(tokenizer), hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=2,
         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512, tie_word_embeddings=tied,
         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
-        **({"head_dim": hidden // 4} if family == "qwen3" else {}),
+        **head,
     )
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_config(config).to(torch.float16)
@@ -76,7 +80,7 @@ def read_back(path: Path) -> dict[str, torch.Tensor]:
     return model.state_dict()
 
 
-@pytest.mark.parametrize("family", ["llama", "qwen2", "qwen3", "phi3"])
+@pytest.mark.parametrize("family", ["llama", "qwen2", "qwen3", "phi3", "gemma2", "gemma3"])
 def test_transformers_gguf_loader_reads_exactly_our_weights(tmp_path: Path, family: str) -> None:
     # transformers' GGUF loader takes Qwen3's head_dim from its config default (128), not from the file
     model_dir = tiny_model(tmp_path / "model", family, hidden=512 if family == "qwen3" else 256, tied=family != "qwen2")
@@ -89,8 +93,10 @@ def test_transformers_gguf_loader_reads_exactly_our_weights(tmp_path: Path, fami
     # what the evaluation scores: the file read back by gguf's dequantizers under the Hugging Face names
     from_file = result.read_back().tensors("", torch.device("cpu"))
     assert from_file.keys() == result.dequantized.keys()  # 9 a layer, embedding, norm; + qwen2's q/k/v biases,
-    # lm_head; qwen3's q/k norms; phi3: fused qkv_proj and gate_up_proj (6 a layer)
-    assert len(from_file) == {"llama": 20, "qwen2": 20 + 6 + 1, "qwen3": 20 + 4, "phi3": 14}[family]
+    # lm_head; qwen3's q/k norms; phi3: fused qkv_proj and gate_up_proj (6 a layer); gemma2: 4 norms a layer (stored
+    # as 1 + w, read back as w: transformers subtracts the 1 as we do); gemma3: and q/k norms
+    assert len(from_file) == {"llama": 20, "qwen2": 20 + 6 + 1, "qwen3": 20 + 4, "phi3": 14, "gemma2": 24,
+                              "gemma3": 28}[family]
     for name, ours in result.dequantized.items():
         assert torch.equal(from_file[name].view(torch.int32), ours.view(torch.int32)), name
     # the recipe: Q6_K for attn_v / ffn_down of the layers llama.cpp's use_more_bits picks (layer 1 of 2), Q5_K for
@@ -200,7 +206,7 @@ def test_the_k_quant_mixes_follow_llama_cpp() -> None:
     ("model_type", "message"),
     [("opt", "llama.cpp does not know the architecture 'opt'"),
      ("made_up", "llama.cpp does not know"),
-     ("gemma2", "not implemented yet")],
+     ("olmo2", "not implemented yet")],
 )
 def test_architectures_llama_cpp_does_not_know_are_refused(model_type: str, message: str) -> None:
     config = {"model_type": model_type, "architectures": ["X"], "num_hidden_layers": 2, "hidden_size": 64}
@@ -218,12 +224,36 @@ def test_rope_scaling_and_bad_types_are_refused() -> None:
     assert gguf_format.parse_format("gguf:q4_k_m") == "Q4_K_M"
 
 
+@pytest.mark.parametrize(("change", "message"), [
+    ({"query_pre_attn_scalar": 144}, "1/√head_dim"),
+    ({"layer_types": ["full_attention", "sliding_attention"]}, "every 6th layer global"),
+    ({"rope_parameters": {"full_attention": {"rope_type": "linear", "factor": 8.0, "rope_theta": 1e6},
+                          "sliding_attention": {"rope_type": "default", "rope_theta": 1e4}}}, "RoPE scaling 'linear'"),
+    ({"rope_parameters": {"full_attention": {"rope_type": "default", "rope_theta": 1e6},
+                          "sliding_attention": {"rope_type": "default", "rope_theta": 5e4}}}, "RoPE base 10000"),
+])
+def test_gemma_settings_llama_cpp_hard_codes_are_checked(change: dict[str, object], message: str) -> None:
+    """What llama.cpp's Gemma-3 graph fixes in code instead of reading it from the file: a model that differs is
+    refused at submit, saying what, rather than written into a file llama.cpp would run differently."""
+    config = transformers.Gemma3TextConfig(hidden_size=256, intermediate_size=512, num_hidden_layers=2,
+                                           num_attention_heads=4, num_key_value_heads=2, head_dim=64,
+                                           query_pre_attn_scalar=64).to_dict()
+    gguf_format.check_model(config, "Q4_K_M")  # as built: accepted
+    with pytest.raises(InvalidSpecError, match=message):
+        gguf_format.check_model(config | change, "Q4_K_M")
+    gemma2 = transformers.Gemma2Config(num_hidden_layers=2, head_dim=64, query_pre_attn_scalar=64).to_dict()
+    gguf_format.check_model(gemma2, "Q8_0")
+    with pytest.raises(InvalidSpecError, match="soft-caps"):
+        gguf_format.check_model(gemma2 | {"attn_logit_softcapping": None}, "Q8_0")
+
+
 LLAMA_CPP = importlib.util.find_spec("llama_cpp") is not None
 
 
 @pytest.mark.skipif(not LLAMA_CPP, reason="llama-cpp-python is not installed (benchmarks/gguf_quality.py builds it)")
 @pytest.mark.parametrize(("family", "file_type"),
-                         [("llama", "Q4_K_M"), ("llama", "Q4_K_S"), ("llama", "Q5_K_M"), ("phi3", "Q4_K_M")])
+                         [("llama", "Q4_K_M"), ("llama", "Q4_K_S"), ("llama", "Q5_K_M"), ("phi3", "Q4_K_M"),
+                          ("gemma", "Q4_0"), ("gemma2", "Q4_K_M"), ("gemma3", "Q5_K_M")])
 def test_llama_cpp_loads_the_file_and_its_perplexity_matches_ours(tmp_path: Path, family: str, file_type: str) -> None:
     from benchmarks.gguf_quality import llama_cpp_perplexity
 
@@ -231,7 +261,7 @@ def test_llama_cpp_loads_the_file_and_its_perplexity_matches_ours(tmp_path: Path
     calib = calibration(model_dir, samples=12)
     path = tmp_path / "m.gguf"
     result = export_gguf(model_dir, path, file_type, method="gptq", calibration=calib[:8])
-    assert ("Q5_K" in result.tensor_types.values()) == (file_type != "Q4_K_M" or family == "phi3")
+    assert ("Q5_K" in result.tensor_types.values()) == (file_type in ("Q4_K_S", "Q5_K_M") or family == "phi3")
     ids = calib[8:]
     logits = _logits(result.dequantized, model_dir, ids)
     nll = -torch.log_softmax(logits[:, :-1].double(), -1).gather(2, ids[:, 1:].unsqueeze(2)).mean()

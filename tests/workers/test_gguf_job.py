@@ -88,8 +88,12 @@ def test_submit_check_refuses_an_architecture_gguf_export_does_not_cover(
     tmp_path: Path, model_and_text: tuple[Path, Path]
 ) -> None:
     _, text = model_and_text
+    model_dir = make_tiny_family("olmo2", tmp_path / "olmo2")
+    with pytest.raises(InvalidSpecError, match="GGUF export of llama.cpp architecture 'olmo2' is not implemented"):
+        check_against_model(_spec(model_dir, text))
+    # a Gemma-2 llama.cpp would run differently (queries scaled by 1/√256, not 1/√head_dim) is refused, saying so
     model_dir = make_tiny_family("gemma2", tmp_path / "gemma2")
-    with pytest.raises(InvalidSpecError, match="GGUF export of llama.cpp architecture 'gemma2' is not implemented"):
+    with pytest.raises(InvalidSpecError, match=r"1/√head_dim \(16\).*query_pre_attn_scalar"):
         check_against_model(_spec(model_dir, text))
 
 

@@ -8,7 +8,12 @@ through `GGUFWriter.add_*` (`gguf.Keys`). Three things are the architecture's, n
 * llama.cpp's `llama` architecture uses interleaved ("normal") RoPE, Hugging Face the rotate-half form, so
   q/k rows are permuted exactly as llama.cpp's convert_hf_to_gguf.py does (`permute`); `qwen2`/`qwen3`/`phi3`
   use NeoX RoPE and are written as they are. Quantized rows permute as whole rows: codes and fields move together.
-  A few keys are one architecture's (`ARCH_KEYS`: Phi-3's original context length and sliding window).
+  A few keys are one architecture's (`ARCH_KEYS`: Phi-3's original context length and sliding window, Gemma's
+  soft-capping and sliding window), and Gemma's norms are stored as 1 + w (its RMSNorm scales by 1 + w),
+  as convert_hf_to_gguf.py writes them; `Origin.shift` undoes it when the file is read back.
+* What llama.cpp fixes in its code rather than reading from the file is checked at submit: Gemma's query
+  scale (1/√head_dim) and its sliding-window layer pattern (every 2nd layer global for Gemma-2, every 6th for
+  Gemma-3, whose local layers' RoPE base is 10,000).
 * RoPE scaling (llama3, yarn, ...) needs extra tensors/keys and is refused at submit.
 * The file types' recipe (`Recipe`) follows llama.cpp's `llama_tensor_get_type` (src/llama-quant.cpp) for
   the types we write: Q4_K_M and Q5_K_M put Q6_K on `attn_v` and `ffn_down` of the layers `use_more_bits`
@@ -56,9 +61,10 @@ FILE_TYPES: dict[str, tuple[gguf.LlamaFileType, str | None]] = {
 }
 
 # architectures we export (llama.cpp knows many more; see `resolve_arch`), and which need q/k permuted
-EXPORTED_ARCHS = ("llama", "qwen2", "qwen3", "phi3")
+EXPORTED_ARCHS = ("llama", "qwen2", "qwen3", "phi3", "gemma", "gemma2", "gemma3")
 NORMAL_ROPE_ARCHS = ("llama",)
-ARCH_ALIASES = {"mistral": "llama"}  # model_type → llama.cpp architecture, as convert_hf_to_gguf.py maps it
+NORM_SHIFT_ARCHS = ("gemma", "gemma2", "gemma3")  # RMSNorm computes x̂·(1 + w): llama.cpp stores 1 + w
+ARCH_ALIASES = {"mistral": "llama", "gemma3_text": "gemma3"}  # model_type → llama.cpp architecture, as convert_hf_to_gguf.py maps it
 K_FALLBACK = {"Q4_K": "Q5_0", "Q5_K": "Q5_1", "Q6_K": "Q8_0"}  # llama-quant.cpp, for rows that are not whole super-blocks
 
 
@@ -86,11 +92,50 @@ def resolve_arch(config: dict[str, Any]) -> str:
             f"GGUF export of llama.cpp architecture {arch!r} is not implemented yet (exported: {list(EXPORTED_ARCHS)});"
             " choose another output format"
         )
-    rope = config.get("rope_scaling") or config.get("rope_parameters") or {}
-    rope_type = rope.get("rope_type", rope.get("type", "default")) if isinstance(rope, dict) else "default"
-    if rope_type not in ("default", None):
-        raise InvalidSpecError(f"GGUF export does not write RoPE scaling {rope_type!r} yet; choose another output format")
+    for section in _rope_sections(config).values():
+        rope_type = section.get("rope_type", section.get("type", "default"))
+        if rope_type not in ("default", None):
+            raise InvalidSpecError(f"GGUF export does not write RoPE scaling {rope_type!r} yet; choose another output format")
+    if arch in ARCH_CHECKS:
+        ARCH_CHECKS[arch](config, arch)
     return arch
+
+
+def _rope_sections(config: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """The RoPE parameters by attention type (Gemma-3: "full_attention" / "sliding_attention"), or {"": them}."""
+    rope = config.get("rope_scaling") or config.get("rope_parameters") or {}
+    if not isinstance(rope, dict):
+        return {}
+    if all(isinstance(v, dict) for v in rope.values()) and rope:
+        return rope
+    return {"": rope}
+
+
+def _check_gemma(config: dict[str, Any], arch: str) -> None:
+    """What llama.cpp's Gemma graphs fix in code: the query scale, the sliding-window layers, the local RoPE base."""
+    layers, heads = int(config["num_hidden_layers"]), int(config["num_attention_heads"])
+    head_dim = int(config.get("head_dim") or int(config["hidden_size"]) // heads)
+    scalar = config.get("query_pre_attn_scalar")
+    big = {"gemma2": 46, "gemma3": 62}.get(arch) == layers  # llama.cpp's 27B: 1/√(hidden/heads)
+    if scalar is not None and int(scalar) != head_dim and not (big and int(scalar) == int(config["hidden_size"]) // heads):
+        raise InvalidSpecError(f"llama.cpp scales {arch}'s queries by 1/√head_dim ({head_dim}), this model by"
+                               f" 1/√{scalar} (query_pre_attn_scalar): choose another output format")
+    every = {"gemma2": 2, "gemma3": 6}.get(arch)
+    if every and config.get("layer_types") is not None:
+        expected = ["sliding_attention" if i % every < every - 1 else "full_attention" for i in range(layers)]
+        if list(config["layer_types"]) != expected:
+            raise InvalidSpecError(f"llama.cpp's {arch} makes every {every}th layer global and the others sliding-window;"
+                                   " this model's layer_types differ: choose another output format")
+    if arch == "gemma2" and (config.get("attn_logit_softcapping") is None or config.get("final_logit_softcapping") is None):
+        raise InvalidSpecError("llama.cpp's gemma2 always soft-caps attention and final logits; this model does not:"
+                               " choose another output format")
+    local = _rope_sections(config).get("sliding_attention", {}).get("rope_theta", config.get("rope_local_base_freq"))
+    if arch == "gemma3" and local is not None and float(local) != 10000.0:
+        raise InvalidSpecError(f"llama.cpp's gemma3 uses RoPE base 10000 on its sliding-window layers, this model"
+                               f" {local}: choose another output format")
+
+
+ARCH_CHECKS = {"gemma": _check_gemma, "gemma2": _check_gemma, "gemma3": _check_gemma}
 
 
 def _arch_enum(arch: str) -> gguf.MODEL_ARCH:
@@ -289,7 +334,8 @@ def _hyperparameters(writer: gguf.GGUFWriter, config: dict[str, Any], file_type:
     writer.add_value_length(head_dim)
     rotary = float(config.get("partial_rotary_factor") or rope.get("partial_rotary_factor") or 1.0)
     writer.add_rope_dimension_count(int(rotary * head_dim))
-    writer.add_rope_freq_base(float(config.get("rope_theta") or rope.get("rope_theta", 10000.0)))
+    full = _rope_sections(config).get("full_attention", rope)  # Gemma-3: the global layers' base
+    writer.add_rope_freq_base(float(config.get("rope_theta") or full.get("rope_theta", 10000.0)))
     writer.add_layer_norm_rms_eps(float(config.get("rms_norm_eps", 1e-6)))
     writer.add_vocab_size(int(config["vocab_size"]))
     writer.add_file_type(int(FILE_TYPES[file_type][0]))
@@ -306,7 +352,29 @@ def _phi3_keys(writer: gguf.GGUFWriter, config: dict[str, Any]) -> None:
     writer.add_sliding_window(int(config.get("sliding_window") or 0))
 
 
-ARCH_KEYS = {"phi3": _phi3_keys}  # llama.cpp architecture → the keys only it has
+def _gemma2_keys(writer: gguf.GGUFWriter, config: dict[str, Any]) -> None:
+    writer.add_attn_logit_softcapping(float(config["attn_logit_softcapping"]))
+    writer.add_final_logit_softcapping(float(config["final_logit_softcapping"]))
+    writer.add_sliding_window(int(config["sliding_window"]))
+
+
+def _gemma3_keys(writer: gguf.GGUFWriter, config: dict[str, Any]) -> None:
+    if config.get("final_logit_softcapping"):
+        writer.add_final_logit_softcapping(float(config["final_logit_softcapping"]))
+    writer.add_sliding_window(int(config["sliding_window"]))
+
+
+ARCH_KEYS = {"phi3": _phi3_keys, "gemma2": _gemma2_keys, "gemma3": _gemma3_keys}  # the keys only one arch has
+
+
+@dataclass(frozen=True)
+class Origin:
+    """Where a GGUF tensor came from: its Hugging Face name, the heads its rows were permuted by, the constant
+    added to it (Gemma's norms)."""
+
+    hf_name: str
+    heads: int | None = None
+    shift: float = 0.0
 
 
 @dataclass
@@ -332,17 +400,19 @@ class GGUFWeights:
     own dequantizers (q/k rows un-permuted), read when a prefix asks for it. The evaluation scores these: the
     bytes on disk, as for every other format (workers/evaluate.py)."""
 
-    def __init__(self, path: Path, origins: Mapping[str, tuple[str, int | None]]) -> None:
+    def __init__(self, path: Path, origins: Mapping[str, Origin]) -> None:
         reader = gguf.GGUFReader(str(path))  # memory-mapped
-        self._tensors = {origins[t.name][0]: (t, origins[t.name][1]) for t in reader.tensors}
+        self._tensors = {origins[t.name].hf_name: (t, origins[t.name]) for t in reader.tensors}
 
     def tensors(self, prefix: str, device: torch.device) -> dict[str, Tensor]:
         found = {}
-        for name, (tensor, heads) in self._tensors.items():
+        for name, (tensor, origin) in self._tensors.items():
             if name.startswith(prefix):
                 array = gguf.quants.dequantize(tensor.data, tensor.tensor_type).astype(np.float32, copy=False)
-                if heads is not None:
-                    array = unpermute(array, heads)
+                if origin.heads is not None:
+                    array = unpermute(array, origin.heads)
+                if origin.shift:
+                    array = array - np.float32(origin.shift)
                 found[name[len(prefix) :]] = torch.from_numpy(np.array(array)).to(device)
         return found
 
@@ -369,7 +439,7 @@ class GGUFFile:
         self.notes: list[str] = []
         self.keep_dequantized = keep_dequantized
         self.dequantized: dict[str, Tensor] = {}
-        self._origins: dict[str, tuple[str, int | None]] = {}  # GGUF name → (Hugging Face name, heads permuted)
+        self._origins: dict[str, Origin] = {}  # GGUF name → where it came from
 
     def target(self, hf_name: str, shape: tuple[int, ...]) -> TensorTarget | None:
         return self.recipe.target(hf_name, shape)
@@ -384,8 +454,8 @@ class GGUFFile:
         return DenseWeights(self.dequantized)
 
     @property
-    def origins(self) -> dict[str, tuple[str, int | None]]:
-        """GGUF tensor name → (its Hugging Face name, the heads its rows were permuted by)."""
+    def origins(self) -> dict[str, Origin]:
+        """GGUF tensor name → its Hugging Face name, the heads its rows were permuted by, its shift."""
         return dict(self._origins)
 
     def read_back(self) -> GGUFWeights:
@@ -406,9 +476,9 @@ class GGUFFile:
             return int(self.config.get("num_key_value_heads") or heads)
         return None
 
-    def _spill(self, name: str, array: np.ndarray, qtype: gguf.GGMLQuantizationType, elements: int, hf_name: str,
-               heads: int | None) -> None:
-        self._origins[name] = (hf_name, heads)
+    def _spill(self, name: str, array: np.ndarray, qtype: gguf.GGMLQuantizationType, elements: int,
+               origin: Origin) -> None:
+        self._origins[name] = origin
         file = self._scratch / f"{len(self._tensors):05d}.npy"
         np.save(file, np.ascontiguousarray(array))
         self._tensors.append((name, file, qtype))
@@ -422,13 +492,15 @@ class GGUFFile:
             self.add_quantized(hf_name.removesuffix(".weight"), gguf_grid.quantize(target.block, tensor))
             return
         dtype = np.float16 if tensor.ndim == 2 else np.float32
-        self._keep(hf_name, tensor.float())
-        array = tensor.detach().to("cpu", torch.float32).numpy().astype(dtype)
+        shift = 1.0 if self.recipe.arch in NORM_SHIFT_ARCHS and hf_name.endswith("norm.weight") else 0.0
+        stored = tensor.detach().to("cpu", torch.float32) + shift
+        self._keep(hf_name, stored - shift if shift else stored)  # what the file decodes to, in float32
+        array = stored.numpy().astype(dtype)
         heads = self._heads_for(target.kind)
         if heads is not None:
             array = permute(array, heads)
         qtype = gguf.GGMLQuantizationType.F16 if dtype == np.float16 else gguf.GGMLQuantizationType.F32
-        self._spill(target.name, array, qtype, tensor.numel(), hf_name, heads)
+        self._spill(target.name, array, qtype, tensor.numel(), Origin(hf_name, heads, shift))
 
     def add_quantized(self, module_name: str, t: GGUFTensor) -> None:
         target = self.target(f"{module_name}.weight", t.shape)
@@ -442,7 +514,7 @@ class GGUFFile:
         heads = self._heads_for(target.kind)
         if heads is not None:
             packed = permute(packed, heads)
-        self._spill(target.name, packed, t.kind.qtype, t.shape[0] * t.shape[1], f"{module_name}.weight", heads)
+        self._spill(target.name, packed, t.kind.qtype, t.shape[0] * t.shape[1], Origin(f"{module_name}.weight", heads))
 
     def finalize(self) -> list[str]:
         """Write the file; returns the notes (approximations) recorded on the way."""
