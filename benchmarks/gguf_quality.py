@@ -162,7 +162,7 @@ def main(argv: list[str] | None = None) -> int:
         for method in args.methods.split(","):
             path = args.work / f"ours-{method}-{file_type}.gguf"
             result = export_gguf(model, path, file_type, method=method,  # type: ignore[arg-type]
-                                 calibration=calibration if method == "gptq" else None, device=device)
+                                 calibration=calibration if method != "rtn" else None, device=device)
             row = {"type": file_type, "source": f"QuantFleet {method}", "bits_per_weight": result.bits_per_weight,
                    "file_bytes": result.file_bytes, "seconds": round(result.seconds, 1), **protocol}
             print(f"{file_type} {method}: {result.seconds:.1f} s, {result.bits_per_weight:.3f} bpw", flush=True)

@@ -26,7 +26,7 @@ from workers.tensor_source import TensorSource
 
 __all__ = ["DenseWeights", "GGUFExport", "export_gguf"]
 
-GGUFMethod = Literal["rtn", "gptq"]
+GGUFMethod = Literal["rtn", "gptq", "awq"]
 
 
 @dataclass
@@ -65,10 +65,10 @@ def export_gguf(
     keep_dequantized: bool = True,
 ) -> GGUFExport:
     """Quantize `model_dir` to GGUF `file_type` ("Q4_K_M", ...) with `method` and write `out_path`. RTN uses
-    no calibration (llama.cpp's own rules), so `calibration` is read by GPTQ only."""
+    no calibration (llama.cpp's own rules), so `calibration` is read by GPTQ and AWQ only."""
     started = time.perf_counter()
-    if method == "gptq" and calibration is None:
-        raise ValueError("GPTQ on the GGUF grid needs calibration token windows")
+    if method != "rtn" and calibration is None:
+        raise ValueError(f"{method} on the GGUF grid needs calibration token windows")
     device = device or torch.device("cpu")
     model_dir, out_path = Path(model_dir), Path(out_path)
     config = json.loads((model_dir / "config.json").read_text())
@@ -78,7 +78,7 @@ def export_gguf(
     try:
         quantize_model(
             LayerwiseModel(model_dir, device), CheckpointWeights(TensorSource(model_dir)), spec, [Output([sink], grid)],
-            calibration if method == "gptq" else None,
+            calibration if method != "rtn" else None,
         )
         notes = sink.finalize()
     except BaseException:

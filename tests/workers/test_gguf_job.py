@@ -22,7 +22,7 @@ from workers.preflight import plan_job
 from workers.spec import CalibrationSpec, EvalSpec, JobSpec, Method, OutputFormat, QuantScheme
 from workers.validation import check_against_model
 
-Q4_K_M, Q8_0 = OutputFormat.GGUF_Q4_K_M, OutputFormat.GGUF_Q8_0
+Q4_K_M, Q8_0, Q4_0 = OutputFormat.GGUF_Q4_K_M, OutputFormat.GGUF_Q8_0, OutputFormat.GGUF_Q4_0
 
 
 def _spec(model_dir: Path, text: Path, **changes: object) -> JobSpec:
@@ -67,6 +67,23 @@ def test_run_local_writes_and_evaluates_every_gguf_format(tmp_path: Path, model_
         assert plan.output_bytes[fmt.value] == data
 
 
+def test_an_awq_job_of_one_gguf_type_runs_and_is_evaluated(tmp_path: Path, model_and_text: tuple[Path, Path]) -> None:
+    """method awq with one GGUF type: scales searched on the GGUF grid and folded, every Linear rounded on it, the
+    file scored like any other. (This random model has no outlier channels for AWQ to protect: it lands within
+    a few percent of RTN; tests/workers/test_gguf_export.py measures the gain on one that has.)"""
+    model_dir, text = model_and_text
+    reports = {m: run_local(_spec(model_dir, text, method=m, formats=(Q4_0,)), tmp_path / m.value)
+               for m in (Method.AWQ, Method.RTN)}
+    awq = reports[Method.AWQ]
+    assert (tmp_path / "awq" / "model-Q4_0.gguf").is_file()
+    assert len(awq.module_errors) == 14 and all(0 < m.relative_error < 1 for m in awq.module_errors)
+    assert awq.eval is not None and reports[Method.RTN].eval is not None
+    assert awq.eval.tokens == reports[Method.RTN].eval.tokens > 0
+    assert 0.5 < awq.eval.kl_mean / reports[Method.RTN].eval.kl_mean < 1.5
+    saved = json.loads((tmp_path / "awq" / "eval.json").read_text())
+    assert saved["formats"] == ["gguf:Q4_0"] and saved["method"] == "awq"
+
+
 @pytest.mark.parametrize(
     ("changes", "message"),
     [
@@ -75,7 +92,8 @@ def test_run_local_writes_and_evaluates_every_gguf_format(tmp_path: Path, model_
         ({"formats": (OutputFormat.COMPRESSED_TENSORS, Q4_K_M), "scheme": QuantScheme.from_preset("w8a8-int8")},
          "only with a weight-only integer scheme"),
         ({"formats": (OutputFormat.COMPRESSED_TENSORS, Q4_K_M), "kv_cache_fp8": True}, "no FP8 KV-cache scales"),
-        ({"method": Method.AWQ}, "set method rtn or gptq"),
+        ({"method": Method.AWQ}, "ask for one GGUF type alone"),  # the default _spec asks for two formats
+        ({"method": Method.AWQ_GPTQ, "formats": (Q4_K_M,)}, "rtn, gptq or awq"),
     ],
 )
 def test_spec_refuses_what_gguf_cannot_do(model_and_text: tuple[Path, Path], changes: dict[str, object], message: str) -> None:

@@ -5,22 +5,30 @@ Not a method of its own (nothing is registered): `GGUFGrid` is one extra grid of
 capture forward per layer, shared by every grid). Each Linear gets the block type the file type's recipe gives
 it (`workers.formats.gguf.Recipe`, through the sink's `target`); GPTQ sweeps its columns against the fixed GGUF
 grid (`workers/quant/gguf_gptq.py`), one factored Hessian per Linear group, and RTN rounds to it with llama.cpp's
-own rules (no importance, so our RTN Q8_0/Q4_0 equal `llama-quantize`'s). A file type that keeps 2-D weights as
-float (F16) solves nothing. Module errors and fallbacks go to the grid's own `result`. With several devices, the
+own rules (no importance, so our RTN Q8_0/Q4_0 equal `llama-quantize`'s). AWQ (a job of one GGUF type alone: its
+folds change the layer every grid would share) searches each mapping's scales by the output error of the GGUF
+block types the recipe gives its Linears, folds them (workers/methods/awq.py `fold`: the norms the file stores
+change too), then rounds every Linear on its block type with the scaled inputs' E[x²] as llama.cpp's importance
+matrix (the K-quants' scale/min searches weigh columns by it; the search scores that same rounding). A file type that keeps 2-D weights as float (F16)
+solves nothing. Module errors and fallbacks go to the grid's own `result`. With several devices, the
 statistics are merged on the primary and the GGUF grids solved there (the scheme's groups spread over all).
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
+from functools import partial
 
 import torch
 from torch import Tensor
 
+from workers.errors import InvalidSpecError
 from workers.methods.base import LayerWork, PipelineResult
 from workers.model_graph import linear_names
+from workers.moe import expert_blocks
 from workers.output_error import output_error
 from workers.quant import gguf_grid
+from workers.quant.awq import search_scales
 from workers.quant.gguf_gptq import gguf_gptq_quantize_shared
 from workers.quant.gguf_grid import BlockType, GGUFTensor
 from workers.report import ModuleError
@@ -30,12 +38,13 @@ BlockOf = Callable[[str, tuple[int, ...]], BlockType | None]  # (Hugging Face te
 
 
 class GGUFGrid:
-    """GPTQ (`method` gptq, needs calibration) or RTN of every Linear on its GGUF block type."""
+    """GPTQ (`method` gptq, needs calibration), AWQ (needs calibration) or RTN of every Linear on its GGUF block
+    type."""
 
     def __init__(self, name: str, block_of: BlockOf, method: Method, *, dampening: float = 0.01,
                  act_order: bool = True) -> None:
-        if method not in (Method.GPTQ, Method.RTN):
-            raise ValueError(f"GGUF grids are solved by gptq or rtn, not {method.value}")
+        if method not in (Method.GPTQ, Method.RTN, Method.AWQ):
+            raise ValueError(f"GGUF grids are solved by gptq, awq or rtn, not {method.value}")
         self.name, self.block_of, self.method = name, block_of, method
         self.dampening, self.act_order = dampening, act_order
         self.result = PipelineResult()
@@ -56,6 +65,8 @@ class GGUFGrid:
             return {}
         if work.acts is None:  # uncalibrated RTN
             return {name: gguf_grid.quantize(block, work.linear(name).weight) for name, block in blocks.items()}
+        if self.method is Method.AWQ:
+            return self._awq(work, blocks)
         statistics, device = work.statistics, work.devices[0]
         solved: dict[str, GGUFTensor] = {}
         for group in work.plan.groups:
@@ -77,8 +88,49 @@ class GGUFGrid:
                 solved[name] = qt
         return solved
 
+    def _awq(self, work: LayerWork, blocks: dict[str, BlockType]) -> dict[str, GGUFTensor]:
+        """AWQ's scales searched on the GGUF grid and folded, then RTN on it with the scaled inputs' importance."""
+        from workers.methods.awq import fold, groups_of, merged_statistics, usable_mappings
+
+        if expert_blocks(work.layer):
+            raise InvalidSpecError("AWQ on a GGUF grid does not cover Mixture-of-Experts layers; use method gptq or rtn")
+        stats, plan = merged_statistics(work), work.plan
+        for mapping in usable_mappings(work):
+            names = [name for name in mapping.linears if name in blocks]
+            if len(names) != len(mapping.linears):
+                continue  # a Linear the file keeps float: nothing to protect
+            first, *others = groups_of(plan, mapping)
+            work.progress(mapping.prev, f"{self.name} awq scale search")
+            importance = stats[first].second_moment.diagonal()
+            quantizers = [partial(_round_trip, blocks[name], importance) for name in names]
+            scales = search_scales(stats[first].second_moment, stats[first].mean_abs,
+                                   [work.linear(name).weight for name in names], None,
+                                   grid=work.options.awq_grid, quantizers=quantizers)[0]
+            fold(work.layer, mapping, scales, stats[first], work.row_scale)
+            for group in others:
+                stats[group].divide(scales)
+        solved: dict[str, GGUFTensor] = {}
+        for group in plan.groups:
+            sigma = stats[group].second_moment
+            for name in (n for n in group if n in blocks):
+                weight = work.linear(name).weight
+                qt = gguf_grid.quantize(blocks[name], weight, importance=sigma.diagonal())
+                rows = work.row_scale.get(name)
+                row = (rows if rows is not None else torch.ones(weight.shape[0])).to(sigma.device).unsqueeze(1)
+                reference = weight.to(sigma.device, torch.float32) * row
+                mse, relative = output_error(reference, qt.dequantize().to(sigma.device) * row, sigma)
+                self._record(work.index, name, mse, relative, False)
+                solved[name] = qt
+        return solved
+
     def _record(self, index: int, name: str, mse: float, relative: float, fell_back: bool) -> None:
         note = "Cholesky failed, RTN on the GGUF grid" if fell_back else None
         self.result.module_errors.append(ModuleError(index, name, mse, relative, fell_back, note))
         if fell_back:
             self.result.fallback_modules.append(f"{self.name} layers.{index}.{name}: {note}")
+
+
+def _round_trip(block: BlockType, importance: Tensor, scaled: Tensor, scales: Tensor) -> Tensor:
+    """W·s rounded to `block` and decoded, the columns weighed by the scaled inputs' E[x²] / s² as the final
+    rounding weighs them: the AWQ search's RTN."""
+    return gguf_grid.quantize(block, scaled, importance=importance / scales.square()).dequantize()

@@ -27,6 +27,8 @@ search sees the grid that is written. Neither search syncs the device with the h
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
+
 import torch
 from torch import Tensor
 
@@ -63,28 +65,44 @@ def search_scales(
     sigma: Tensor,
     mean_abs: Tensor,
     weights: list[Tensor],
-    scheme: QuantScheme,
+    scheme: QuantScheme | None,
     *,
     grid: int = 20,
     scale_dtype: torch.dtype | None = None,
+    quantizers: Sequence[Callable[[Tensor, Tensor], Tensor]] | None = None,
 ) -> tuple[Tensor, float, float]:
     """Per-input-channel scales s `[in]` minimising the output MSE of RTN(W·s)/s over all `weights`.
 
     Returns (scales, best α, best loss). s = s_x^α with s_x = `mean_abs`, normalised by sqrt(max(s)·min(s))
-    so the scales stay centred around 1. Ties go to the smallest α.
+    so the scales stay centred around 1. Ties go to the smallest α. RTN is `scheme`'s grid, or per weight the
+    dequantized result of `quantizers[i](W·s, s)` (another grid, e.g. a GGUF block type, which may weigh its
+    columns by the scaled inputs' statistics; `scheme` is then unused).
     """
     if not weights:
         raise InvalidSpecError("search_scales needs at least one weight")
-    _check(sigma, weights, scheme)
+    if quantizers is None:
+        if scheme is None:
+            raise ValueError("search_scales needs a scheme or one quantizer per weight")
+        _check(sigma, weights, scheme)
+    elif len(quantizers) != len(weights):
+        raise ValueError("search_scales needs one quantizer per weight")
     sigma = sigma.detach().to(torch.float32)
-    w = torch.cat([wi.detach().to(sigma.device, torch.float32) for wi in weights])
+    parts = [wi.detach().to(sigma.device, torch.float32) for wi in weights]
+    w = torch.cat(parts)
     s_x = mean_abs.detach().to(sigma.device, torch.float32)
     check = ScaleCheck()
+
+    def rounded(s: Tensor) -> Tensor:
+        if quantizers is None:
+            assert scheme is not None
+            return fake_quantize(w * s, scheme, check=check, scale_dtype=scale_dtype)
+        return torch.cat([q(part * s, s).to(torch.float32) for q, part in zip(quantizers, parts, strict=True)])
+
     candidates, losses = [], []
     for step in range(grid):
         s = candidate_scales(s_x, step / grid)
         candidates.append(s)
-        losses.append(output_mse(sigma, w - fake_quantize(w * s, scheme, check=check, scale_dtype=scale_dtype) / s))
+        losses.append(output_mse(sigma, w - rounded(s) / s))
     check.raise_first()
     values = torch.stack(losses).tolist()  # one sync for all candidates
     best = min(range(grid), key=lambda i: (values[i], i))
