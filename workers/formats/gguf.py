@@ -493,7 +493,9 @@ class GGUFFile:
             return
         dtype = np.float16 if tensor.ndim == 2 else np.float32
         shift = 1.0 if self.recipe.arch in NORM_SHIFT_ARCHS and hf_name.endswith("norm.weight") else 0.0
-        stored = tensor.detach().to("cpu", torch.float32) + shift
+        stored = tensor.detach().to("cpu", torch.float32)
+        if shift:
+            stored = stored + shift
         self._keep(hf_name, stored - shift if shift else stored)  # what the file decodes to, in float32
         array = stored.numpy().astype(dtype)
         heads = self._heads_for(target.kind)
