@@ -33,7 +33,22 @@ from workers.spec import CalibrationSpec, JobSpec, Method, OutputFormat, QuantSc
 from workers.tensor_source import TensorSource
 from workers.validation import check_against_model
 
-RECORD = Path(__file__).parent / "data" / "engine_bytes.json"
+RECORD = Path(__file__).parent / "data" / "engine_bytes.json"  # the first environment recorded (AVX2)
+KEYS = ("torch", "transformers", "machine", "cpu_capability")  # the float results follow all four
+
+
+def records() -> list[dict[str, Any]]:
+    """Every recorded environment's hashes: engine_bytes.json and engine_bytes-<cpu capability>.json."""
+    return [json.loads(p.read_text()) for p in sorted(RECORD.parent.glob("engine_bytes*.json"))]
+
+
+def record_path(environment: dict[str, Any]) -> Path:
+    """Where `record` writes: the file of this environment if one exists, else a new file named by its CPU."""
+    for path in sorted(RECORD.parent.glob("engine_bytes*.json")):
+        recorded = json.loads(path.read_text())["environment"]
+        if {k: recorded.get(k) for k in KEYS} == {k: environment.get(k) for k in KEYS}:
+            return path
+    return RECORD if not RECORD.exists() else RECORD.with_name(f"engine_bytes-{environment['cpu_capability'].lower()}.json")
 CT, GPTQ = OutputFormat.COMPRESSED_TENSORS, OutputFormat.GPTQ
 Q4_K_M, Q8_0 = OutputFormat.GGUF_Q4_K_M, OutputFormat.GGUF_Q8_0
 CPU = torch.device("cpu")
@@ -168,6 +183,7 @@ if __name__ == "__main__":
     if sys.argv[1:2] != ["record"]:
         sys.exit("usage: python -m tests.workers.engine_bytes record [CASE ...]")
     result = record(sys.argv[2:] or list(CASES))
-    RECORD.parent.mkdir(parents=True, exist_ok=True)
-    RECORD.write_text(json.dumps(result, indent=1, default=str) + "\n")
-    print("wrote", RECORD)
+    path = record_path(result["environment"])
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(result, indent=1, default=str) + "\n")
+    print("wrote", path)

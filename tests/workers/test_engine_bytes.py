@@ -3,17 +3,18 @@
 Two checks:
 * every case of tests/workers/engine_bytes.py (each method × format × FP8 scheme, and two CPU "devices")
   writes files whose sha256 equal those recorded from the engine before the refactor. Float arithmetic
-  follows the torch build, the transformers release (its layers' forward) and the CPU, so the hashes are compared only in the environment they were
-  recorded in (`engine_bytes.json`'s "environment"); elsewhere those cases are skipped, saying why.
-  (transformers 5.25 moved one case, gptq-w8-channel: the pre-refactor engine, commit abf03c2, and today's
-  write the same new bytes under it, so that case's hashes were re-recorded from abf03c2.)
+  follows the torch build, the transformers release (its layers' forward) and the CPU, so the hashes are compared
+  only in an environment they were recorded in (each `data/engine_bytes*.json`'s "environment"); elsewhere those
+  cases are skipped, saying why. (transformers 5.25 moved one case, gptq-w8-channel: the pre-refactor engine,
+  commit abf03c2, and today's write the same new bytes under it, so that case's hashes were re-recorded from
+  abf03c2. `engine_bytes-avx512.json` was recorded on an AVX-512 machine from commit a16836b, whose bytes matched
+  the AVX2 record, and from the commit that added it: the two wrote identical files for all 23 cases.)
 * everywhere: the layer loop's GPTQ and RTN equal a plain reference loop written here from the kernels
   (capture each group's input, solve, install the dequantized weights, forward the quantized layer).
 """
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable
 from pathlib import Path
 
@@ -31,11 +32,10 @@ from workers.quant.rtn import rtn_quantize
 from workers.spec import JobSpec
 from workers.tensor_source import TensorSource
 
-RECORDED = json.loads(engine_bytes.RECORD.read_text())
-KEYS = ("torch", "transformers", "machine", "cpu_capability")  # the float results follow all four
-SAME_ENVIRONMENT = {k: RECORDED["environment"].get(k) for k in KEYS} == {
-    k: engine_bytes.environment()[k] for k in KEYS
-}
+HERE = {k: engine_bytes.environment()[k] for k in engine_bytes.KEYS}
+MATCHING = [r for r in engine_bytes.records() if {k: r["environment"].get(k) for k in engine_bytes.KEYS} == HERE]
+SAME_ENVIRONMENT = bool(MATCHING)
+RECORDED = MATCHING[0] if MATCHING else engine_bytes.records()[0]
 
 
 @pytest.fixture(scope="module")
@@ -44,7 +44,7 @@ def bytes_models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     return {name: build(root) for name, build in engine_bytes.MODELS.items()}
 
 
-@pytest.mark.skipif(not SAME_ENVIRONMENT, reason=f"hashes recorded under {RECORDED['environment']}, "
+@pytest.mark.skipif(not SAME_ENVIRONMENT, reason=f"hashes recorded under {[r['environment'] for r in engine_bytes.records()]}, "
                     f"this is {engine_bytes.environment()}: float results follow the torch build and CPU")
 @pytest.mark.parametrize("name", list(engine_bytes.CASES))
 def test_every_output_file_has_the_recorded_sha256(
