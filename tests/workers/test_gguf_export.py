@@ -99,11 +99,11 @@ def test_transformers_gguf_loader_reads_exactly_our_weights(tmp_path: Path, fami
                               "gemma3": 28}[family]
     for name, ours in result.dequantized.items():
         assert torch.equal(from_file[name].view(torch.int32), ours.view(torch.int32)), name
-    # the recipe: Q6_K for attn_v / ffn_down of the layers llama.cpp's use_more_bits picks (layer 1 of 2), Q5_K for
-    # a fused attn_qkv, the output matrix Q6_K (the token embedding when tied), everything else Q4_K, norms F32
+    # the recipe: Q6_K for attn_v (a fused attn_qkv) / ffn_down of the layers llama.cpp's use_more_bits picks (layer 1
+    # of 2), the output matrix Q6_K (the token embedding when tied), everything else Q4_K, norms F32
     types = result.tensor_types
     if family == "phi3":
-        assert types["blk.0.attn_qkv.weight"] == types["blk.1.attn_qkv.weight"] == "Q5_K"
+        assert types["blk.0.attn_qkv.weight"] == "Q4_K" and types["blk.1.attn_qkv.weight"] == "Q6_K"
         assert types["blk.0.ffn_up.weight"] == "Q4_K"
     else:
         assert types["blk.0.attn_v.weight"] == "Q4_K" and types["blk.1.attn_v.weight"] == "Q6_K"
@@ -195,8 +195,8 @@ def test_rows_that_are_not_whole_super_blocks_fall_back_like_llama_cpp(tmp_path:
 
 def test_the_k_quant_mixes_follow_llama_cpp() -> None:
     """llama_tensor_get_type for 16 layers: use_more_bits picks layers 0, 1, 4, 7, 10, 13, 14, 15; Q4_K_S raises
-    attn_v of the first four layers and ffn_down of the first eighth to Q5_K; a fused attn_qkv gets Q5_K (Q4_K_M) or
-    Q6_K (Q5_K_M); the untied output matrix Q6_K."""
+    attn_v of the first four layers and ffn_down of the first eighth to Q5_K; a fused attn_qkv follows attn_v; the
+    untied output matrix Q6_K. (Small models: llama-quantize's own choices, in the llama.cpp tests below.)"""
     def types(file_type: str, model_type: str = "llama") -> dict[str, list[str]]:
         recipe = gguf_format.Recipe.for_config({"model_type": model_type, "num_hidden_layers": 16}, file_type)
         names = {"attn_v": "self_attn.v_proj", "ffn_down": "mlp.down_proj", "attn_q": "self_attn.q_proj",
@@ -224,7 +224,7 @@ def test_the_k_quant_mixes_follow_llama_cpp() -> None:
     s4 = types("Q4_K_S")
     assert s4["attn_v"] == ["Q5_K"] * 4 + ["Q4_K"] * 12 and s4["ffn_down"] == ["Q5_K"] * 2 + ["Q4_K"] * 14
     assert set(types("Q5_K_S")["ffn_down"]) == {"Q5_K"}
-    assert set(types("Q4_K_M", "phi3")["attn_qkv"]) == {"Q5_K"} and set(types("Q5_K_M", "phi3")["attn_qkv"]) == {"Q6_K"}
+    assert types("Q4_K_M", "phi3")["attn_qkv"] == m4["attn_v"] and types("Q4_K_S", "phi3")["attn_qkv"] == s4["attn_v"]
 
 
 @pytest.mark.parametrize(
@@ -272,6 +272,85 @@ def test_gemma_settings_llama_cpp_hard_codes_are_checked(change: dict[str, objec
         gguf_format.check_model(gemma2 | {"attn_logit_softcapping": None}, "Q8_0")
 
 
+def tiny_moe_model(directory: Path, family: str, experts: int = 4) -> Path:
+    """A random 2-layer Qwen-MoE (qwen2_moe: with a shared expert and its gate) whose rows are whole 256-blocks."""
+    tokenizer = bpe_tokenizer()
+    common = dict(vocab_size=len(tokenizer), hidden_size=256, intermediate_size=512, moe_intermediate_size=256,
+                  num_experts=experts, num_experts_per_tok=2, num_hidden_layers=2, num_attention_heads=4,
+                  num_key_value_heads=2, max_position_embeddings=512, bos_token_id=tokenizer.bos_token_id,
+                  eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+    if family == "qwen3_moe":
+        config: transformers.PretrainedConfig = transformers.Qwen3MoeConfig(
+            head_dim=64, norm_topk_prob=True, tie_word_embeddings=True, **common)
+    else:  # llama.cpp's qwen2moe reads its own output matrix, as the real models have
+        config = transformers.Qwen2MoeConfig(shared_expert_intermediate_size=512, tie_word_embeddings=False, **common)
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config).to(torch.float16)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "experts" in name:
+                param.normal_(0.0, 0.08)
+    model.save_pretrained(directory)
+    tokenizer.save_pretrained(directory)
+    return directory
+
+
+def _moe_logits(state: dict[str, torch.Tensor], model_dir: Path, ids: torch.Tensor, experts: int) -> torch.Tensor:
+    """transformers' own Qwen-MoE forward over per-expert weights, fused into its [experts, …] parameters."""
+    state = dict(state)
+    for layer in range(2):
+        prefix = f"model.layers.{layer}.mlp.experts"
+        gate, up, down = ([state.pop(f"{prefix}.{e}.{n}.weight") for e in range(experts)]
+                          for n in ("gate_proj", "up_proj", "down_proj"))
+        state[f"{prefix}.gate_up_proj"] = torch.stack([torch.cat([g, u]) for g, u in zip(gate, up, strict=True)])
+        state[f"{prefix}.down_proj"] = torch.stack(down)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    loaded = model.load_state_dict(state, strict=False)
+    assert not loaded.unexpected_keys and all("lm_head" in k for k in loaded.missing_keys)
+    model.tie_weights()
+    with torch.no_grad():
+        return model(ids).logits
+
+
+@pytest.mark.parametrize(("family", "experts"), [("qwen3_moe", 4), ("qwen2_moe", 8)])
+def test_moe_experts_are_stacked_as_llama_cpp_reads_them(tmp_path: Path, family: str, experts: int) -> None:
+    """Each layer's experts become one [experts, out, in] tensor per projection (`ffn_{gate,up,down}_exps`), the
+    routers and the shared-expert gate stay F32; what the file decodes to, split back per expert, is exactly what
+    we quantized and scored."""
+    model_dir = tiny_moe_model(tmp_path / "model", family, experts)
+    calib = calibration(model_dir, samples=8)
+    result = export_gguf(model_dir, tmp_path / "m.gguf", "Q4_K_M", method="gptq", calibration=calib)
+    reader = {t.name: t for t in gguf.GGUFReader(str(tmp_path / "m.gguf")).tensors}
+    assert list(reader["blk.0.ffn_gate_exps.weight"].shape) == [256, 256, experts]  # ggml's order: in, out, experts
+    assert list(reader["blk.1.ffn_down_exps.weight"].shape) == [256, 256, experts]
+    assert result.tensor_types["blk.0.ffn_gate_inp.weight"] == "F32"
+    assert result.tensor_types["blk.0.ffn_up_exps.weight"] == "Q4_K"
+    assert result.tensor_types["blk.1.ffn_down_exps.weight"] == "Q6_K"  # use_more_bits, as for a dense ffn_down
+    if family == "qwen2_moe":
+        assert result.tensor_types["blk.0.ffn_gate_inp_shexp.weight"] == "F32"
+        assert result.tensor_types["blk.0.attn_v.weight"] == "Q8_0"  # llama.cpp's rule for 8-expert models
+    from_file = result.read_back().tensors("", torch.device("cpu"))
+    assert from_file.keys() == result.dequantized.keys()
+    assert sum(".experts." in k for k in from_file) == 2 * 3 * experts
+    for name, ours in result.dequantized.items():
+        assert torch.equal(from_file[name].view(torch.int32), ours.view(torch.int32)), name
+
+
+@pytest.mark.parametrize(("change", "message"), [
+    ({"norm_topk_prob": False}, "renormalises the top-k routing weights"),
+    ({"mlp_only_layers": [0]}, "makes every layer an MoE layer"),
+    ({"decoder_sparse_step": 2}, "makes every layer an MoE layer"),
+])
+def test_qwen_moe_settings_llama_cpp_hard_codes_are_checked(change: dict[str, object], message: str) -> None:
+    config = transformers.Qwen3MoeConfig(num_hidden_layers=2, norm_topk_prob=True).to_dict()
+    gguf_format.check_model(config, "Q4_K_M")
+    with pytest.raises(InvalidSpecError, match=message):
+        gguf_format.check_model(config | change, "Q4_K_M")
+    tied = transformers.Qwen2MoeConfig(num_hidden_layers=2, tie_word_embeddings=True).to_dict()
+    with pytest.raises(InvalidSpecError, match="own output matrix"):
+        gguf_format.check_model(tied, "Q4_K_M")
+
+
 LLAMA_CPP = importlib.util.find_spec("llama_cpp") is not None
 
 
@@ -289,7 +368,7 @@ def test_llama_cpp_loads_the_file_and_its_perplexity_matches_ours(
     calib = calibration(model_dir, samples=12)
     path = tmp_path / "m.gguf"
     result = export_gguf(model_dir, path, file_type, method=method, calibration=calib[:8])  # type: ignore[arg-type]
-    assert ("Q5_K" in result.tensor_types.values()) == (file_type in ("Q4_K_S", "Q5_K_M") or family == "phi3")
+    assert ("Q5_K" in result.tensor_types.values()) == (file_type in ("Q4_K_S", "Q5_K_M"))
     ids = calib[8:]
     logits = _logits(result.dequantized, model_dir, ids)
     nll = -torch.log_softmax(logits[:, :-1].double(), -1).gather(2, ids[:, 1:].unsqueeze(2)).mean()
@@ -310,3 +389,45 @@ def test_llama_cpp_loads_the_file_and_its_perplexity_matches_ours(
     centred = [x - x.mean(-1, keepdim=True) for x in (cpp, logits[0])]
     assert float((centred[0] - centred[1]).norm() / centred[1].norm()) < 0.05
     assert float((cpp.argmax(-1) == logits[0].argmax(-1)).float().mean()) > 0.95
+
+
+@pytest.mark.skipif(not LLAMA_CPP, reason="llama-cpp-python is not installed (benchmarks/gguf_quality.py builds it)")
+@pytest.mark.parametrize(("family", "experts"), [("qwen3_moe", 4), ("qwen2_moe", 8)])
+def test_llama_cpp_runs_our_moe_files_and_quantizes_them_to_our_recipe(tmp_path: Path, family: str, experts: int) -> None:
+    """F16: llama.cpp's logits equal transformers' own MoE forward over the same weights (0.1 %: routing, shared
+    experts and their gate read as written); Q4_K_M: llama-quantize of that F16 file picks our recipe's types."""
+    import llama_cpp
+
+    from benchmarks.gguf_quality import llama_cpp_quantize, tensor_types
+
+    model_dir = tiny_moe_model(tmp_path / "model", family, experts)
+    ids = calibration(model_dir, samples=9)[8:]
+    f16 = export_gguf(model_dir, tmp_path / "f16.gguf", "F16")
+    ours = _moe_logits(f16.dequantized, model_dir, ids, experts)[0]
+    row = ids[0].tolist()
+    llm = llama_cpp.Llama(model_path=str(tmp_path / "f16.gguf"), n_ctx=len(row), n_batch=len(row), n_ubatch=len(row),
+                          logits_all=True, n_threads=2, verbose=False)
+    llm.eval(row)
+    cpp = torch.from_numpy(np.array(llm.scores[: len(row)], dtype=np.float32))
+    llm.close()
+    centred = [x - x.mean(-1, keepdim=True) for x in (cpp, ours)]
+    assert float((centred[0] - centred[1]).norm() / centred[1].norm()) < 0.005
+    assert bool((cpp.argmax(-1) == ours.argmax(-1)).all())
+    q4 = export_gguf(model_dir, tmp_path / "q4.gguf", "Q4_K_M")
+    llama_cpp_quantize(tmp_path / "f16.gguf", tmp_path / "theirs.gguf", "Q4_K_M", threads=2)
+    assert tensor_types(tmp_path / "theirs.gguf") == q4.tensor_types
+
+
+@pytest.mark.skipif(not LLAMA_CPP, reason="llama-cpp-python is not installed (benchmarks/gguf_quality.py builds it)")
+@pytest.mark.parametrize("family", ["llama", "phi3", "gemma3", "qwen2_moe"])
+def test_llama_quantize_picks_our_recipe_for_every_file_type(tmp_path: Path, family: str) -> None:
+    """llama-quantize (no imatrix) of our F16 file chooses, tensor by tensor, the types our recipe chose: the
+    K-quant mixes, a fused attn_qkv, the 8-expert rules, routers kept F32."""
+    from benchmarks.gguf_quality import llama_cpp_quantize, tensor_types
+
+    model_dir = tiny_moe_model(tmp_path / "m", family, 8) if family == "qwen2_moe" else tiny_model(tmp_path / "m", family)
+    export_gguf(model_dir, tmp_path / "f16.gguf", "F16")
+    for file_type in ("Q4_K_S", "Q4_K_M", "Q5_K_S", "Q5_K_M", "Q6_K", "Q4_0", "Q8_0"):
+        ours = export_gguf(model_dir, tmp_path / f"{file_type}.gguf", file_type).tensor_types
+        llama_cpp_quantize(tmp_path / "f16.gguf", tmp_path / f"theirs-{file_type}.gguf", file_type, threads=2)
+        assert tensor_types(tmp_path / f"theirs-{file_type}.gguf") == ours, file_type

@@ -14,7 +14,7 @@ from pydantic import ValidationError
 
 from api.schemas import OutputIn
 from tests.families import make_tiny_family
-from tests.workers.test_gguf_export import TEXT, tiny_model
+from tests.workers.test_gguf_export import TEXT, tiny_model, tiny_moe_model
 from workers.engine import run_local
 from workers.errors import InvalidSpecError
 from workers.job import file_kind
@@ -82,6 +82,25 @@ def test_an_awq_job_of_one_gguf_type_runs_and_is_evaluated(tmp_path: Path, model
     assert 0.5 < awq.eval.kl_mean / reports[Method.RTN].eval.kl_mean < 1.5
     saved = json.loads((tmp_path / "awq" / "eval.json").read_text())
     assert saved["formats"] == ["gguf:Q4_0"] and saved["method"] == "awq"
+
+
+def test_a_moe_gguf_job_quantizes_every_expert_and_is_evaluated(tmp_path: Path) -> None:
+    """Qwen3-MoE to Q4_K_M through run_local: every expert of both layers solved by GPTQ on the GGUF grid, written
+    stacked, read back per expert for the evaluation."""
+    text = tmp_path / "text.txt"
+    text.write_text(TEXT)
+    model_dir = tiny_moe_model(tmp_path / "model", "qwen3_moe")
+    spec = _spec(model_dir, text, formats=(Q4_K_M,))
+    plan = plan_job(spec)
+    report = run_local(spec, tmp_path / "out")
+    data = sum(int(t.n_bytes) for t in gguf.GGUFReader(str(tmp_path / "out" / "model-Q4_K_M.gguf")).tensors)
+    assert plan.output_bytes[Q4_K_M.value] == data  # the preflight's estimate counts the stacked experts
+    experts = {m.module for m in report.module_errors if ".experts." in m.module}
+    assert len(experts) == 4 * 3  # per layer: 4 experts × gate, up, down (the module names repeat over the 2 layers)
+    assert sum(".experts." in m.module for m in report.module_errors) == 2 * 4 * 3
+    types = {t.name: t.tensor_type.name for t in gguf.GGUFReader(str(tmp_path / "out" / "model-Q4_K_M.gguf")).tensors}
+    assert types["blk.0.ffn_gate_exps.weight"] == "Q4_K" and types["blk.0.ffn_gate_inp.weight"] == "F32"
+    assert report.eval is not None and 0 < report.eval.kl_mean < 1 and report.eval.tokens > 0
 
 
 @pytest.mark.parametrize(

@@ -17,8 +17,9 @@ through `GGUFWriter.add_*` (`gguf.Keys`). Three things are the architecture's, n
 * RoPE scaling (llama3, yarn, ...) needs extra tensors/keys and is refused at submit.
 * The file types' recipe (`Recipe`) follows llama.cpp's `llama_tensor_get_type` (src/llama-quant.cpp) for
   the types we write: Q4_K_M and Q5_K_M put Q6_K on `attn_v` and `ffn_down` of the layers `use_more_bits`
-  picks (the first and last eighth and every third layer between) and Q5_K / Q6_K on a fused `attn_qkv`;
-  Q4_K_S puts Q5_K on `attn_v` of the first four layers and on `ffn_down` of the first eighth; the output
+  picks (the first and last eighth and every third layer between); Q4_K_S puts Q5_K on `attn_v` of the first
+  four layers and on `ffn_down` of the first eighth; a fused `attn_qkv` follows `attn_v`, the experts'
+  `ffn_down_exps`/`ffn_down_shexp` follow `ffn_down`, 8-expert models get Q8_0 `attn_k`/`attn_v`; the output
   matrix (the token embedding when the model ties them) is Q6_K, or Q8_0 when its rows are not whole
   256-blocks; a K-quant tensor whose rows are not whole super-blocks falls back like llama.cpp's (Q4_K → Q5_0,
   Q5_K → Q5_1, Q6_K → Q8_0).
@@ -27,10 +28,11 @@ through `GGUFWriter.add_*` (`gguf.Keys`). Three things are the architecture's, n
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import tempfile
 from collections.abc import Iterator, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -61,10 +63,12 @@ FILE_TYPES: dict[str, tuple[gguf.LlamaFileType, str | None]] = {
 }
 
 # architectures we export (llama.cpp knows many more; see `resolve_arch`), and which need q/k permuted
-EXPORTED_ARCHS = ("llama", "qwen2", "qwen3", "phi3", "gemma", "gemma2", "gemma3")
+EXPORTED_ARCHS = ("llama", "qwen2", "qwen3", "phi3", "gemma", "gemma2", "gemma3", "qwen2moe", "qwen3moe")
+FLOAT32_KINDS = (gguf.MODEL_TENSOR.FFN_GATE_INP, gguf.MODEL_TENSOR.FFN_GATE_INP_SHEXP)  # routers: F32, never quantized
+EXPERT = re.compile(r"^(.*\.experts)\.(\d+)\.(.*)$")  # one expert's Linear: "….experts.<e>.<name>"
 NORMAL_ROPE_ARCHS = ("llama",)
 NORM_SHIFT_ARCHS = ("gemma", "gemma2", "gemma3")  # RMSNorm computes x̂·(1 + w): llama.cpp stores 1 + w
-ARCH_ALIASES = {"mistral": "llama", "gemma3_text": "gemma3"}  # model_type → llama.cpp architecture, as convert_hf_to_gguf.py maps it
+ARCH_ALIASES = {"mistral": "llama", "gemma3_text": "gemma3", "qwen2_moe": "qwen2moe", "qwen3_moe": "qwen3moe"}  # model_type → llama.cpp architecture, as convert_hf_to_gguf.py maps it
 K_FALLBACK = {"Q4_K": "Q5_0", "Q5_K": "Q5_1", "Q6_K": "Q8_0"}  # llama-quant.cpp, for rows that are not whole super-blocks
 
 
@@ -135,7 +139,24 @@ def _check_gemma(config: dict[str, Any], arch: str) -> None:
                                f" {local}: choose another output format")
 
 
-ARCH_CHECKS = {"gemma": _check_gemma, "gemma2": _check_gemma, "gemma3": _check_gemma}
+def _check_qwen_moe(config: dict[str, Any], arch: str) -> None:
+    """llama.cpp's qwen2moe / qwen3moe: every layer an MoE layer, the top-k routing weights renormalised for qwen3moe
+    and not for qwen2moe (fixed in its graphs)."""
+    if int(config.get("decoder_sparse_step") or 1) != 1 or config.get("mlp_only_layers"):
+        raise InvalidSpecError(f"llama.cpp's {arch} makes every layer an MoE layer; this model has dense ones"
+                               " (decoder_sparse_step / mlp_only_layers): choose another output format")
+    if arch == "qwen2moe" and config.get("tie_word_embeddings"):
+        raise InvalidSpecError("llama.cpp's qwen2moe reads its own output matrix, and this model ties it to the token"
+                               " embedding: choose another output format")
+    normalised = arch == "qwen3moe"
+    if bool(config.get("norm_topk_prob", False)) != normalised:
+        raise InvalidSpecError(f"llama.cpp's {arch} {'renormalises' if normalised else 'does not renormalise'} the"
+                               f" top-k routing weights; this model's norm_topk_prob is {config.get('norm_topk_prob')}:"
+                               " choose another output format")
+
+
+ARCH_CHECKS = {"gemma": _check_gemma, "gemma2": _check_gemma, "gemma3": _check_gemma,
+               "qwen2moe": _check_qwen_moe, "qwen3moe": _check_qwen_moe}
 
 
 def _arch_enum(arch: str) -> gguf.MODEL_ARCH:
@@ -153,7 +174,8 @@ class TensorTarget:
 
     name: str
     kind: gguf.MODEL_TENSOR
-    block: BlockType | None  # None: stored as float (F32 for 1-D tensors, F16 for 2-D ones in an F16 file)
+    block: BlockType | None  # None: stored as float (F32 for 1-D tensors and routers, else F16)
+    expert: int | None = None  # a slice of a stacked experts tensor ([experts, out, in])
 
 
 @dataclass
@@ -164,6 +186,7 @@ class Recipe:
     file_type: str
     num_layers: int
     tied_embeddings: bool
+    num_experts: int = 0  # routed experts per MoE layer (0: a dense model)
     names: gguf.TensorNameMap = field(init=False)
 
     def __post_init__(self) -> None:
@@ -171,23 +194,28 @@ class Recipe:
 
     @classmethod
     def for_config(cls, config: dict[str, Any], file_type: str) -> Recipe:
+        experts = int(config.get("num_experts") or config.get("num_local_experts") or 0)
         return cls(resolve_arch(config), file_type, int(config["num_hidden_layers"]),
-                   bool(config.get("tie_word_embeddings", False)))
+                   bool(config.get("tie_word_embeddings", False)), experts)
 
     def target(self, hf_name: str, shape: tuple[int, ...]) -> TensorTarget | None:
         """The GGUF name and type of a Hugging Face tensor (".weight"/".bias"); None: not written
         (e.g. lm_head of a tied model). Raises InvalidSpecError for a tensor the tables do not know."""
         if hf_name == "lm_head.weight" and self.tied_embeddings:
             return None
+        expert = EXPERT.match(hf_name)
+        if expert is not None:  # llama.cpp stacks a layer's experts: "….experts.<name>" [experts, out, in]
+            stacked = self.target(f"{expert.group(1)}.{expert.group(3)}", (self.num_experts, *shape))
+            return replace(stacked, expert=int(expert.group(2))) if stacked is not None else None
         found = self.names.get_type_and_name(hf_name, try_suffixes=(".weight", ".bias"))
         if found is None:
             raise InvalidSpecError(f"tensor {hf_name} has no GGUF name for architecture {self.arch}")
         kind, name = found
         if kind not in gguf.MODEL_TENSORS[_arch_enum(self.arch)]:
             raise InvalidSpecError(f"tensor {hf_name} ({name}) is not part of llama.cpp's {self.arch} architecture")
-        if len(shape) != 2 or not hf_name.endswith(".weight"):
+        if len(shape) not in (2, 3) or not hf_name.endswith(".weight") or kind in FLOAT32_KINDS:
             return TensorTarget(name, kind, None)
-        return TensorTarget(name, kind, self.block_type(kind, name, shape[1]))
+        return TensorTarget(name, kind, self.block_type(kind, name, shape[-1]))
 
     def block_type(self, kind: gguf.MODEL_TENSOR, name: str, in_features: int) -> BlockType | None:
         default = FILE_TYPES[self.file_type][1]
@@ -213,16 +241,21 @@ class Recipe:
 
     def _mixed(self, kind: gguf.MODEL_TENSOR, layer: int) -> str | None:
         """The _S/_M file types' exceptions to their default block type (llama_tensor_get_type)."""
-        more_bits = use_more_bits(layer, self.num_layers)
+        down = kind in (gguf.MODEL_TENSOR.FFN_DOWN, gguf.MODEL_TENSOR.FFN_DOWN_EXP, gguf.MODEL_TENSOR.FFN_DOWN_SHEXP)
+        values = kind in (gguf.MODEL_TENSOR.ATTN_V, gguf.MODEL_TENSOR.ATTN_QKV)  # a fused qkv follows attn_v's rules
+        if self.num_experts == 8 and (values or kind == gguf.MODEL_TENSOR.ATTN_K):
+            return "Q8_0"  # "for the 8-expert model, bumping this to Q8_0 trades just ~128MB"
+        if self.num_experts == 8 and kind == gguf.MODEL_TENSOR.ATTN_OUT and self.file_type in ("Q4_K_S", "Q4_K_M"):
+            return "Q5_K"
         if self.file_type in ("Q4_K_M", "Q5_K_M"):
-            if kind == gguf.MODEL_TENSOR.ATTN_QKV:
-                return "Q5_K" if self.file_type == "Q4_K_M" else "Q6_K"
-            if kind in (gguf.MODEL_TENSOR.ATTN_V, gguf.MODEL_TENSOR.FFN_DOWN) and more_bits:
+            if values and use_more_bits(layer, self.num_layers):
+                return "Q6_K"
+            if down and use_more_bits(layer, self.num_layers):
                 return "Q6_K"
         if self.file_type == "Q4_K_S":
-            if kind == gguf.MODEL_TENSOR.ATTN_V and layer < 4:
+            if values and layer < 4:
                 return "Q5_K"
-            if kind == gguf.MODEL_TENSOR.FFN_DOWN and layer < self.num_layers // 8:
+            if down and layer < self.num_layers // 8:
                 return "Q5_K"
         return None
 
@@ -253,7 +286,7 @@ def estimate_bytes(config: dict[str, Any], file_type: str, headers: Mapping[str,
         if target.block is not None:
             total += count // target.block.block * gguf.GGML_QUANT_SIZES[target.block.qtype][1]
         else:
-            total += count * (2 if len(shape) == 2 else 4)
+            total += count * (2 if len(shape) == 2 and target.kind not in FLOAT32_KINDS else 4)
     return total
 
 
@@ -340,6 +373,14 @@ def _hyperparameters(writer: gguf.GGUFWriter, config: dict[str, Any], file_type:
     writer.add_vocab_size(int(config["vocab_size"]))
     writer.add_file_type(int(FILE_TYPES[file_type][0]))
     writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
+    experts = int(config.get("num_experts") or config.get("num_local_experts") or 0)
+    if experts:  # convert_hf_to_gguf.py's Qwen2MoeModel / TextModel
+        writer.add_expert_count(experts)
+        writer.add_expert_used_count(int(config["num_experts_per_tok"]))
+        if config.get("moe_intermediate_size"):
+            writer.add_expert_feed_forward_length(int(config["moe_intermediate_size"]))
+        if config.get("shared_expert_intermediate_size"):
+            writer.add_expert_shared_feed_forward_length(int(config["shared_expert_intermediate_size"]))
     ARCH_KEYS.get(resolve_arch(config), lambda _w, _c: None)(writer, config)
 
 
@@ -375,6 +416,7 @@ class Origin:
     hf_name: str
     heads: int | None = None
     shift: float = 0.0
+    experts: tuple[str, ...] = ()  # a stacked experts tensor: each expert's Hugging Face name, in order
 
 
 @dataclass
@@ -413,7 +455,8 @@ class GGUFWeights:
                     array = unpermute(array, origin.heads)
                 if origin.shift:
                     array = array - np.float32(origin.shift)
-                found[name[len(prefix) :]] = torch.from_numpy(np.array(array)).to(device)
+                for part, piece in zip(origin.experts or (name,), array if origin.experts else (array,), strict=True):
+                    found[part[len(prefix) :]] = torch.from_numpy(np.array(piece)).to(device)
         return found
 
 
@@ -440,6 +483,7 @@ class GGUFFile:
         self.keep_dequantized = keep_dequantized
         self.dequantized: dict[str, Tensor] = {}
         self._origins: dict[str, Origin] = {}  # GGUF name → where it came from
+        self._experts: dict[str, dict[int, tuple[str, np.ndarray, gguf.GGMLQuantizationType, int]]] = {}
 
     def target(self, hf_name: str, shape: tuple[int, ...]) -> TensorTarget | None:
         return self.recipe.target(hf_name, shape)
@@ -491,7 +535,7 @@ class GGUFFile:
         if target.block is not None:
             self.add_quantized(hf_name.removesuffix(".weight"), gguf_grid.quantize(target.block, tensor))
             return
-        dtype = np.float16 if tensor.ndim == 2 else np.float32
+        dtype = np.float16 if tensor.ndim == 2 and target.kind not in FLOAT32_KINDS else np.float32
         shift = 1.0 if self.recipe.arch in NORM_SHIFT_ARCHS and hf_name.endswith("norm.weight") else 0.0
         stored = tensor.detach().to("cpu", torch.float32)
         if shift:
@@ -502,6 +546,9 @@ class GGUFFile:
         if heads is not None:
             array = permute(array, heads)
         qtype = gguf.GGMLQuantizationType.F16 if dtype == np.float16 else gguf.GGMLQuantizationType.F32
+        if target.expert is not None:
+            self._stack(target, hf_name, array, qtype, tensor.numel())
+            return
         self._spill(target.name, array, qtype, tensor.numel(), Origin(hf_name, heads, shift))
 
     def add_quantized(self, module_name: str, t: GGUFTensor) -> None:
@@ -513,13 +560,36 @@ class GGUFFile:
                                    f" {target.block.name if target.block else 'float'}")
         self._keep(f"{module_name}.weight", t.dequantize())
         packed = t.to_bytes()
+        if target.expert is not None:
+            self._stack(target, f"{module_name}.weight", packed, t.kind.qtype, t.shape[0] * t.shape[1])
+            return
         heads = self._heads_for(target.kind)
         if heads is not None:
             packed = permute(packed, heads)
         self._spill(target.name, packed, t.kind.qtype, t.shape[0] * t.shape[1], Origin(f"{module_name}.weight", heads))
 
+    def _stack(self, target: TensorTarget, hf_name: str, array: np.ndarray, qtype: gguf.GGMLQuantizationType,
+               elements: int) -> None:
+        """Hold one expert's slice until the layer's every expert has come, then spill them as one
+        [experts, out, …] tensor (one layer's experts at most are held)."""
+        assert target.expert is not None
+        slices = self._experts.setdefault(target.name, {})
+        slices[target.expert] = (hf_name, array, qtype, elements)
+        if len(slices) < self.recipe.num_experts:
+            return
+        parts = [slices[e] for e in range(self.recipe.num_experts)]
+        del self._experts[target.name]
+        if len({p[2] for p in parts}) != 1:
+            raise InvalidSpecError(f"{target.name}: the experts were quantized to different types")
+        stacked_name = EXPERT.sub(r"\1.\3", parts[0][0])
+        self._spill(target.name, np.stack([p[1] for p in parts]), qtype, sum(p[3] for p in parts),
+                    Origin(stacked_name, experts=tuple(p[0] for p in parts)))
+
     def finalize(self) -> list[str]:
         """Write the file; returns the notes (approximations) recorded on the way."""
+        if self._experts:
+            missing = {name: self.recipe.num_experts - len(got) for name, got in self._experts.items()}
+            raise InvalidSpecError(f"experts missing from stacked GGUF tensors: {missing}")
         writer = gguf.GGUFWriter(self.path, self.recipe.arch)
         try:
             writer.add_name(str(self.config.get("_name_or_path") or self.model_dir.name))
