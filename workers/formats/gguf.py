@@ -3,7 +3,7 @@
 Names and keys come from the `gguf` package's own tables: the architecture is the model's `model_type`
 when `gguf.MODEL_ARCH_NAMES` knows it (Mistral is written as `llama`, as llama.cpp's converter does),
 tensor names from `gguf.TensorNameMap` (checked against `gguf.MODEL_TENSORS[arch]`), hyperparameter keys
-through `GGUFWriter.add_*` (`gguf.Keys`). Three things are the architecture's, not the tables':
+through `GGUFWriter.add_*` (`gguf.Keys`). What is the architecture's, not the tables':
 
 * llama.cpp's `llama` architecture uses interleaved ("normal") RoPE, Hugging Face the rotate-half form, so
   q/k rows are permuted exactly as llama.cpp's convert_hf_to_gguf.py does (`permute`); `qwen2`/`qwen3`/`phi3`
@@ -11,9 +11,14 @@ through `GGUFWriter.add_*` (`gguf.Keys`). Three things are the architecture's, n
   A few keys are one architecture's (`ARCH_KEYS`: Phi-3's original context length and sliding window, Gemma's
   soft-capping and sliding window), and Gemma's norms are stored as 1 + w (its RMSNorm scales by 1 + w),
   as convert_hf_to_gguf.py writes them; `Origin.shift` undoes it when the file is read back.
-* What llama.cpp fixes in its code rather than reading from the file is checked at submit: Gemma's query
-  scale (1/√head_dim) and its sliding-window layer pattern (every 2nd layer global for Gemma-2, every 6th for
-  Gemma-3, whose local layers' RoPE base is 10,000).
+* What llama.cpp fixes in its code rather than reading from the file is checked at submit (`ARCH_CHECKS`):
+  Gemma's query scale (1/√head_dim) and its sliding-window layer pattern (every 2nd layer global for Gemma-2,
+  every 6th for Gemma-3, whose local layers' RoPE base is 10,000); Qwen-MoE's routing renormalisation (qwen3moe
+  renormalises the top-k weights, qwen2moe does not), every layer an MoE layer, qwen2moe's own output matrix.
+* Mixture-of-Experts: the engine writes each expert's Linears; llama.cpp stores a layer's experts as one
+  `[experts, out, in]` tensor per projection (`ffn_{gate,up,down}_exps`), so `GGUFFile` holds one layer's expert
+  slices until all have come and writes them stacked (`Origin.experts` splits them back when read); routers
+  (`ffn_gate_inp`, the shared expert's gate) stay F32 as llama.cpp keeps them.
 * RoPE scaling (llama3, yarn, ...) needs extra tensors/keys and is refused at submit.
 * The file types' recipe (`Recipe`) follows llama.cpp's `llama_tensor_get_type` (src/llama-quant.cpp) for
   the types we write: Q4_K_M and Q5_K_M put Q6_K on `attn_v` and `ffn_down` of the layers `use_more_bits`
