@@ -29,6 +29,7 @@ import json
 import math
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -79,23 +80,29 @@ def read_back(path: Path) -> dict[str, torch.Tensor]:
     return state
 
 
-def llama_cpp_perplexity(path: Path, windows: torch.Tensor, threads: int) -> float:
-    """exp(mean NLL) of every token after the first of each window, from llama.cpp's own logits."""
+def llama_cpp_logits(path: Path, windows: torch.Tensor, threads: int) -> Iterator[torch.Tensor]:
+    """llama.cpp's own logits `[seq, vocab]` (float32) of each window, one window at a time."""
     import llama_cpp
 
     seq = windows.shape[1]
     llm = llama_cpp.Llama(model_path=str(path), n_ctx=seq, n_batch=seq, n_ubatch=seq, logits_all=True,
                           n_threads=threads, verbose=False)
+    try:
+        for row in windows.tolist():
+            llm.reset()
+            llm.eval(row)
+            yield torch.from_numpy(np.array(llm.scores[: len(row)], dtype=np.float32))
+    finally:
+        llm.close()
+
+
+def llama_cpp_perplexity(path: Path, windows: torch.Tensor, threads: int) -> float:
+    """exp(mean NLL) of every token after the first of each window, from llama.cpp's own logits."""
     total, count = 0.0, 0
-    for row in windows.tolist():
-        llm.reset()
-        llm.eval(row)
-        logits = torch.from_numpy(np.array(llm.scores[: len(row)], dtype=np.float32))
+    for row, logits in zip(windows, llama_cpp_logits(path, windows, threads), strict=True):
         logprobs = torch.log_softmax(logits[:-1].double(), dim=-1)
-        targets = torch.tensor(row[1:])
-        total -= float(logprobs.gather(1, targets.unsqueeze(1)).sum())
+        total -= float(logprobs.gather(1, row[1:].unsqueeze(1)).sum())
         count += len(row) - 1
-    llm.close()
     return math.exp(total / count)
 
 

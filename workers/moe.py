@@ -44,7 +44,7 @@ from __future__ import annotations
 
 import copy
 import re
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any
 
@@ -312,31 +312,36 @@ def plan_passes(layer: nn.Module, plan: LayerPlan, budget: int, smoothing: bool 
     first = [g for g in plan.groups if not own_expert(g)]
     rest = [g for g in plan.groups if own_expert(g)]
     per_expert = 2 if smoothing else 1
-    total = sum(_group_bytes(layer, g) for g in first) + per_expert * sum(_group_bytes(layer, g) for g in rest)
-    if total <= budget or not rest:
+    first_bytes = sum(_group_bytes(layer, g) for g in first)
+    sizes = [per_expert * _group_bytes(layer, g) for g in rest]
+    if first_bytes + sum(sizes) <= budget or not rest:
         return [plan]
-    passes: list[list[Group]] = [[]] if smoothing else [first]
-    used = 0 if smoothing else sum(_group_bytes(layer, g) for g in first)
-    for group in rest:
-        size = per_expert * _group_bytes(layer, group)
-        if used + size > budget and any(own_expert(g) for g in passes[-1]):  # each pass solves an expert at least
+    chunks = [[rest[i] for i in chunk] for chunk in pack_passes(0 if smoothing else first_bytes, sizes, budget)]
+    order = {g: i for i, g in enumerate(plan.groups)}
+    if not smoothing:
+        passes = [first + chunks[0], *chunks[1:]]
+        return [LayerPlan(tuple(sorted(p, key=order.__getitem__)), plan.awq_mappings) for p in passes]
+    plans = []
+    for chunk in chunks:  # each expert chunk with its experts' own mappings
+        names = {name for g in chunk for name in g}
+        own = tuple(m for m in plan.awq_mappings if _own_mapping(layer, m) and set(m.linears) <= names)
+        plans.append(LayerPlan(tuple(chunk), own))
+    others = tuple(m for m in plan.awq_mappings if not _own_mapping(layer, m))
+    return [*plans, LayerPlan(tuple(first), others)] if first else plans
+
+
+def pack_passes(first: int, sizes: Sequence[int], budget: int) -> list[list[int]]:
+    """The indices of `sizes` packed in order into passes of at most `budget` bytes, the first pass already
+    holding `first` bytes; a pass always takes one item, even one larger than the budget."""
+    passes: list[list[int]] = [[]]
+    used = first
+    for i, size in enumerate(sizes):
+        if used + size > budget and passes[-1]:
             passes.append([])
             used = 0
-        passes[-1].append(group)
+        passes[-1].append(i)
         used += size
-    if smoothing:
-        passes.append(first)
-    order = {g: i for i, g in enumerate(plan.groups)}
-    plans = []
-    for groups in passes:
-        if not groups:
-            continue
-        names = {name for g in groups for name in g}
-        expert_pass = all(own_expert(g) for g in groups)
-        mappings = tuple(m for m in plan.awq_mappings if _own_mapping(layer, m) and set(m.linears) <= names) \
-            if expert_pass else tuple(m for m in plan.awq_mappings if not _own_mapping(layer, m))
-        plans.append(LayerPlan(tuple(sorted(groups, key=order.__getitem__)), mappings if smoothing else plan.awq_mappings))
-    return plans
+    return passes
 
 
 def _own_mapping(layer: nn.Module, mapping: AwqMapping) -> bool:

@@ -179,7 +179,7 @@ def _moe_statistics(info: ModelInfo, layer: int, linears: dict[str, tuple[int, i
     smooth also hold each expert's routed statistics (twice the bytes per expert, in expert passes of their own)
     and the MoE block's input and output over the `smooths` calibration tokens (float32;
     workers/methods/awq_moe.py) in the pass with the other groups."""
-    from workers.moe import STATISTICS_BUDGET_BYTES
+    from workers.moe import STATISTICS_BUDGET_BYTES, pack_passes
 
     blocks = [b for b in info.architecture.experts if b.layer == layer]
     inside = tuple(f"{b.path}." for b in blocks)
@@ -190,20 +190,11 @@ def _moe_statistics(info: ModelInfo, layer: int, linears: dict[str, tuple[int, i
     block_io = sum(2 * 4 * smooths * b.hidden for b in blocks)
     if dense + shared + sum(own) <= STATISTICS_BUDGET_BYTES:
         return dense + shared + sum(own) + block_io
-    if smooths:
-        return max(dense + shared + block_io, _largest_pass(0, own, STATISTICS_BUDGET_BYTES))
-    return _largest_pass(dense + shared, own, STATISTICS_BUDGET_BYTES)
-
-
-def _largest_pass(first: int, experts: list[int], budget: int) -> int:
-    """Bytes of the largest pass when `experts` are packed in order after `first`, each pass within `budget`
-    unless it holds a single expert."""
-    largest, used, holds_expert = 0, first, False
-    for size in experts:
-        if used + size > budget and holds_expert:
-            largest, used, holds_expert = max(largest, used), 0, False
-        used, holds_expert = used + size, True
-    return max(largest, used)
+    passes = pack_passes(0 if smooths else dense + shared, own, STATISTICS_BUDGET_BYTES)
+    largest = max(sum(own[i] for i in p) for p in passes)
+    if smooths:  # the expert passes first, then the other groups with the MoE blocks' input and output
+        return max(largest, dense + shared + block_io)
+    return max(largest, dense + shared + sum(own[i] for i in passes[0]))
 
 
 def _expert_modules(info: ModelInfo, headers: Mapping[str, tuple[str, tuple[int, ...]]],

@@ -362,7 +362,7 @@ LLAMA_CPP = importlib.util.find_spec("llama_cpp") is not None
 def test_llama_cpp_loads_the_file_and_its_perplexity_matches_ours(
     tmp_path: Path, family: str, file_type: str, method: str
 ) -> None:
-    from benchmarks.gguf_quality import llama_cpp_perplexity
+    from benchmarks.gguf_quality import llama_cpp_logits, llama_cpp_perplexity
 
     model_dir = tiny_model(tmp_path / "model", family)
     calib = calibration(model_dir, samples=12)
@@ -378,14 +378,7 @@ def test_llama_cpp_loads_the_file_and_its_perplexity_matches_ours(
     assert np.isfinite(theirs)
     # a random tiny model's perplexity is near its vocabulary size whatever the weights: the logits themselves
     # agree too (llama.cpp quantizes activations to 8 bits for its dot products: ~1.5 % apart)
-    import llama_cpp
-
-    row = ids[0].tolist()
-    llm = llama_cpp.Llama(model_path=str(path), n_ctx=len(row), n_batch=len(row), n_ubatch=len(row),
-                          logits_all=True, n_threads=2, verbose=False)
-    llm.eval(row)
-    cpp = torch.from_numpy(np.array(llm.scores[: len(row)], dtype=np.float32))
-    llm.close()
+    cpp = next(llama_cpp_logits(path, ids[:1], threads=2))
     centred = [x - x.mean(-1, keepdim=True) for x in (cpp, logits[0])]
     assert float((centred[0] - centred[1]).norm() / centred[1].norm()) < 0.05
     assert float((cpp.argmax(-1) == logits[0].argmax(-1)).float().mean()) > 0.95
@@ -396,20 +389,13 @@ def test_llama_cpp_loads_the_file_and_its_perplexity_matches_ours(
 def test_llama_cpp_runs_our_moe_files_and_quantizes_them_to_our_recipe(tmp_path: Path, family: str, experts: int) -> None:
     """F16: llama.cpp's logits equal transformers' own MoE forward over the same weights (0.1 %: routing, shared
     experts and their gate read as written); Q4_K_M: llama-quantize of that F16 file picks our recipe's types."""
-    import llama_cpp
-
-    from benchmarks.gguf_quality import llama_cpp_quantize, tensor_types
+    from benchmarks.gguf_quality import llama_cpp_logits, llama_cpp_quantize, tensor_types
 
     model_dir = tiny_moe_model(tmp_path / "model", family, experts)
     ids = calibration(model_dir, samples=9)[8:]
     f16 = export_gguf(model_dir, tmp_path / "f16.gguf", "F16")
     ours = _moe_logits(f16.dequantized, model_dir, ids, experts)[0]
-    row = ids[0].tolist()
-    llm = llama_cpp.Llama(model_path=str(tmp_path / "f16.gguf"), n_ctx=len(row), n_batch=len(row), n_ubatch=len(row),
-                          logits_all=True, n_threads=2, verbose=False)
-    llm.eval(row)
-    cpp = torch.from_numpy(np.array(llm.scores[: len(row)], dtype=np.float32))
-    llm.close()
+    cpp = next(llama_cpp_logits(tmp_path / "f16.gguf", ids[:1], threads=2))
     centred = [x - x.mean(-1, keepdim=True) for x in (cpp, ours)]
     assert float((centred[0] - centred[1]).norm() / centred[1].norm()) < 0.005
     assert bool((cpp.argmax(-1) == ours.argmax(-1)).all())

@@ -3,7 +3,8 @@
 Names and keys come from the `gguf` package's own tables: the architecture is the model's `model_type`
 when `gguf.MODEL_ARCH_NAMES` knows it (Mistral is written as `llama`, as llama.cpp's converter does),
 tensor names from `gguf.TensorNameMap` (checked against `gguf.MODEL_TENSORS[arch]`), hyperparameter keys
-through `GGUFWriter.add_*` (`gguf.Keys`). What is the architecture's, not the tables':
+through `GGUFWriter.add_*` (`gguf.Keys`). What is the architecture's, not the tables' (one entry each in
+workers/formats/gguf_archs.py):
 
 * llama.cpp's `llama` architecture uses interleaved ("normal") RoPE, Hugging Face the rotate-half form, so
   q/k rows are permuted exactly as llama.cpp's convert_hf_to_gguf.py does (`permute`); `qwen2`/`qwen3`/`phi3`
@@ -47,6 +48,15 @@ import torch
 from torch import Tensor
 
 from workers.errors import InvalidSpecError
+from workers.formats.gguf_archs import (
+    ARCH_ALIASES,
+    ARCH_CHECKS,
+    ARCH_KEYS,
+    EXPORTED_ARCHS,
+    NORM_SHIFT_ARCHS,
+    NORMAL_ROPE_ARCHS,
+    rope_sections,
+)
 from workers.quant import gguf_grid
 from workers.quant.gguf_grid import QK_K, BlockType, GGUFTensor
 
@@ -67,13 +77,8 @@ FILE_TYPES: dict[str, tuple[gguf.LlamaFileType, str | None]] = {
     "F16": (gguf.LlamaFileType.MOSTLY_F16, None),  # unquantized: the input of llama.cpp's own quantizer
 }
 
-# architectures we export (llama.cpp knows many more; see `resolve_arch`), and which need q/k permuted
-EXPORTED_ARCHS = ("llama", "qwen2", "qwen3", "phi3", "gemma", "gemma2", "gemma3", "qwen2moe", "qwen3moe")
 FLOAT32_KINDS = (gguf.MODEL_TENSOR.FFN_GATE_INP, gguf.MODEL_TENSOR.FFN_GATE_INP_SHEXP)  # routers: F32, never quantized
 EXPERT = re.compile(r"^(.*\.experts)\.(\d+)\.(.*)$")  # one expert's Linear: "….experts.<e>.<name>"
-NORMAL_ROPE_ARCHS = ("llama",)
-NORM_SHIFT_ARCHS = ("gemma", "gemma2", "gemma3")  # RMSNorm computes x̂·(1 + w): llama.cpp stores 1 + w
-ARCH_ALIASES = {"mistral": "llama", "gemma3_text": "gemma3", "qwen2_moe": "qwen2moe", "qwen3_moe": "qwen3moe"}  # model_type → llama.cpp architecture, as convert_hf_to_gguf.py maps it
 K_FALLBACK = {"Q4_K": "Q5_0", "Q5_K": "Q5_1", "Q6_K": "Q8_0"}  # llama-quant.cpp, for rows that are not whole super-blocks
 
 
@@ -101,67 +106,13 @@ def resolve_arch(config: dict[str, Any]) -> str:
             f"GGUF export of llama.cpp architecture {arch!r} is not implemented yet (exported: {list(EXPORTED_ARCHS)});"
             " choose another output format"
         )
-    for section in _rope_sections(config).values():
+    for section in rope_sections(config).values():
         rope_type = section.get("rope_type", section.get("type", "default"))
         if rope_type not in ("default", None):
             raise InvalidSpecError(f"GGUF export does not write RoPE scaling {rope_type!r} yet; choose another output format")
     if arch in ARCH_CHECKS:
         ARCH_CHECKS[arch](config, arch)
     return arch
-
-
-def _rope_sections(config: dict[str, Any]) -> dict[str, dict[str, Any]]:
-    """The RoPE parameters by attention type (Gemma-3: "full_attention" / "sliding_attention"), or {"": them}."""
-    rope = config.get("rope_scaling") or config.get("rope_parameters") or {}
-    if not isinstance(rope, dict):
-        return {}
-    if all(isinstance(v, dict) for v in rope.values()) and rope:
-        return rope
-    return {"": rope}
-
-
-def _check_gemma(config: dict[str, Any], arch: str) -> None:
-    """What llama.cpp's Gemma graphs fix in code: the query scale, the sliding-window layers, the local RoPE base."""
-    layers, heads = int(config["num_hidden_layers"]), int(config["num_attention_heads"])
-    head_dim = int(config.get("head_dim") or int(config["hidden_size"]) // heads)
-    scalar = config.get("query_pre_attn_scalar")
-    big = {"gemma2": 46, "gemma3": 62}.get(arch) == layers  # llama.cpp's 27B: 1/√(hidden/heads)
-    if scalar is not None and int(scalar) != head_dim and not (big and int(scalar) == int(config["hidden_size"]) // heads):
-        raise InvalidSpecError(f"llama.cpp scales {arch}'s queries by 1/√head_dim ({head_dim}), this model by"
-                               f" 1/√{scalar} (query_pre_attn_scalar): choose another output format")
-    every = {"gemma2": 2, "gemma3": 6}.get(arch)
-    if every and config.get("layer_types") is not None:
-        expected = ["sliding_attention" if i % every < every - 1 else "full_attention" for i in range(layers)]
-        if list(config["layer_types"]) != expected:
-            raise InvalidSpecError(f"llama.cpp's {arch} makes every {every}th layer global and the others sliding-window;"
-                                   " this model's layer_types differ: choose another output format")
-    if arch == "gemma2" and (config.get("attn_logit_softcapping") is None or config.get("final_logit_softcapping") is None):
-        raise InvalidSpecError("llama.cpp's gemma2 always soft-caps attention and final logits; this model does not:"
-                               " choose another output format")
-    local = _rope_sections(config).get("sliding_attention", {}).get("rope_theta", config.get("rope_local_base_freq"))
-    if arch == "gemma3" and local is not None and float(local) != 10000.0:
-        raise InvalidSpecError(f"llama.cpp's gemma3 uses RoPE base 10000 on its sliding-window layers, this model"
-                               f" {local}: choose another output format")
-
-
-def _check_qwen_moe(config: dict[str, Any], arch: str) -> None:
-    """llama.cpp's qwen2moe / qwen3moe: every layer an MoE layer, the top-k routing weights renormalised for qwen3moe
-    and not for qwen2moe (fixed in its graphs)."""
-    if int(config.get("decoder_sparse_step") or 1) != 1 or config.get("mlp_only_layers"):
-        raise InvalidSpecError(f"llama.cpp's {arch} makes every layer an MoE layer; this model has dense ones"
-                               " (decoder_sparse_step / mlp_only_layers): choose another output format")
-    if arch == "qwen2moe" and config.get("tie_word_embeddings"):
-        raise InvalidSpecError("llama.cpp's qwen2moe reads its own output matrix, and this model ties it to the token"
-                               " embedding: choose another output format")
-    normalised = arch == "qwen3moe"
-    if bool(config.get("norm_topk_prob", False)) != normalised:
-        raise InvalidSpecError(f"llama.cpp's {arch} {'renormalises' if normalised else 'does not renormalise'} the"
-                               f" top-k routing weights; this model's norm_topk_prob is {config.get('norm_topk_prob')}:"
-                               " choose another output format")
-
-
-ARCH_CHECKS = {"gemma": _check_gemma, "gemma2": _check_gemma, "gemma3": _check_gemma,
-               "qwen2moe": _check_qwen_moe, "qwen3moe": _check_qwen_moe}
 
 
 def _arch_enum(arch: str) -> gguf.MODEL_ARCH:
@@ -372,7 +323,7 @@ def _hyperparameters(writer: gguf.GGUFWriter, config: dict[str, Any], file_type:
     writer.add_value_length(head_dim)
     rotary = float(config.get("partial_rotary_factor") or rope.get("partial_rotary_factor") or 1.0)
     writer.add_rope_dimension_count(int(rotary * head_dim))
-    full = _rope_sections(config).get("full_attention", rope)  # Gemma-3: the global layers' base
+    full = rope_sections(config).get("full_attention", rope)  # Gemma-3: the global layers' base
     writer.add_rope_freq_base(float(config.get("rope_theta") or full.get("rope_theta", 10000.0)))
     writer.add_layer_norm_rms_eps(float(config.get("rms_norm_eps", 1e-6)))
     writer.add_vocab_size(int(config["vocab_size"]))
@@ -387,30 +338,6 @@ def _hyperparameters(writer: gguf.GGUFWriter, config: dict[str, Any], file_type:
         if config.get("shared_expert_intermediate_size"):
             writer.add_expert_shared_feed_forward_length(int(config["shared_expert_intermediate_size"]))
     ARCH_KEYS.get(resolve_arch(config), lambda _w, _c: None)(writer, config)
-
-
-def _phi3_keys(writer: gguf.GGUFWriter, config: dict[str, Any]) -> None:
-    """convert_hf_to_gguf.py's Phi3MiniModel: the pre-extension context length, and a sliding window of 0 when the
-    model has none (llama.cpp tells Phi-4 from Phi-3 by it)."""
-    rope = config.get("rope_parameters") or {}
-    original = config.get("original_max_position_embeddings") or rope.get("original_max_position_embeddings")
-    writer.add_rope_scaling_orig_ctx_len(int(original or config.get("max_position_embeddings", 4096)))
-    writer.add_sliding_window(int(config.get("sliding_window") or 0))
-
-
-def _gemma2_keys(writer: gguf.GGUFWriter, config: dict[str, Any]) -> None:
-    writer.add_attn_logit_softcapping(float(config["attn_logit_softcapping"]))
-    writer.add_final_logit_softcapping(float(config["final_logit_softcapping"]))
-    writer.add_sliding_window(int(config["sliding_window"]))
-
-
-def _gemma3_keys(writer: gguf.GGUFWriter, config: dict[str, Any]) -> None:
-    if config.get("final_logit_softcapping"):
-        writer.add_final_logit_softcapping(float(config["final_logit_softcapping"]))
-    writer.add_sliding_window(int(config["sliding_window"]))
-
-
-ARCH_KEYS = {"phi3": _phi3_keys, "gemma2": _gemma2_keys, "gemma3": _gemma3_keys}  # the keys only one arch has
 
 
 @dataclass(frozen=True)

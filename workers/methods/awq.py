@@ -12,7 +12,7 @@ then every Linear's clip search and RTN run spread over the devices. One device:
 from __future__ import annotations
 
 import copy
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -90,26 +90,37 @@ def _searches_independent(mappings: Sequence[AwqMapping], plan: LayerPlan) -> bo
     return True
 
 
-def smooth(work: LayerWork) -> tuple[dict[Group, AwqStatistics], dict[str, Tensor]]:
+# (mapping, its input statistics on device d, d) → the mapping's scales, or None to leave it unscaled
+ScaleSearch = Callable[[AwqMapping, AwqStatistics, int], "Tensor | None"]
+
+
+def smooth(work: LayerWork, search_on: ScaleSearch | None = None) -> tuple[dict[Group, AwqStatistics], dict[str, Tensor]]:
     """Search and fold every mapping's scales into the primary layer. Returns the statistics of the scaled
     inputs and, per Linear whose output rows were divided by a mapping's scales (in this solve pass of the
-    layer or an earlier one), that row scale."""
+    layer or an earlier one), that row scale. `search_on` replaces the search on the job's grid (`search`: the
+    scheme's, MoE mappings on the block's routed output), e.g. by one on a GGUF grid."""
     devices, plan, stats = work.devices, work.plan, merged_statistics(work)
     mappings = usable_mappings(work)
-    moe = awq_moe.capture(work, mappings) if expert_blocks(work.layer) and mappings else None
-    found: list[Tensor] = []
+    if search_on is None:
+        moe = awq_moe.capture(work, mappings) if expert_blocks(work.layer) and mappings else None
+
+        def search_on(m: AwqMapping, local: AwqStatistics, d: int) -> Tensor | None:
+            return search(work, m, local, d, moe)
+
+    found: list[Tensor | None] = []
     if _searches_independent(mappings, plan):
         owner = assign_groups([sum(work.linear(n).weight.numel() for n in m.linears) for m in mappings], len(devices))
         for m, d in zip(mappings, owner, strict=True):
             work.progress(m.prev, work.where(d, "awq scale search"))
 
-        def scales_on(d: int) -> list[Tensor]:
+        def scales_on(d: int) -> list[Tensor | None]:
             mine = []
             for m, o in zip(mappings, owner, strict=True):
                 if o == d:
                     group = stats[plan.group_of(m.linears[0])]
                     local = AwqStatistics(group.second_moment.to(devices[d]), group.mean_abs.to(devices[d]))
-                    mine.append(search(work, m, local, d, moe).to(devices[0]))
+                    scales = search_on(m, local, d)
+                    mine.append(None if scales is None else scales.to(devices[0]))
             return mine
 
         per_device = work.threads.run(scales_on)
@@ -119,7 +130,9 @@ def smooth(work: LayerWork) -> tuple[dict[Group, AwqStatistics], dict[str, Tenso
         first, *others = groups_of(plan, m)
         if not found:
             work.progress(m.prev, "awq scale search")
-        scales = found[i] if found else search(work, m, stats[first], 0, moe)
+        scales = found[i] if found else search_on(m, stats[first], 0)
+        if scales is None:
+            continue
         fold(work.layer, m, scales, stats[first], row_scale)
         for group in others:
             stats[group].divide(scales)

@@ -22,6 +22,7 @@ from functools import partial
 import torch
 from torch import Tensor
 
+from workers.awq_mappings import AwqMapping
 from workers.errors import InvalidSpecError
 from workers.methods.base import LayerWork, PipelineResult
 from workers.model_graph import linear_names
@@ -89,33 +90,28 @@ class GGUFGrid:
         return solved
 
     def _awq(self, work: LayerWork, blocks: dict[str, BlockType]) -> dict[str, GGUFTensor]:
-        """AWQ's scales searched on the GGUF grid and folded, then RTN on it with the scaled inputs' importance."""
-        from workers.methods.awq import fold, groups_of, merged_statistics, usable_mappings
+        """AWQ's scales searched on the GGUF grid and folded (workers/methods/awq.py `smooth`), then RTN on it with
+        the scaled inputs' importance."""
+        from workers.methods.awq import AwqStatistics, smooth
 
         if expert_blocks(work.layer):
             raise InvalidSpecError("AWQ on a GGUF grid does not cover Mixture-of-Experts layers; use method gptq or rtn")
-        stats, plan = merged_statistics(work), work.plan
-        for mapping in usable_mappings(work):
-            names = [name for name in mapping.linears if name in blocks]
-            if len(names) != len(mapping.linears):
-                continue  # a Linear the file keeps float: nothing to protect
-            first, *others = groups_of(plan, mapping)
-            work.progress(mapping.prev, f"{self.name} awq scale search")
-            importance = stats[first].second_moment.diagonal()
-            quantizers = [partial(_round_trip, blocks[name], importance) for name in names]
-            scales = search_scales(stats[first].second_moment, stats[first].mean_abs,
-                                   [work.linear(name).weight for name in names], None,
-                                   grid=work.options.awq_grid, quantizers=quantizers)[0]
-            fold(work.layer, mapping, scales, stats[first], work.row_scale)
-            for group in others:
-                stats[group].divide(scales)
+
+        def search_on(mapping: AwqMapping, stats: AwqStatistics, _device: int) -> Tensor | None:
+            if any(name not in blocks for name in mapping.linears):
+                return None  # a Linear the file keeps float: nothing to protect
+            quantizers = [partial(_round_trip, blocks[name], stats.second_moment.diagonal()) for name in mapping.linears]
+            return search_scales(stats.second_moment, stats.mean_abs, [work.linear(n).weight for n in mapping.linears],
+                                 None, grid=work.options.awq_grid, quantizers=quantizers)[0]
+
+        stats, row_scale = smooth(work, search_on)
         solved: dict[str, GGUFTensor] = {}
-        for group in plan.groups:
+        for group in work.plan.groups:
             sigma = stats[group].second_moment
             for name in (n for n in group if n in blocks):
                 weight = work.linear(name).weight
                 qt = gguf_grid.quantize(blocks[name], weight, importance=sigma.diagonal())
-                rows = work.row_scale.get(name)
+                rows = row_scale.get(name)
                 row = (rows if rows is not None else torch.ones(weight.shape[0])).to(sigma.device).unsqueeze(1)
                 reference = weight.to(sigma.device, torch.float32) * row
                 mse, relative = output_error(reference, qt.dequantize().to(sigma.device) * row, sigma)
