@@ -2,7 +2,9 @@
 
 For each size n it times, one step after another on one device (so no step competes with another for the
 same cores or SMs):
-* `one device`: `prepare_hessian` (cholesky → cholesky_inverse → cholesky), what a single device runs;
+* `3-step`: cholesky → cholesky_inverse → cholesky, the factorisation one device ran before (≈ 4/3·n³);
+* `one device`: `prepare_hessian` (workers/quant/inverse_hessian.py: the Cholesky of the reversed Hessian and
+  its triangular inverse, ≈ 2/3·n³), what a single device runs now;
 * the split path's steps (workers/quant/split_inverse.py): the Cholesky of the reversed Hessian (one device),
   each device's range of columns of the triangular inverse for N = 2, 3, 4, 8 (each range timed alone: what
   that device does while the others do theirs), and the assembly of U;
@@ -30,8 +32,13 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 if str(REPO_ROOT) not in sys.path:
     sys.path.insert(0, str(REPO_ROOT))
 
-from workers.quant.gptq import prepare_hessian  # noqa: E402
-from workers.quant.split_inverse import column_ranges, flipped_cholesky, flipped_upper, inverse_columns  # noqa: E402
+from workers.quant.inverse_hessian import (  # noqa: E402
+    flipped_cholesky,
+    flipped_upper,
+    inverse_columns,
+    prepare_hessian,
+)
+from workers.quant.split_inverse import column_ranges  # noqa: E402
 
 
 def timed(fn: Callable[[], Any], device: torch.device, reps: int) -> tuple[float, Any]:
@@ -57,13 +64,24 @@ def hessian(n: int, device: torch.device, seed: int = 0) -> torch.Tensor:
     return (2 * x.T @ x / (2 * n)).to(device)
 
 
+def three_step(h: torch.Tensor, dampening: float = 0.01) -> torch.Tensor:
+    """The factorisation before workers/quant/inverse_hessian.py: cholesky(cholesky_inverse(cholesky(H)), upper)."""
+    damped = h.clone()
+    damped.diagonal().add_(dampening * h.diagonal().mean())
+    return torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(damped)), upper=True)
+
+
 def measure(n: int, device: torch.device, counts: list[int], reps: int) -> dict[str, Any]:
     h = hessian(n, device)
+    three_s, before = timed(lambda: three_step(h), device, reps)
     one_s, one = timed(lambda: prepare_hessian(h), device, reps)
     chol_s, factor = timed(lambda: flipped_cholesky(h), device, reps)
     lower = factor.lower
     assert lower is not None and one.hinv is not None
-    row: dict[str, Any] = {"n": n, "one_device_ms": 1e3 * one_s, "cholesky_ms": 1e3 * chol_s, "split": {}}
+    row: dict[str, Any] = {"n": n, "three_step_ms": 1e3 * three_s, "one_device_ms": 1e3 * one_s,
+                           "cholesky_ms": 1e3 * chol_s, "split": {},
+                           "max_rel_diff_one_device_vs_three_step": float((one.hinv - before).abs().max()
+                                                                          / before.abs().max())}
     for count in counts:
         ranges = column_ranges(n, [1.0] * count)
         range_ms: list[float] = []
@@ -91,11 +109,11 @@ def measure(n: int, device: torch.device, counts: list[int], reps: int) -> dict[
 
 def format_rows(rows: list[dict[str, Any]], device: str) -> str:
     lines = [f"device {device}; ms, median; critical path = Cholesky + slowest range + assembly (copies not timed)",
-             f"{'n':>6} {'one dev':>9} {'Cholesky':>9} {'N':>3} {'ranges (ms each)':>36} {'assemble':>9} {'critical':>9} {'speed-up':>8} {'|ΔU|/|U|':>9}"]
+             f"{'n':>6} {'3-step':>9} {'one dev':>9} {'Cholesky':>9} {'N':>3} {'ranges (ms each)':>36} {'assemble':>9} {'critical':>9} {'speed-up':>8} {'|ΔU|/|U|':>9}"]
     for row in rows:
         for count, s in row["split"].items():
             ranges = " ".join(f"{ms:.1f}" for ms in s["range_ms"])
-            lines.append(f"{row['n']:>6} {row['one_device_ms']:>9.1f} {row['cholesky_ms']:>9.1f} {count:>3} {ranges:>36} "
+            lines.append(f"{row['n']:>6} {row['three_step_ms']:>9.1f} {row['one_device_ms']:>9.1f} {row['cholesky_ms']:>9.1f} {count:>3} {ranges:>36} "
                          f"{s['assemble_ms']:>9.1f} {s['critical_path_ms']:>9.1f} {s['speedup_vs_one_device']:>7.2f}x "
                          f"{s['max_rel_diff_vs_one_device']:>9.1e}")
     return "\n".join(lines)

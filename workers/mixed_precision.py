@@ -44,7 +44,8 @@ from workers.methods.base import LayerWork
 from workers.options import PipelineOptions
 from workers.output_error import deployed, row_errors
 from workers.progress import Progress, ProgressCallback, no_progress
-from workers.quant.gptq import gptq_solve, prepare_hessian
+from workers.quant.gptq import gptq_solve
+from workers.quant.inverse_hessian import prepare_hessian
 from workers.quant.rtn import rtn_quantize
 from workers.spec import JobSpec, Method, QuantScheme
 

@@ -8,7 +8,11 @@ Two checks:
   cases are skipped, saying why. (transformers 5.25 moved one case, gptq-w8-channel: the pre-refactor engine,
   commit abf03c2, and today's write the same new bytes under it, so that case's hashes were re-recorded from
   abf03c2. `engine_bytes-avx512.json` was recorded on an AVX-512 machine from commit a16836b, whose bytes matched
-  the AVX2 record, and from the commit that added it: the two wrote identical files for all 23 cases.)
+  the AVX2 record, and from the commit that added it: the two wrote identical files for all 23 cases. GPTQ's
+  inverse-Hessian factor from one Cholesky and a triangular inverse (workers/quant/inverse_hessian.py) moved
+  the two GGUF GPTQ cases on the AVX-512 machine, re-recorded there; the AVX2 record's cases that run GPTQ are
+  marked "stale" with the reason and skipped until someone records them on an AVX2 machine:
+  `python -m tests.workers.engine_bytes record`.)
 * everywhere: the layer loop's GPTQ and RTN equal a plain reference loop written here from the kernels
   (capture each group's input, solve, install the dequantized weights, forward the quantized layer).
 """
@@ -50,9 +54,12 @@ def bytes_models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 def test_every_output_file_has_the_recorded_sha256(
     name: str, bytes_models: dict[str, Path], calibration_file: Path, tmp_path: Path, one_thread: None
 ) -> None:
+    recorded = RECORDED["cases"][name]
+    if "stale" in recorded:  # an intended change of the engine's numbers, not yet recorded in this environment
+        pytest.skip(recorded["stale"])
     case = engine_bytes.CASES[name]
     hashes = engine_bytes.run_case(case, bytes_models[case.model], calibration_file, tmp_path / "out")
-    assert hashes == RECORDED["cases"][name]["files"]
+    assert hashes == recorded["files"]
 
 
 def _weight(layer: nn.Module, name: str) -> Tensor:

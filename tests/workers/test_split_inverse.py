@@ -1,5 +1,7 @@
-"""GPTQ's inverse factor split over devices (workers/quant/split_inverse.py, workers/methods/groups.py), on CPU
-"devices": the same factor as one device within float32 rounding, the same codes, for 2, 3 and 4 devices."""
+"""GPTQ's inverse factor (workers/quant/inverse_hessian.py) and its chunks shared over devices
+(workers/quant/split_inverse.py, workers/methods/groups.py), on CPU "devices": the factor against an independent
+float64 one, the same factor bit for bit whichever device solves which chunk, the same codes for 2, 3 and 4
+devices."""
 
 from __future__ import annotations
 
@@ -15,16 +17,16 @@ from tests.workers.test_pipeline import run
 from workers.activations import ShardedActivations
 from workers.methods import method_for
 from workers.progress import Progress
-from workers.quant.gptq import gptq_solve, prepare_hessian
-from workers.quant.split_inverse import (
-    SharedInverse,
+from workers.quant.gptq import gptq_solve
+from workers.quant.inverse_hessian import (
     column_chunks,
-    column_ranges,
     flipped_cholesky,
     flipped_upper,
+    hessian_in_sweep_order,
     inverse_columns,
-    split_upper_cholesky_of_inverse,
+    prepare_hessian,
 )
+from workers.quant.split_inverse import SharedInverse, column_ranges, split_upper_cholesky_of_inverse
 from workers.spec import JobSpec, QuantScheme
 
 
@@ -70,10 +72,14 @@ def test_split_factor_is_the_one_device_factor(act_order: bool, parts: int) -> N
     assert factor.lower is not None and one.hinv is not None
     upper = split_upper_cholesky_of_inverse(factor.lower, parts)
     assert torch.equal(upper, upper.triu()) and bool((upper.diagonal() > 0).all())
+    if parts == 1:
+        assert torch.equal(upper, one.hinv)
     torch.testing.assert_close(upper, one.hinv, rtol=1e-4, atol=1e-5 * float(one.hinv.abs().max()))
-    # UᵀU is the damped H⁻¹ in sweep order
+    # UᵀU is the damped H⁻¹ in sweep order, and U its upper Cholesky factor as float64 LAPACK computes it
     damped, _, _ = _damped(h, act_order, one.dampening)
     torch.testing.assert_close(upper.T @ upper @ damped, torch.eye(384), rtol=0, atol=2e-3)
+    reference = torch.linalg.cholesky(torch.linalg.inv(damped.double()), upper=True)
+    torch.testing.assert_close(one.hinv.double(), reference, rtol=1e-4, atol=1e-5 * float(reference.abs().max()))
     assert factor.dampening == one.dampening
     assert torch.equal(factor.dead, one.dead)
     assert (factor.perm is None) == (one.perm is None)
@@ -82,8 +88,6 @@ def test_split_factor_is_the_one_device_factor(act_order: bool, parts: int) -> N
 
 
 def _damped(h: Tensor, act_order: bool, damp: float) -> tuple[Tensor, Tensor | None, Tensor]:
-    from workers.quant.gptq import hessian_in_sweep_order
-
     s, perm, dead = hessian_in_sweep_order(h, act_order=act_order)
     s = s.clone()
     s.diagonal().add_(damp * s.diagonal().mean())
@@ -133,6 +137,20 @@ def test_chunks_pulled_by_any_devices_give_the_one_device_factor(workers: int) -
     covered = sorted(rng for rng, _ in inverse.blocks)
     assert covered == column_chunks(0, 700, 700, 16)
     torch.testing.assert_close(inverse.upper(CPU), one.hinv, rtol=1e-4, atol=1e-5 * float(one.hinv.abs().max()))
+
+
+def test_devices_sharing_the_chunks_give_the_one_device_factor_bit_for_bit() -> None:
+    """With the engine's chunk size every device solves the chunks one device solves: the same U, bit for bit."""
+    h = hessian(1100, seed=7)
+    one = prepare_hessian(h)
+    inverse = SharedInverse()
+    with ThreadPoolExecutor(3) as pool:
+        joined = [pool.submit(inverse.work, CPU) for _ in range(3)]
+        inverse.publish(flipped_cholesky(h))
+        for future in joined:
+            future.result(timeout=60)
+    assert len(inverse.blocks) == len(column_chunks(0, 1100, 1100)) > 1
+    assert one.hinv is not None and torch.equal(inverse.upper(CPU), one.hinv)
 
 
 def test_every_free_device_takes_chunks(monkeypatch: pytest.MonkeyPatch) -> None:

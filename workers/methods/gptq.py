@@ -14,9 +14,9 @@ from torch import Tensor
 
 from workers.methods.base import LayerWork, QuantMethod, register
 from workers.methods.groups import Solved, solve_groups
-from workers.quant.gptq import GPTQResult, PreparedHessian, gptq_quantize_shared, gptq_solve, prepare_hessian
+from workers.quant.gptq import GPTQResult, gptq_quantize_shared, gptq_solve
 from workers.quant.grid import QuantizedTensor
-from workers.quant.split_inverse import FlippedCholesky, flipped_cholesky
+from workers.quant.inverse_hessian import FlippedCholesky, PreparedHessian, flipped_cholesky, prepare_hessian
 
 
 class GptqGroups:

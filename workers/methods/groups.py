@@ -13,11 +13,11 @@ it). With a row-splitting solver (GPTQ) the costliest group, when it is more tha
     round two    every device assembles U = P·L⁻¹·P and sweeps its contiguous share of the output rows.
 
 Rows are independent in GPTQ (a row's codes depend only on that row and H⁻¹), so the row split changes no
-integer; the factor itself is the one-device U reached by another rounding path (one Cholesky and a
-triangular inverse instead of Cholesky, `cholesky_inverse`, Cholesky), so a code on a rounding boundary may
-flip against one device, and the ranges do not change it: 2, 3 or 4 devices give one another's codes on CPU.
+integer; the factor is built from the same column chunks one device solves (workers/quant/inverse_hessian.py),
+so U has the one-device bits whichever device solves which chunk. Codes differ from one device's only where the
+Hessians do: merged partial sums add in another order, so a code on a rounding boundary may flip.
 Results and module errors are gathered on the primary, recorded in group order. One device is the same code
-with every group on device 0, inline, and its numerics unchanged.
+with every group on device 0, inline.
 """
 
 from __future__ import annotations
@@ -33,9 +33,10 @@ from workers.devices import assign_groups, shard_bounds, split_group
 from workers.methods.base import LayerWork
 from workers.model_graph import Group, LayerPlan
 from workers.output_error import output_error
-from workers.quant.gptq import GPTQResult, PreparedHessian
+from workers.quant.gptq import GPTQResult
 from workers.quant.grid import QuantizedTensor
-from workers.quant.split_inverse import FlippedCholesky, SharedInverse
+from workers.quant.inverse_hessian import FlippedCholesky, PreparedHessian
+from workers.quant.split_inverse import SharedInverse
 
 Solved = tuple[QuantizedTensor, bool, str | None]  # result, fell back to RTN, note
 GroupOutcome = tuple[str, QuantizedTensor, float, float, bool, str | None]  # name, result, mse, relative, fallback, note

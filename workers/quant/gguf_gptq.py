@@ -17,7 +17,7 @@ import torch
 from torch import Tensor
 
 from workers.quant.gguf_grid import BlockType, GGUFTensor, choose_params, nearest_codes, quantize
-from workers.quant.gptq import PreparedHessian, prepare_hessian
+from workers.quant.inverse_hessian import PreparedHessian, prepare_hessian
 
 
 def gguf_gptq_quantize_shared(

@@ -29,10 +29,9 @@ from torch import Tensor
 
 from workers.errors import InputError
 from workers.quant.grid import QuantizedTensor, compute_qparams, quantize_values
+from workers.quant.inverse_hessian import PreparedHessian, prepare_hessian
 from workers.quant.rtn import check_weight, group_qparams, rtn_quantize
 from workers.spec import Observer, QuantScheme
-
-DAMPENING_RETRIES = 3  # on Cholesky failure try λ·10, λ·100, λ·1000 before falling back to RTN
 
 SweepKernel = Literal["auto", "reference", "triton"]
 HessianPrecision = Literal["auto", "fp32", "half-operands"]
@@ -158,57 +157,6 @@ class GPTQResult:
     dampening: float  # the relative dampening that made H positive definite (the requested one if no retry)
     fell_back_to_rtn: bool
     note: str | None
-
-
-@dataclass
-class PreparedHessian:
-    """What the sweep needs from one Hessian; shared by every module that reads the same input."""
-
-    hinv: Tensor | None  # upper Cholesky factor of the damped H⁻¹ (in sweep order); None if all retries failed
-    perm: Tensor | None  # sweep order of the columns (act_order), None for the natural order
-    dead: Tensor  # bool [in]: inputs that were always zero
-    importance: Tensor  # diag(H) [in], original order: the range search's weight per input column
-    dampening: float  # the dampening that worked (or the last one tried)
-    requested_dampening: float
-
-
-def _upper_cholesky_of_inverse(h: Tensor, dampening: float) -> tuple[Tensor | None, float]:
-    """Upper Cholesky factor of (H + λ·mean(diag H)·I)⁻¹, raising λ ×10 on failure; (None, λ) if all fail."""
-    mean_diag = h.diagonal().mean()
-    damp = dampening
-    for _ in range(DAMPENING_RETRIES + 1):
-        damped = h.clone()
-        damped.diagonal().add_(damp * mean_diag)
-        lower, info = torch.linalg.cholesky_ex(damped)
-        if int(info) == 0 and bool(torch.isfinite(lower).all()):
-            upper, info = torch.linalg.cholesky_ex(torch.cholesky_inverse(lower), upper=True)
-            if int(info) == 0 and bool(torch.isfinite(upper).all()):
-                return upper, damp
-        damp *= 10
-    return None, damp / 10
-
-
-def prepare_hessian(
-    hessian: Tensor, *, dampening: float = 0.01, act_order: bool = False, device: torch.device | None = None
-) -> PreparedHessian:
-    """Dead inputs, sweep order and the damped inverse factor of `hessian` `[in, in]` (not modified)."""
-    h, perm, dead = hessian_in_sweep_order(hessian, act_order=act_order, device=device)
-    hinv, damp = _upper_cholesky_of_inverse(h, dampening)
-    return PreparedHessian(hinv, perm, dead, hessian.diagonal().to(h.device, torch.float32), damp, dampening)
-
-
-def hessian_in_sweep_order(
-    hessian: Tensor, *, act_order: bool = False, device: torch.device | None = None
-) -> tuple[Tensor, Tensor | None, Tensor]:
-    """(H in float32 with dead inputs' diagonal set to 1, permuted to the sweep order; the order or None; the
-    dead inputs): what any factorisation of `hessian` starts from (`prepare_hessian`, workers/quant/split_inverse.py)."""
-    if hessian.ndim != 2 or hessian.shape[0] != hessian.shape[1]:
-        raise ValueError(f"the Hessian must be a square [in, in] matrix, got shape {tuple(hessian.shape)}")
-    h = hessian.detach().to(device or hessian.device, torch.float32).clone()
-    dead = h.diagonal() == 0  # inputs that were always zero: any value works, so make them exact zeros
-    h.diagonal()[dead] = 1.0
-    perm = torch.argsort(h.diagonal(), descending=True) if act_order else None
-    return (h[perm][:, perm] if perm is not None else h), perm, dead
 
 
 Swept = tuple[Tensor, Tensor, Tensor | None, Tensor]  # codes, scales, zero points, per-row losses
