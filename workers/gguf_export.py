@@ -74,7 +74,7 @@ def export_gguf(
     config = json.loads((model_dir / "config.json").read_text())
     sink = GGUFFile(out_path, model_dir, config, file_type, keep_dequantized=keep_dequantized)
     spec = JobSpec(model_dir=str(model_dir), method=Method(method), dampening=dampening, act_order=act_order)
-    grid = GGUFGrid(f"gguf:{file_type}", sink.block_of, spec.method, dampening=dampening, act_order=act_order)
+    grid = GGUFGrid(f"gguf:{file_type}", sink.block_of, spec.method)
     try:
         quantize_model(
             LayerwiseModel(model_dir, device), CheckpointWeights(TensorSource(model_dir)), spec, [Output([sink], grid)],

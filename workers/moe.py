@@ -30,7 +30,8 @@ smooth (AWQ, awq-gptq) must fold every scale into a Linear before it is rounded;
 (up → down) folds only into that expert, so they solve the experts first, in chunks that hold each expert's
 down_proj statistics and its routed ones (workers/methods/awq_moe.py) within the budget, each chunk searching,
 folding and rounding its down projections, then every other group with the remaining mappings (norm → gate/up
-of all experts, attention) on the already folded up projections. One pass when everything fits.
+of all experts, attention) on the already folded up projections. One pass when everything fits. Every grid
+of the job (the scheme's and each GGUF type's) solves each pass from that pass's one capture.
 
 Too few tokens: an expert Linear whose statistics come from fewer tokens than it has inputs (a rank-deficient
 Hessian) is solved with `STARVED_DAMPENING_FACTOR` times the job's dampening; if Cholesky
@@ -44,9 +45,9 @@ from __future__ import annotations
 
 import copy
 import re
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, replace
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 import torch
 from torch import Tensor, nn
@@ -55,9 +56,8 @@ from workers.errors import InvalidSpecError
 
 if TYPE_CHECKING:
     from workers.awq_mappings import AwqMapping
-    from workers.methods.base import LayerWork, QuantMethod
+    from workers.methods.base import LayerWork, PipelineResult
     from workers.model_graph import Group, LayerPlan
-    from workers.quant.grid import QuantizedTensor
 
 STATISTICS_BUDGET_BYTES = 4 * 2**30  # input statistics of one solve pass of an MoE layer
 STARVED_DAMPENING_FACTOR = 10.0
@@ -366,28 +366,42 @@ def routed_counts(layers: list[nn.Module]) -> dict[str, list[int]]:
     return totals
 
 
-def solve_layer(method: QuantMethod, work: LayerWork, budget: int | None = None) -> dict[str, QuantizedTensor]:
-    """`method.solve(work)`, for an MoE layer in passes that fit the statistics budget, with starved experts
-    dampened more, and each expert's token counts noted on its modules' records (see the module docstring)."""
+class Solver(Protocol):
+    """What solves a layer's Linears from its statistics: a method (workers/methods/base.py) or a grid
+    (workers/methods/gguf.py GGUFGrid)."""
+
+    def solve(self, work: LayerWork) -> Mapping[str, Any]: ...
+
+
+def solve_layer(
+    solvers: Sequence[tuple[Solver, PipelineResult]], work: LayerWork, budget: int | None = None
+) -> list[dict[str, Any]]:
+    """Each solver's `solve(work)` (its records go to its own result), all from the same captures; for an MoE
+    layer in passes that fit the statistics budget, every solver solving each pass from that pass's capture, with
+    starved experts dampened more, and each expert's token counts noted on its modules' records (see the module
+    docstring)."""
     if work.acts is None or not expert_blocks(work.layer):
-        return method.solve(work)
+        return [dict(solver.solve(work)) for solver, _ in solvers]
     layer, replicas, plan = work.layer, work.replicas, work.plan  # the plan's probe forward is not counted
     tokens = work.acts.num_tokens
     smooths = work.spec.method.smooths  # the expert passes (with their own mappings) first, see plan_passes
     passes = plan_passes(layer, plan, STATISTICS_BUDGET_BYTES if budget is None else budget, smoothing=smooths)
     starved = STARVED_DAMPENING_FACTOR * work.spec.dampening
-    solved: dict[str, QuantizedTensor] = {}
-    first_record = len(work.result.module_errors)
+    solved: list[dict[str, Any]] = [{} for _ in solvers]
+    first_records = [len(result.module_errors) for _, result in solvers]
     routed: dict[str, list[int]] = {}
     for sub in passes:
         parts = [(sub, work.spec.dampening)] if smooths else _by_dampening(layer, sub, tokens, work.spec.dampening, starved)
         for part_plan, dampening in parts:
             reset_counts(replicas)
-            solved.update(method.solve(_work_with(work, part_plan, dampening)))
+            part = _work_with(work, part_plan, dampening)  # one capture of this part's statistics, for every solver
+            for (solver, _), own in zip(solvers, solved, strict=True):
+                own.update(solver.solve(part))
             # a capture forward that reached the MoE block routed every token once (one may stop before it)
             for path, counts in routed_counts(replicas).items():
                 routed[path] = [max(a, b) for a, b in zip(routed.get(path, counts), counts, strict=True)]
-    _annotate(work, first_record, routed, tokens, None if smooths else starved)
+    for (_, result), first in zip(solvers, first_records, strict=True):
+        _annotate(work, result, first, routed, tokens, None if smooths else starved)
     return solved
 
 
@@ -414,9 +428,11 @@ def _work_with(work: LayerWork, plan: LayerPlan, dampening: float) -> LayerWork:
     return part
 
 
-def _annotate(work: LayerWork, first: int, routed: dict[str, list[int]], tokens: int, starved: float | None) -> None:
-    for i in range(first, len(work.result.module_errors)):
-        record = work.result.module_errors[i]
+def _annotate(
+    work: LayerWork, result: PipelineResult, first: int, routed: dict[str, list[int]], tokens: int, starved: float | None
+) -> None:
+    for i in range(first, len(result.module_errors)):
+        record = result.module_errors[i]
         owner = expert_of(work.layer, record.module)
         if owner is None:
             continue
@@ -426,5 +442,5 @@ def _annotate(work: LayerWork, first: int, routed: dict[str, list[int]], tokens:
         note = f"expert {e}: routed {routed[path][e]} of {tokens} tokens, calibrated on all {tokens}"
         if tokens < module.in_features and starved is not None:
             note += f"; fewer tokens than its {module.in_features} inputs: dampening {starved:g}"
-            work.result.fallback_modules.append(f"layers.{work.index}.{record.module}: {note}")
+            result.fallback_modules.append(f"layers.{work.index}.{record.module}: {note}")
         record.note = f"{note}; {record.note}" if record.note else note

@@ -88,7 +88,7 @@ class JobOutputs:
         for fmt, path in zip(spec.formats, self.paths, strict=True):
             if fmt.is_gguf:
                 file = GGUFFile(path, info.model_dir, info.config, parse_format(fmt.value))
-                grid = GGUFGrid(fmt.value, file.block_of, spec.method, dampening=spec.dampening, act_order=spec.act_order)
+                grid = GGUFGrid(fmt.value, file.block_of, spec.method)
                 self.gguf[fmt] = GGUFOutput(file, grid)
             else:
                 self.writers[fmt] = CheckpointWriter(

@@ -190,9 +190,10 @@ def _check_grids(spec: JobSpec, outputs: Sequence[Output]) -> None:
         raise ValueError("several grids (GGUF types beside the scheme) are solved by plain gptq or rtn only")
 
 
-def _solve_outputs(method: QuantMethod, work: LayerWork, outputs: Sequence[Output]) -> list[Mapping[str, Any]]:
+def _solve_outputs(method: QuantMethod, work: LayerWork, outputs: Sequence[Output]) -> list[dict[str, Any]]:
     """Every output's solved Linears of this layer, each grid from the same statistics and original weights."""
-    return [solve_layer(method, work) if out.grid is None else out.grid.solve(work) for out in outputs]
+    return solve_layer([(method, work.result) if out.grid is None else (out.grid, out.grid.result) for out in outputs],
+                       work)
 
 
 def _install(work: LayerWork, output: Output, solved: Mapping[str, Any]) -> None:

@@ -24,8 +24,16 @@ import pytest
 import torch
 from rich.console import Console
 
-from tests.workers.test_gguf_export import LLAMA_CPP, TEXT, _logits, calibration, read_back, tiny_model
-from workers import statistics
+from tests.workers.test_gguf_export import (
+    LLAMA_CPP,
+    TEXT,
+    _logits,
+    calibration,
+    read_back,
+    tiny_model,
+    tiny_moe_model,
+)
+from workers import moe, statistics
 from workers.activations import ShardedActivations
 from workers.cli import summary_table
 from workers.engine import run_local
@@ -217,3 +225,34 @@ def test_llama_cpp_reads_a_file_solved_beside_another_format(
     ours = math.exp(float(nll))
     theirs = llama_cpp_perplexity(path, ids, threads=2)
     assert abs(theirs / ours - 1) < 0.01, (theirs, ours)
+
+
+def test_gguf_grids_solve_moe_layers_in_the_expert_passes(tmp_path: Path) -> None:
+    """A GGUF grid goes through an MoE layer's solve passes (workers/moe.py `solve_layer`) as the scheme does: with a
+    one-expert statistics budget its file is byte-identical to the one-pass job's, each pass is one capture shared by
+    every format of the job, and eval.json notes each expert's routed tokens."""
+    text = tmp_path / "text.txt"
+    text.write_text(TEXT)
+    model = tiny_moe_model(tmp_path / "model", "qwen3_moe", experts=4)
+
+    def job(name: str, formats: tuple[OutputFormat, ...], budget: int | None = None) -> tuple[Path, int]:
+        spec = JobSpec(model_dir=str(model), method=Method.GPTQ, formats=formats,
+                       calibration=CalibrationSpec(str(text), num_samples=8, seq_len=64))
+        calls: Counter[str] = Counter()
+        with pytest.MonkeyPatch.context() as patch:
+            patch.setattr(statistics, "capture_inputs", _counting(calls, "capture", statistics.capture_inputs))
+            if budget is not None:
+                patch.setattr(moe, "STATISTICS_BUDGET_BYTES", budget)
+            run_local(spec, tmp_path / name)
+        return tmp_path / name, calls["capture"]
+
+    one, one_captures = job("one", (Q4_K_M,))
+    split, split_captures = job("split", (Q4_K_M,), budget=1)
+    both, both_captures = job("both", (CT, Q4_K_M), budget=1)
+    assert one_captures == 2  # 2 layers, everything in one pass
+    assert split_captures == both_captures == 2 * 4  # the dense groups with expert 0, then experts 1, 2, 3 alone
+    assert _sha(split / "model-Q4_K_M.gguf") == _sha(one / "model-Q4_K_M.gguf")
+    for out in (split, both):
+        notes = [e["note"] or "" for e in json.loads((out / "eval.json").read_text())["module_errors"]
+                 if ".experts." in e["module"]]
+        assert len(notes) == 2 * 4 * 3 and all("calibrated on all 512" in n for n in notes), notes

@@ -42,12 +42,10 @@ class GGUFGrid:
     """GPTQ (`method` gptq, needs calibration), AWQ (needs calibration) or RTN of every Linear on its GGUF block
     type."""
 
-    def __init__(self, name: str, block_of: BlockOf, method: Method, *, dampening: float = 0.01,
-                 act_order: bool = True) -> None:
+    def __init__(self, name: str, block_of: BlockOf, method: Method) -> None:
         if method not in (Method.GPTQ, Method.RTN, Method.AWQ):
             raise ValueError(f"GGUF grids are solved by gptq, awq or rtn, not {method.value}")
         self.name, self.block_of, self.method = name, block_of, method
-        self.dampening, self.act_order = dampening, act_order
         self.result = PipelineResult()
 
     def deployed(self, qt: GGUFTensor, work: LayerWork, device: torch.device) -> Tensor:
@@ -79,7 +77,8 @@ class GGUFGrid:
             if self.method is Method.GPTQ:
                 work.progress(", ".join(names), self.name)
                 outcomes = gguf_gptq_quantize_shared(
-                    weights, [blocks[n] for n in names], hessian, dampening=self.dampening, act_order=self.act_order
+                    weights, [blocks[n] for n in names], hessian, dampening=work.spec.dampening,
+                    act_order=work.spec.act_order,
                 )
             else:
                 outcomes = [(gguf_grid.quantize(blocks[n], w), False) for n, w in zip(names, weights, strict=True)]
