@@ -9,6 +9,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import math
+import shutil
 from pathlib import Path
 
 import gguf
@@ -16,6 +17,7 @@ import numpy as np
 import pytest
 import torch
 import transformers
+from safetensors.torch import save_file
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
 
@@ -273,17 +275,23 @@ def test_gemma_settings_llama_cpp_hard_codes_are_checked(change: dict[str, objec
 
 
 def tiny_moe_model(directory: Path, family: str, experts: int = 4) -> Path:
-    """A random 2-layer Qwen-MoE (qwen2_moe: with a shared expert and its gate) whose rows are whole 256-blocks."""
+    """A random 2-layer Qwen-MoE (qwen2_moe: with a shared expert and its gate) or Mixtral whose rows are whole
+    256-blocks."""
     tokenizer = bpe_tokenizer()
-    common = dict(vocab_size=len(tokenizer), hidden_size=256, intermediate_size=512, moe_intermediate_size=256,
-                  num_experts=experts, num_experts_per_tok=2, num_hidden_layers=2, num_attention_heads=4,
-                  num_key_value_heads=2, max_position_embeddings=512, bos_token_id=tokenizer.bos_token_id,
-                  eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
-    if family == "qwen3_moe":
-        config: transformers.PretrainedConfig = transformers.Qwen3MoeConfig(
-            head_dim=64, norm_topk_prob=True, tie_word_embeddings=True, **common)
+    common = dict(vocab_size=len(tokenizer), hidden_size=256, num_experts_per_tok=2, num_hidden_layers=2,
+                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+                  bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                  pad_token_id=tokenizer.pad_token_id)
+    qwen = dict(intermediate_size=512, moe_intermediate_size=256, num_experts=experts)
+    if family == "mixtral":  # llama.cpp files it under "llama", with experts
+        config: transformers.PretrainedConfig = transformers.MixtralConfig(
+            intermediate_size=256, num_local_experts=experts, tie_word_embeddings=False, **common)
+    elif family == "qwen3_moe":
+        config = transformers.Qwen3MoeConfig(head_dim=64, norm_topk_prob=True, tie_word_embeddings=True, **qwen,
+                                             **common)
     else:  # llama.cpp's qwen2moe reads its own output matrix, as the real models have
-        config = transformers.Qwen2MoeConfig(shared_expert_intermediate_size=512, tie_word_embeddings=False, **common)
+        config = transformers.Qwen2MoeConfig(shared_expert_intermediate_size=512, tie_word_embeddings=False, **qwen,
+                                             **common)
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_config(config).to(torch.float16)
     with torch.no_grad():
@@ -295,24 +303,18 @@ def tiny_moe_model(directory: Path, family: str, experts: int = 4) -> Path:
     return directory
 
 
-def _moe_logits(state: dict[str, torch.Tensor], model_dir: Path, ids: torch.Tensor, experts: int) -> torch.Tensor:
-    """transformers' own Qwen-MoE forward over per-expert weights, fused into its [experts, …] parameters."""
-    state = dict(state)
-    for layer in range(2):
-        prefix = f"model.layers.{layer}.mlp.experts"
-        gate, up, down = ([state.pop(f"{prefix}.{e}.{n}.weight") for e in range(experts)]
-                          for n in ("gate_proj", "up_proj", "down_proj"))
-        state[f"{prefix}.gate_up_proj"] = torch.stack([torch.cat([g, u]) for g, u in zip(gate, up, strict=True)])
-        state[f"{prefix}.down_proj"] = torch.stack(down)
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
-    loaded = model.load_state_dict(state, strict=False)
-    assert not loaded.unexpected_keys and all("lm_head" in k for k in loaded.missing_keys)
-    model.tie_weights()
+def _moe_logits(state: dict[str, torch.Tensor], model_dir: Path, ids: torch.Tensor, tmp: Path) -> torch.Tensor:
+    """transformers' own MoE forward over per-expert weights: saved as the family's checkpoints store them, loaded
+    by transformers (which fuses the experts into its [experts, …] parameters itself)."""
+    tmp.mkdir(parents=True, exist_ok=True)
+    shutil.copy(model_dir / "config.json", tmp / "config.json")
+    save_file({name: tensor.float().contiguous() for name, tensor in state.items()}, str(tmp / "model.safetensors"))
+    model = AutoModelForCausalLM.from_pretrained(tmp, dtype=torch.float32)
     with torch.no_grad():
         return model(ids).logits
 
 
-@pytest.mark.parametrize(("family", "experts"), [("qwen3_moe", 4), ("qwen2_moe", 8)])
+@pytest.mark.parametrize(("family", "experts"), [("qwen3_moe", 4), ("qwen2_moe", 8), ("mixtral", 8)])
 def test_moe_experts_are_stacked_as_llama_cpp_reads_them(tmp_path: Path, family: str, experts: int) -> None:
     """Each layer's experts become one [experts, out, in] tensor per projection (`ffn_{gate,up,down}_exps`), the
     routers and the shared-expert gate stay F32; what the file decodes to, split back per expert, is exactly what
@@ -328,6 +330,7 @@ def test_moe_experts_are_stacked_as_llama_cpp_reads_them(tmp_path: Path, family:
     assert result.tensor_types["blk.1.ffn_down_exps.weight"] == "Q6_K"  # use_more_bits, as for a dense ffn_down
     if family == "qwen2_moe":
         assert result.tensor_types["blk.0.ffn_gate_inp_shexp.weight"] == "F32"
+    if experts == 8:
         assert result.tensor_types["blk.0.attn_v.weight"] == "Q8_0"  # llama.cpp's rule for 8-expert models
     from_file = result.read_back().tensors("", torch.device("cpu"))
     assert from_file.keys() == result.dequantized.keys()
@@ -385,7 +388,7 @@ def test_llama_cpp_loads_the_file_and_its_perplexity_matches_ours(
 
 
 @pytest.mark.skipif(not LLAMA_CPP, reason="llama-cpp-python is not installed (benchmarks/gguf_quality.py builds it)")
-@pytest.mark.parametrize(("family", "experts"), [("qwen3_moe", 4), ("qwen2_moe", 8)])
+@pytest.mark.parametrize(("family", "experts"), [("qwen3_moe", 4), ("qwen2_moe", 8), ("mixtral", 8)])
 def test_llama_cpp_runs_our_moe_files_and_quantizes_them_to_our_recipe(tmp_path: Path, family: str, experts: int) -> None:
     """F16: llama.cpp's logits equal transformers' own MoE forward over the same weights (0.1 %: routing, shared
     experts and their gate read as written); Q4_K_M: llama-quantize of that F16 file picks our recipe's types."""
@@ -394,7 +397,7 @@ def test_llama_cpp_runs_our_moe_files_and_quantizes_them_to_our_recipe(tmp_path:
     model_dir = tiny_moe_model(tmp_path / "model", family, experts)
     ids = calibration(model_dir, samples=9)[8:]
     f16 = export_gguf(model_dir, tmp_path / "f16.gguf", "F16")
-    ours = _moe_logits(f16.dequantized, model_dir, ids, experts)[0]
+    ours = _moe_logits(f16.dequantized, model_dir, ids, tmp_path / "f16-read")[0]
     cpp = next(llama_cpp_logits(tmp_path / "f16.gguf", ids[:1], threads=2))
     centred = [x - x.mean(-1, keepdim=True) for x in (cpp, ours)]
     assert float((centred[0] - centred[1]).norm() / centred[1].norm()) < 0.005

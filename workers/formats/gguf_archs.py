@@ -20,7 +20,7 @@ EXPORTED_ARCHS = ("llama", "qwen2", "qwen3", "phi3", "gemma", "gemma2", "gemma3"
 NORMAL_ROPE_ARCHS = ("llama",)
 NORM_SHIFT_ARCHS = ("gemma", "gemma2", "gemma3")  # RMSNorm computes x̂·(1 + w): llama.cpp stores 1 + w
 # Hugging Face model_type → llama.cpp architecture, as convert_hf_to_gguf.py maps it
-ARCH_ALIASES = {"mistral": "llama", "gemma3_text": "gemma3", "qwen2_moe": "qwen2moe", "qwen3_moe": "qwen3moe"}
+ARCH_ALIASES = {"mistral": "llama", "mixtral": "llama", "gemma3_text": "gemma3", "qwen2_moe": "qwen2moe", "qwen3_moe": "qwen3moe"}
 
 
 def rope_sections(config: dict[str, Any]) -> dict[str, dict[str, Any]]:
