@@ -90,6 +90,8 @@ class Case:
     family: str
     method: str
     scheme: str  # "w4g128sym", "w4g128asym", a SCHEME_PRESETS name, or "mixed"
+    # the loader scores the first format; vLLM serves the last (the same integers written as GPTQ v1 there)
+    formats: tuple[str, ...] = ("compressed-tensors",)
 
 
 CASES: dict[str, Case] = {
@@ -97,6 +99,8 @@ CASES: dict[str, Case] = {
     "phi3-awq-w4a16": Case("phi3", "awq", "w4g128sym"),
     "qwen3-gptq-w4a16-asym": Case("qwen3", "gptq", "w4g128asym"),
     "qwen3moe-gptq-w4a16": Case("qwen3moe", "gptq", "w4g128sym"),
+    # GPTQ v1 with `dynamic` rules keeping the routers dense (workers/formats/gptq_v1.py), served by gptq_marlin
+    "qwen3moe-gptq-v1": Case("qwen3moe", "gptq", "w4g128sym", ("compressed-tensors", "gptq")),
     "llama3-8b-gptq-w4a16": Case("llama3-8b", "gptq", "w4g128sym"),
     "llama3-8b-fp8-dynamic": Case("llama3-8b", "rtn", "fp8-dynamic"),
     "llama3-8b-fp8-static": Case("llama3-8b", "rtn", "fp8-static"),
@@ -152,6 +156,7 @@ def job_spec(case: Case, model_dir: Path, calibration: Path, samples: int, seq_l
         JobSpec,
         Method,
         MixedPrecisionSpec,
+        OutputFormat,
         QuantScheme,
     )
 
@@ -167,6 +172,7 @@ def job_spec(case: Case, model_dir: Path, calibration: Path, samples: int, seq_l
         if case.scheme in SMOOTHQUANT_PRESETS:
             extra["smoothquant"] = SMOOTHQUANT_PRESETS[case.scheme]
     return JobSpec(model_dir=str(model_dir), method=Method(case.method), scheme=scheme, device=device,
+                   formats=tuple(OutputFormat(f) for f in case.formats),
                    calibration=CalibrationSpec(path=str(calibration), num_samples=samples, seq_len=seq_len), **extra)
 
 
@@ -218,6 +224,8 @@ def quantize(args: argparse.Namespace) -> None:
 
     from benchmarks.gpu_moe import write_text
     from workers.engine import run_local
+    from workers.outputs import output_path
+    from workers.spec import OutputFormat
 
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
@@ -247,7 +255,9 @@ def quantize(args: argparse.Namespace) -> None:
         seconds = time.perf_counter() - started
         logprobs = loader_logprobs(out, windows, args.device)
         size = sum(p.stat().st_size for p in out.glob("*.safetensors"))
-        results[name] = {"checkpoint": str(out), "family": case.family, "method": case.method, "scheme": case.scheme,
+        served = output_path(out, len(case.formats) - 1, OutputFormat(case.formats[-1]))
+        results[name] = {"checkpoint": str(out), "served": str(served), "family": case.family, "method": case.method,
+                         "scheme": case.scheme, "formats": list(case.formats),
                          "quantize_s": round(seconds, 1), "engine_s": report.timings_s, "safetensors_bytes": size,
                          "windows": windows, "logprobs": logprobs, "original": key}
         print(f"{name}: {seconds:.1f} s, loader ppl {perplexity(logprobs):.3f} "
@@ -321,7 +331,8 @@ def vllm_ppl(args: argparse.Namespace) -> None:
         if name in served and "error" not in served[name]:
             continue
         entry = loader[name]
-        served[name] = child("ppl", {"checkpoint": entry["checkpoint"], "windows": entry["windows"]}, args.child_timeout)
+        checkpoint = entry.get("served", entry["checkpoint"])
+        served[name] = child("ppl", {"checkpoint": checkpoint, "windows": entry["windows"]}, args.child_timeout)
         print(name, "error" if "error" in served[name] else f"vLLM ppl {perplexity(served[name]['logprobs']):.3f}",
               served[name].get("error", "")[-600:], flush=True)
         path.write_text(json.dumps(served))
