@@ -36,7 +36,7 @@ from workers.errors import InvalidSpecError
 from workers.evaluate import QuantizedWeights
 from workers.loading import CheckpointWeights, LayerwiseModel
 from workers.methods import awq
-from workers.model_graph import LayerPlan, build_skeleton
+from workers.model_graph import LayerPlan, build_skeleton, conversions
 from workers.pipeline import quantize_model
 from workers.preflight import plan_job, summary_lines
 from workers.quant.grid import QuantizedTensor
@@ -135,11 +135,33 @@ def test_moe_family_quantizes_every_expert_loads_and_matches(family: str, text: 
     assert errors["awq"] < 0.95 * errors["rtn"], errors
 
 
+def _transformers_gpt_oss(checkpoint: Path) -> torch.nn.Module:
+    """transformers' own GptOss model with the checkpoint decompressed into it by compressed-tensors, as transformers'
+    compressed-tensors quantizer loads a model (apply the config, compress the skeleton, load, decompress). transformers
+    5 has no conversion for per-expert gpt-oss tensors, so its fused experts module is first replaced by per-expert
+    Linears (workers.moe.unfuse_experts, equal to the fused module in float: the test above), as llm-compressor's
+    own gpt-oss flow linearizes them."""
+    from compressed_tensors.compressors import ModelCompressor
+    from compressed_tensors.quantization import QuantizationConfig, apply_quantization_config
+    from safetensors.torch import load_file
+
+    model = AutoModelForCausalLM.from_config(transformers.AutoConfig.from_pretrained(checkpoint), dtype=torch.float32)
+    moe.unfuse_experts(model, conversions(model))
+    config = json.loads((checkpoint / "config.json").read_text())["quantization_config"]
+    compressor = ModelCompressor(quantization_config=QuantizationConfig.model_validate(config))
+    apply_quantization_config(model, compressor.quantization_config)
+    compressor.compress_model(model)
+    loaded = model.load_state_dict(load_file(str(checkpoint / "model.safetensors")), strict=False)
+    assert not loaded.missing_keys and not loaded.unexpected_keys, loaded
+    compressor.decompress_model(model)
+    return model.float()
+
+
 def test_gpt_oss_fused_experts_are_split_quantized_and_read_back(text: Path, tmp_path: Path) -> None:
     """gpt-oss stores its experts fused ([E, H, 2I], gate/up columns interleaved, biases): they are split into
-    per-expert Linears, all quantized (biases dense) and read back by QuantFleet's reader to the fake-quantized
-    model. transformers 5 has no conversion for per-expert gpt-oss tensors and vLLM 0.26 reads gpt-oss experts
-    only fused (dense or MXFP4), so no other loader can be checked here."""
+    per-expert Linears, all quantized (biases dense), read back by QuantFleet's reader to the fake-quantized
+    model, and by transformers + compressed-tensors with the experts linearized (`_transformers_gpt_oss`) to the
+    same logits within 1e-3. vLLM 0.26 reads gpt-oss experts only fused (bf16 or MXFP4), so it cannot serve these."""
     model_dir = make_tiny_moe("gpt_oss", tmp_path / "model")
     assert "model.layers.0.mlp.experts.gate_up_proj" in stored(model_dir)  # fused in the source checkpoint
     model = LayerwiseModel(model_dir, CPU)
@@ -158,6 +180,8 @@ def test_gpt_oss_fused_experts_are_split_quantized_and_read_back(text: Path, tmp
         assert "model.layers.1.mlp.router.weight" in names and "model.layers.1.mlp.router.bias" in names
         ours = layerwise_logits(model, QuantizedWeights(out, model.model_dtype), ids)
         assert 1e-4 < relative(ours, original) < 1.0
+        with torch.no_grad():
+            assert relative(_transformers_gpt_oss(out)(ids).logits, ours) < 1e-3, method
         errors[method] = sum(e.error for e in report.module_errors)
     assert errors["gptq"] < errors["rtn"], errors
     assert errors["awq"] < 0.95 * errors["rtn"], errors
