@@ -128,6 +128,11 @@ class MixedPrecisionIn(Strict):
         description="By sensitivity: the average stored bits per weight (scales included; w4 g32 is 4.5) to meet; "
         "each group's error at w4/w8 grids is measured from its Hessian and bits go where they cut it most",
     )
+    target_kl: float | None = Field(
+        default=None, gt=0, le=10, allow_inf_nan=False,
+        description="By sensitivity, instead of target_bits_per_weight: the KL divergence from the original model (nats"
+        " per token, estimated from the measured errors) to stay within, with the fewest bits",
+    )
 
 
 class EvalIn(Strict):

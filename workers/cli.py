@@ -68,6 +68,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help="mixed precision: Linears whose full name matches at 8 bits (repeatable), e.g. down_proj")
     parser.add_argument("--target-bits-per-weight", type=float, default=None, metavar="BITS",
                         help="mixed precision by measured sensitivity: average stored bits per weight (w4 g32 = 4.5)")
+    parser.add_argument("--target-kl", type=float, default=None, metavar="NATS",
+                        help="mixed precision by measured sensitivity: the fewest bits whose estimated KL divergence"
+                             " from the original (per token) is at most this")
     parser.add_argument(
         "--observer", choices=list(OBSERVERS), default="mse",
         help="group ranges: 'mse', the range with the least E[x²]-weighted rounding error (default), or min-max",
@@ -114,8 +117,9 @@ def spec_from_args(args: argparse.Namespace) -> JobSpec:
         kv_cache_fp8=args.kv_cache_fp8,
         mixed_precision=MixedPrecisionSpec(
             edge_layers=args.mixed_edge_layers, patterns=tuple(args.mixed_pattern),
-            target_bits_per_weight=args.target_bits_per_weight,
-        ) if args.mixed_edge_layers or args.mixed_pattern or args.target_bits_per_weight is not None else None,
+            target_bits_per_weight=args.target_bits_per_weight, target_kl=args.target_kl,
+        ) if (args.mixed_edge_layers or args.mixed_pattern or args.target_bits_per_weight is not None
+              or args.target_kl is not None) else None,
     )
 
 

@@ -4,7 +4,7 @@ so a runtime's fused projections get one grid (see MixedPrecisionSpec in workers
 By rule, the group takes `high` (default 8 bits at the job's group size) in the first/last `edge_layers`
 decoder layers or when any of its Linears' full names matches a pattern, and the job's scheme elsewhere.
 
-By sensitivity (`target_bits_per_weight`): one pass through the original model (`measure`) gives each group's
+By sensitivity (`target_bits_per_weight`, or `target_kl`: `allocate_to_kl`): one pass through the original model (`measure`) gives each group's
 input Hessian H = 2 E[x xᵀ] and, from it, the group's error at every candidate grid without another forward,
 
     error(group, grid) = Σ_rows F_r (ΔW H ΔWᵀ)_rr   (ΔW = solved(W, grid) − W, the group's Linears stacked by rows)
@@ -174,6 +174,35 @@ def allocate(groups: Sequence[GroupChoice], target_bits_per_weight: float) -> fl
     return spent / total_weights
 
 
+def allocate_to_kl(groups: Sequence[GroupChoice], target_kl: float) -> float:
+    """The fewest bits whose estimated KL per token (`estimated_kl`) is at most `target_kl`: every group starts at
+    its cheapest grid and the hull steps are bought in order of error removed per extra bit (module docstring)
+    until the estimate meets the target; if even every group's least-error grid misses it, those are kept (the
+    eval.json report says the target was not reached). Sets each group's `chosen`; returns the bits per weight."""
+    chains = []
+    for g in groups:
+        if not g.errors:
+            raise InvalidSpecError(f"no mixed-precision candidate grid fits {g.modules[0]} ({g.in_features} inputs)")
+        chains.append(hull(g))
+        g.chosen = chains[-1][0]
+    steps = sorted(
+        (((g.errors[a] - g.errors[b]) / (g.cost(b) - g.cost(a)), i, b)
+         for i, (g, chain) in enumerate(zip(groups, chains, strict=True)) for a, b in itertools.pairwise(chain)),
+        key=lambda step: -step[0],
+    )  # along a hull the ratios fall, so each group's steps come in its own order
+    for _, i, b in steps:
+        if estimated_kl(groups) <= target_kl:
+            break
+        groups[i].chosen = b
+    return sum(g.cost(g.chosen) for g in groups if g.chosen is not None) / sum(g.weights for g in groups)
+
+
+def estimated_kl(groups: Sequence[GroupChoice]) -> float:
+    """KL(original ‖ quantized) per token of the chosen grids, to second order and summed over groups: a quarter
+    of the Fisher-weighted errors (workers/fisher.py: KL ≈ ½ Σ F E[Δy²], E[Δy²] = ½ (ΔW H ΔWᵀ))."""
+    return total_error(groups) / 4
+
+
 def total_error(groups: Sequence[GroupChoice], schemes: Sequence[QuantScheme | None] | None = None) -> float:
     """The criterion: the summed measured error of `schemes` (default: each group's chosen grid)."""
     chosen = schemes if schemes is not None else [g.chosen for g in groups]
@@ -253,8 +282,12 @@ def measure_group(
 def with_allocation(spec: JobSpec, measured: Sequence[GroupChoice]) -> tuple[JobSpec, float]:
     """`spec` with the greedy allocation of `measured` recorded in it, and the bits per weight it reaches."""
     mixed = spec.mixed_precision
-    assert mixed is not None and mixed.target_bits_per_weight is not None
-    reached = allocate(measured, mixed.target_bits_per_weight)
+    assert mixed is not None and mixed.by_sensitivity
+    if mixed.target_kl is not None:
+        reached = allocate_to_kl(measured, mixed.target_kl)
+    else:
+        assert mixed.target_bits_per_weight is not None
+        reached = allocate(measured, mixed.target_bits_per_weight)
     allocation = tuple((name, g.chosen) for g in measured for name in g.modules if g.chosen is not None)
     return dataclasses.replace(spec, mixed_precision=dataclasses.replace(mixed, allocation=allocation)), reached
 
@@ -297,6 +330,8 @@ def report(
     return {
         "mode": "sensitivity" if mixed.by_sensitivity else "rule",
         "target_bits_per_weight": mixed.target_bits_per_weight,
+        "target_kl": mixed.target_kl,
+        "estimated_kl": estimated_kl(measured) if measured else None,
         "bits_per_weight": round(reached, 4),
         "linears_per_grid": {grid: len(names) for grid, names in per_grid.items()},
         "grids": {grid: sorted(names) for grid, names in per_grid.items()},

@@ -6,6 +6,7 @@ model's config live in `workers.validation.check_against_model`.
 
 from __future__ import annotations
 
+import math
 import re
 from dataclasses import asdict, dataclass, field
 from enum import StrEnum
@@ -194,13 +195,17 @@ class MixedPrecisionSpec:
       group size 128, the job's symmetry) is measured from its
       Hessian (solved by the job's method, each output channel weighted by its Fisher information), and precision
       is bought greedily where it cuts the error most per bit until the average bits per weight (scales and zero
-      points included) would pass the target; never worse by that measure than the best uniform candidate.
+      points included) would pass the target; never worse by that measure than the best uniform candidate; or,
+      with `target_kl` instead, bought the same way until the estimated KL(original ‖ quantized) per token (the
+      measured errors are its second-order estimate, workers/fisher.py) is at most the target: the fewest bits
+      that meet that quality.
     Written as compressed-tensors config groups (format `mixed-precision`); the allocation is in eval.json."""
 
     edge_layers: int = 0
     patterns: tuple[str, ...] = ()
     high: QuantScheme | None = None  # default: 8 bits at the job's group size and symmetry
     target_bits_per_weight: float | None = None
+    target_kl: float | None = None  # nats per token
     candidates: tuple[QuantScheme, ...] = ()
     allocation: tuple[tuple[str, QuantScheme], ...] = ()  # set by the engine after measuring: full name → grid
 
@@ -210,18 +215,25 @@ class MixedPrecisionSpec:
 
     @property
     def by_sensitivity(self) -> bool:
-        return self.target_bits_per_weight is not None
+        return self.target_bits_per_weight is not None or self.target_kl is not None
 
     def validate(self) -> None:
+        if self.target_bits_per_weight is not None and self.target_kl is not None:
+            raise InvalidSpecError(
+                "mixed precision by sensitivity meets one target, target_bits_per_weight (a size) or target_kl (a"
+                " quality), not both; drop one"
+            )
         if self.by_sensitivity and (self.edge_layers or self.patterns or self.high is not None):
             raise InvalidSpecError(
                 "mixed precision is chosen either by rule (edge_layers, patterns, high) or by measured sensitivity"
-                " (target_bits_per_weight), not both; drop one"
+                " (target_bits_per_weight or target_kl), not both; drop one"
             )
         if not self.by_sensitivity and not (self.edge_layers or self.patterns):
             raise InvalidSpecError(
-                "mixed precision needs a rule (edge_layers > 0 or patterns) or a target_bits_per_weight"
+                "mixed precision needs a rule (edge_layers > 0 or patterns), a target_bits_per_weight or a target_kl"
             )
+        if self.target_kl is not None and not (math.isfinite(self.target_kl) and 0 < self.target_kl <= 10):
+            raise InvalidSpecError(f"target_kl={self.target_kl} must be above 0 and at most 10 (nats per token)")
         if not 0 <= self.edge_layers <= 1024:
             raise InvalidSpecError(f"edge_layers={self.edge_layers} must be between 0 and 1024")
         if len(self.patterns) > 64:

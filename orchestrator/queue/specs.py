@@ -93,5 +93,5 @@ def _mixed_precision(mixed: dict[str, Any] | None, spec: dict[str, Any]) -> Mixe
         high = QuantScheme(int(mixed.get("high_bits", 8)), spec["group_size"] if group is None else int(group), spec["symmetric"])
     return MixedPrecisionSpec(
         edge_layers=int(mixed.get("edge_layers", 0)), patterns=tuple(mixed.get("patterns") or ()), high=high,
-        target_bits_per_weight=mixed.get("target_bits_per_weight"),
+        target_bits_per_weight=mixed.get("target_bits_per_weight"), target_kl=mixed.get("target_kl"),
     )

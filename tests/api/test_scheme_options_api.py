@@ -44,6 +44,8 @@ def test_mixed_precision_and_kv_cache_scales_reach_the_engine(client: TestClient
     assert job.kv_cache_fp8
     target = _submit(client, keys, {**job_body, "mixed_precision": {"target_bits_per_weight": 4.5}})
     assert engine_spec(target, lambda uri, kind, what: uri).mixed_precision == MixedPrecisionSpec(target_bits_per_weight=4.5)
+    kl = _submit(client, keys, {**job_body, "mixed_precision": {"target_kl": 0.02}})
+    assert engine_spec(kl, lambda uri, kind, what: uri).mixed_precision == MixedPrecisionSpec(target_kl=0.02)
 
 
 def test_bad_combinations_are_a_422_naming_the_fix(
@@ -59,6 +61,9 @@ def test_bad_combinations_are_a_422_naming_the_fix(
         ({"scheme": "w8a8-int8", "output": {"formats": ["gptq"]}}, "written only as compressed-tensors"),
         ({"mixed_precision": {"edge_layers": 1, "target_bits_per_weight": 4.5}, "bits": 4, "group_size": 32}, "not both"),
         ({"mixed_precision": {}, "bits": 4, "group_size": 32}, "needs a rule"),
+        ({"mixed_precision": {"target_bits_per_weight": 4.5, "target_kl": 0.02}, "bits": 4, "group_size": 32},
+         "not both"),
+        ({"mixed_precision": {"target_kl": 0}, "bits": 4, "group_size": 32}, "greater than 0"),
         ({"mixed_precision": {"target_bits_per_weight": 4.5}, "bits": 3, "group_size": 32}, "4- or 8-bit"),
         ({"kv_cache_fp8": True, "method": "rtn", "calibration": None, "bits": 4, "group_size": 32},
          "FP8 KV-cache scales are observed on calibration data"),

@@ -25,7 +25,14 @@ from workers.engine import run_local
 from workers.errors import InvalidSpecError
 from workers.formats.mixed_precision import schemes_from_config
 from workers.formats.reader import QuantizedCheckpoint
-from workers.mixed_precision import GroupChoice, allocate, bits_per_weight, total_error
+from workers.mixed_precision import (
+    GroupChoice,
+    allocate,
+    allocate_to_kl,
+    bits_per_weight,
+    estimated_kl,
+    total_error,
+)
 from workers.output_error import row_errors
 from workers.spec import JobSpec, MixedPrecisionSpec, OutputFormat, QuantScheme
 
@@ -88,6 +95,43 @@ def test_the_allocation_is_never_worse_than_the_best_uniform_grid_within_the_bud
         for scheme in grids:
             if sum(x.cost(scheme) for x in groups) <= target * total:
                 assert error <= total_error(groups, [scheme] * len(groups)) * (1 + 1e-12)
+
+
+def test_a_kl_target_buys_the_fewest_bits_that_meet_it() -> None:
+    """allocate_to_kl against exhaustive search: its estimated KL meets the target, and no choice of grids that meets
+    it stores fewer bits (the hull steps bought by error removed per bit, on a case where that is optimal up to the
+    last step); an unreachable target keeps each group's least-error grid."""
+    grids = (QuantScheme(4, 64), QuantScheme(4, 32), QuantScheme(8, 32))
+    g = torch.Generator().manual_seed(3)
+    groups = [GroupChoice(i, (f"m{i}",), 64, 64 * 64, {grids[0]: 4 * e, grids[1]: 3 * e, grids[2]: 0.1 * e})
+              for i, e in enumerate(float(x) * 10 ** (i % 3) for i, x in enumerate(torch.rand(5, generator=g)))]
+    cheapest = total_error(groups, [grids[0]] * 5) / 4
+    for target in (cheapest * 0.9, cheapest * 0.5, cheapest * 0.1):
+        reached = allocate_to_kl(groups, target)
+        assert estimated_kl(groups) <= target
+        fewest = min(sum(x.cost(s) for x, s in zip(groups, choice, strict=True))
+                     for choice in itertools.product(grids, repeat=5) if total_error(groups, list(choice)) / 4 <= target)
+        assert reached * sum(x.weights for x in groups) <= 1.1 * fewest
+    assert allocate_to_kl(groups, cheapest * 2) == bits_per_weight(grids[0], 64)  # met at the cheapest grids
+    allocate_to_kl(groups, 1e-12)
+    assert all(x.chosen == grids[2] for x in groups)  # out of reach: the least error there is
+
+
+def test_a_kl_target_is_met_end_to_end_and_a_looser_one_stores_fewer_bits(
+    make_spec: Callable[..., JobSpec], sensitive_model_dir: Path, tmp_path: Path
+) -> None:
+    reports = {}  # the cheapest grids are estimated at 0.0022 nats per token (measured on held-out text: 0.0047)
+    for target in (0.0008, 0.01):
+        spec = mixed_spec(make_spec, MixedPrecisionSpec(target_kl=target), model_dir=sensitive_model_dir)
+        reports[target] = run_local(spec, tmp_path / str(target))
+        mixed = reports[target].mixed_precision
+        assert mixed is not None and mixed["mode"] == "sensitivity" and mixed["target_kl"] == target
+        assert mixed["estimated_kl"] <= target
+        _check_checkpoint(tmp_path / str(target), sensitive_model_dir)
+    tight, loose = reports[0.0008], reports[0.01]
+    assert tight.bits_per_weight is not None and loose.bits_per_weight is not None
+    assert loose.bits_per_weight < tight.bits_per_weight
+    assert tight.eval is not None and loose.eval is not None and tight.eval.kl_mean < loose.eval.kl_mean
 
 
 def test_measured_errors_are_the_solvers_hessian_weighted_output_errors() -> None:
@@ -197,6 +241,9 @@ def test_sensitivity_meets_its_target_and_beats_the_uniform_grid_of_the_same_siz
         ({"mixed_precision": MixedPrecisionSpec()}, "needs a rule"),
         ({"mixed_precision": MixedPrecisionSpec(edge_layers=1, target_bits_per_weight=4.5)}, "not both"),
         ({"mixed_precision": MixedPrecisionSpec(target_bits_per_weight=1.0)}, "between 2 and 16"),
+        ({"mixed_precision": MixedPrecisionSpec(target_bits_per_weight=4.5, target_kl=0.1)}, "not both"),
+        ({"mixed_precision": MixedPrecisionSpec(target_kl=0.0)}, "above 0 and at most 10"),
+        ({"mixed_precision": MixedPrecisionSpec(target_kl=float("nan"))}, "above 0 and at most 10"),
         ({"mixed_precision": MixedPrecisionSpec(patterns=("(",))}, "not a regular expression"),
         ({"mixed_precision": MixedPrecisionSpec(edge_layers=1, high=QuantScheme(3, 32))}, "4 or 8 bits"),
         ({"mixed_precision": MixedPrecisionSpec(edge_layers=1), "method": "awq"}, "gptq or rtn"),
