@@ -122,17 +122,18 @@ class Scheme:
 @dataclass(frozen=True)
 class Preset:
     """A weight+activation scheme both tools name: QuantFleet's preset (the PRESETS key), llm-compressor's preset
-    scheme string, and the method both run it with (their FP8 is round-to-nearest; W8A8 is GPTQ)."""
+    scheme string, and the methods both run it with (FP8: round-to-nearest as llm-compressor's examples do, or
+    GPTQ, `GPTQModifier(scheme=...)` there; W8A8 is GPTQ), of which `--methods` picks."""
 
     llmc_scheme: str
-    method: str
+    methods: tuple[str, ...]
     label: str
 
 
 PRESETS: dict[str, Preset] = {
-    "fp8-dynamic": Preset("FP8_DYNAMIC", "rtn", "FP8 dynamic"),
-    "fp8-static": Preset("FP8", "rtn", "FP8 static"),
-    "w8a8-int8": Preset("W8A8", "gptq", "W8A8 int8"),
+    "fp8-dynamic": Preset("FP8_DYNAMIC", ("rtn", "gptq"), "FP8 dynamic"),
+    "fp8-static": Preset("FP8", ("rtn", "gptq"), "FP8 static"),
+    "w8a8-int8": Preset("W8A8", ("gptq",), "W8A8 int8"),
 }
 
 WEIGHT_CONFIGS: dict[str, Scheme] = {
@@ -328,14 +329,14 @@ def llmc_recipe(args: argparse.Namespace) -> list[Any]:
 
     if args.preset:
         preset = PRESETS[args.preset]
-        if args.method != preset.method:
-            raise SystemExit(f"preset {args.preset} runs with {preset.method}, not {args.method}")
+        if args.method not in preset.methods:
+            raise SystemExit(f"preset {args.preset} runs with {' or '.join(preset.methods)}, not {args.method}")
         recipe: list[Any] = []
         if args.smoothquant:
             from llmcompressor.modifiers.smoothquant import SmoothQuantModifier
 
             recipe.append(SmoothQuantModifier(smoothing_strength=args.smoothquant))
-        modifier = GPTQModifier if preset.method == "gptq" else QuantizationModifier
+        modifier = GPTQModifier if args.method == "gptq" else QuantizationModifier
         recipe.append(modifier(targets="Linear", scheme=preset.llmc_scheme, ignore=["lm_head"]))
         return recipe
     strategy = QuantizationStrategy.CHANNEL if args.group == -1 else QuantizationStrategy.GROUP
@@ -1153,7 +1154,7 @@ def main(argv: list[str] | None = None) -> int:
         for cfg in configs:
             asked = CONFIGS[cfg]
             scheme, note = effective_scheme(asked, dims, args.substitute_group)
-            for method in [PRESETS[asked.preset].method] if asked.preset else methods:
+            for method in [m for m in methods if m in PRESETS[asked.preset].methods] if asked.preset else methods:
                 for tool in tool_list:
                     if tool == "llmcompressor" and method not in METHODS:
                         continue  # a QuantFleet-only method: no llm-compressor row

@@ -422,10 +422,10 @@ class JobSpec:
         self._one_device_compressed_tensors("mixed precision (compressed-tensors mixed-precision)")
 
     def _validate_fp8(self) -> None:
-        if self.method is not Method.RTN:
+        if self.method not in (Method.RTN, Method.GPTQ):
             raise InvalidSpecError(
-                f"FP8 schemes are quantized by method rtn (FP8's fine grid leaves little for {self.method.value} to"
-                " gain); set method rtn"
+                f"FP8 schemes are quantized by method rtn or gptq (on the E4M3 grid), not {self.method.value}; set"
+                " method rtn or gptq"
             )
         if self.formats != (OutputFormat.COMPRESSED_TENSORS,):
             raise InvalidSpecError(

@@ -31,7 +31,7 @@ def test_bad_fp8_combinations_are_a_422_naming_the_fix(
 ) -> None:
     body = {k: v for k, v in job_body.items() if k not in ("bits", "group_size")}
     cases: list[tuple[dict[str, Any], str]] = [
-        ({"scheme": "fp8-dynamic"}, "FP8 schemes are quantized by method rtn"),  # job_body's method is gptq
+        ({"scheme": "fp8-dynamic", "method": "awq"}, "FP8 schemes are quantized by method rtn or gptq"),
         ({"scheme": "fp8-dynamic", "method": "rtn", "output": {"formats": ["compressed-tensors", "gptq"]}},
          "GPTQ v1 has no FP8 layout"),
         ({"scheme": "fp8-dynamic", "method": "rtn", "bits": 4}, "has 8-bit symmetric FP8 weights"),

@@ -294,8 +294,8 @@ def test_bits_per_weight_from_the_files(assets: dict[str, Path], tmp_path: Path)
 
 def test_scheme_configs_carry_their_method_and_labels() -> None:
     assert qb.CONFIGS["w8a8sq"].label() == "W8A8 int8 + SmoothQuant 0.8"
-    assert {k: qb.PRESETS[c.preset].method for k, c in qb.SCHEME_CONFIGS.items()} == {
-        "fp8dyn": "rtn", "fp8static": "rtn", "w8a8": "gptq", "w8a8sq": "gptq"}
+    assert {k: qb.PRESETS[c.preset].methods for k, c in qb.SCHEME_CONFIGS.items()} == {
+        "fp8dyn": ("rtn", "gptq"), "fp8static": ("rtn", "gptq"), "w8a8": ("gptq",), "w8a8sq": ("gptq",)}
     assert qb.CONFIGS["w8chsym"].label() == "w8 per-channel sym"  # weight-only labels (cached keys) unchanged
     ns = qb.build_parser().parse_args(["--child", "llmcompressor", "--method", "rtn", "--preset", "fp8-dynamic"])
     assert not qb.llmc_needs_calibration(ns)

@@ -27,7 +27,9 @@ from workers.engine import run_local
 from workers.errors import InvalidSpecError
 from workers.formats import float_quantized
 from workers.formats.reader import QuantizedCheckpoint
-from workers.quant.fp8 import E4M3_MAX, fp8_quantize, round_to_e4m3
+from workers.quant.fp8 import E4M3_MAX, FloatQuantizedTensor, fp8_quantize, round_to_e4m3
+from workers.quant.fp8_gptq import fp8_gptq_solve
+from workers.quant.inverse_hessian import prepare_hessian
 from workers.spec import FP8_PRESETS, JobSpec, OutputFormat, QuantScheme
 from workers.validation import check_against_model
 
@@ -92,6 +94,30 @@ def test_fp8_quantize_scales_codes_and_shapes(preset: str) -> None:
     assert torch.equal(qt.q.view(torch.uint8), independent.view(torch.uint8))
     assert torch.equal(qt.dequantize(), qt.q.to(torch.float32) * expanded)
     assert float(((qt.dequantize() - wf).abs() / expanded).max()) <= 16  # half a step of the top binade, at most
+
+
+@pytest.mark.parametrize("preset", list(FP8_PRESETS))
+def test_gptq_on_the_e4m3_grid(preset: str) -> None:
+    """With a diagonal Hessian GPTQ has nothing to propagate: exactly RTN's codes. With correlated inputs it keeps
+    RTN's min-max scales and lowers the Hessian-weighted error that it minimises, which `loss` reports."""
+    scheme = FP8_PRESETS[preset]
+    g = torch.Generator().manual_seed(2)
+    w = (torch.randn(160, 256, generator=g) * 0.05).to(torch.bfloat16)
+    rtn = fp8_quantize(w, scheme, scale_dtype=torch.bfloat16)
+    diagonal = prepare_hessian(torch.diag(torch.rand(256, generator=g) + 0.5))
+    same, _ = fp8_gptq_solve(w, diagonal, scheme, scale_dtype=torch.bfloat16)
+    assert torch.equal(same.q.view(torch.uint8), rtn.q.view(torch.uint8)) and torch.equal(same.scale, rtn.scale)
+    x = torch.randn(2048, 256, generator=g) @ (torch.eye(256) + 0.5 * torch.randn(256, 256, generator=g) / 16)
+    hessian = 2 * x.T @ x / 2048
+    solved, loss = fp8_gptq_solve(w, prepare_hessian(hessian, act_order=True), scheme, scale_dtype=torch.bfloat16)
+    assert torch.equal(solved.scale, rtn.scale) and solved.q.dtype == torch.float8_e4m3fn
+
+    def error(qt: FloatQuantizedTensor) -> float:
+        delta = qt.dequantize() - w.float()
+        return float(torch.einsum("ri,ij,rj->", delta, hessian, delta))
+
+    assert error(solved) < 0.8 * error(rtn)
+    assert loss == pytest.approx(error(solved) / 2, rel=0.05)  # Σ err²/2: ½ of the damped Hessian-weighted error
 
 
 # --- the config ------------------------------------------------------------------------------------------
@@ -196,6 +222,39 @@ def test_fp8_checkpoint_loads_in_transformers_with_our_logits(
     assert torch.equal(dense["mlp.down_proj.weight"], loaded.model.layers[1].mlp.down_proj.weight.to(dtype))
 
 
+@pytest.mark.parametrize("preset", list(FP8_PRESETS))
+def test_fp8_gptq_checkpoint_beats_rtn_and_loads_in_transformers(
+    make_spec: Callable[..., JobSpec], tiny_model_dir: Path, block_model_dir: Path, tmp_path: Path, preset: str
+) -> None:
+    """Method gptq with an FP8 scheme: the same scales (and static input scales) as RTN, other E4M3 codes, a lower
+    Hessian-weighted output error for the layer as a whole, and a checkpoint transformers + compressed-tensors
+    dequantizes to exactly our reader's weights."""
+    scheme = FP8_PRESETS[preset]
+    model_dir = block_model_dir if scheme.strategy == "block" else tiny_model_dir
+    reports = {m: run_local(dataclasses.replace(make_spec(m, model_dir=model_dir, num_samples=8, seq_len=32),
+                                                scheme=scheme), tmp_path / m) for m in ("rtn", "gptq")}
+    errors = {m: sum(e.error for e in r.module_errors) for m, r in reports.items()}
+    assert [e.module for e in reports["gptq"].module_errors] == [e.module for e in reports["rtn"].module_errors]
+    assert errors["gptq"] < 0.9 * errors["rtn"], errors
+    assert not reports["gptq"].fallback_modules
+    rtn, gptq = (load_file(str(tmp_path / m / "model.safetensors")) for m in ("rtn", "gptq"))
+    assert rtn.keys() == gptq.keys()
+    for name in rtn:  # input scales: layer 0's only, later layers' inputs come from each job's quantized layers
+        if name.endswith("weight_scale") or name.endswith("input_scale") and name.startswith("model.layers.0."):
+            assert torch.equal(rtn[name], gptq[name]), name
+    codes = [n for n in rtn if rtn[n].dtype == torch.float8_e4m3fn]
+    assert any(not torch.equal(rtn[n].view(torch.uint8), gptq[n].view(torch.uint8)) for n in codes)
+    loaded = AutoModelForCausalLM.from_pretrained(
+        tmp_path / "gptq", quantization_config=CompressedTensorsConfig(dequantize=True), dtype=torch.float32
+    )
+    dtype = next(iter(load_file(str(model_dir / "model.safetensors")).values())).dtype
+    for layer in range(2):
+        dense = QuantizedCheckpoint(tmp_path / "gptq").dense_prefix(f"model.layers.{layer}.", dtype=dtype)
+        for name in LINEARS:
+            theirs = loaded.model.layers[layer].get_submodule(name).weight.to(dtype)
+            assert torch.equal(dense[f"{name}.weight"], theirs), (layer, name)
+
+
 def test_static_input_scale_is_max_abs_input_over_calibration_over_448(
     make_spec: Callable[..., JobSpec], tiny_model_dir: Path, tmp_path: Path
 ) -> None:
@@ -240,7 +299,7 @@ def test_static_input_scale_is_max_abs_input_over_calibration_over_448(
 @pytest.mark.parametrize(
     ("change", "message"),
     [
-        ({"method": "gptq"}, "FP8 schemes are quantized by method rtn"),
+        ({"method": "awq"}, "FP8 schemes are quantized by method rtn or gptq"),
         ({"formats": (OutputFormat.COMPRESSED_TENSORS, OutputFormat.GPTQ)}, "GPTQ v1 has no FP8 layout"),
         ({"scheme": dataclasses.replace(FP8_PRESETS["fp8-dynamic"], bits=4)}, "not bits=4"),
         ({"scheme": dataclasses.replace(FP8_PRESETS["fp8-dynamic"], group_size=128)}, "FP8 weights take no group_size"),

@@ -51,7 +51,7 @@ def _scale_of(amax: Tensor, dtype: torch.dtype) -> Tensor:
     return torch.where(stored == 0, torch.full_like(stored, torch.finfo(dtype).smallest_normal), stored)
 
 
-def _expand(scale: Tensor, shape: tuple[int, int], strategy: str) -> Tensor:
+def expand_scale(scale: Tensor, shape: tuple[int, int], strategy: str) -> Tensor:
     """The scale of every weight `[out, in]`."""
     out, n = shape
     if strategy == "block":
@@ -67,7 +67,7 @@ class FloatQuantizedTensor(QuantizedTensor):
     input_scale: Tensor | None = None
 
     def dequantize(self, dtype: torch.dtype = torch.float32) -> Tensor:
-        values = self.q.to(torch.float32) * _expand(self.scale.to(torch.float32), self.shape, str(self.scheme.strategy))
+        values = self.q.to(torch.float32) * expand_scale(self.scale.to(torch.float32), self.shape, str(self.scheme.strategy))
         return values.to(dtype)
 
 
@@ -91,7 +91,7 @@ def fp8_quantize(weight: Tensor, scheme: QuantScheme, *, scale_dtype: torch.dtyp
         rows, cols = math.ceil(out / FP8_BLOCK), math.ceil(n / FP8_BLOCK)
         padded = torch.nn.functional.pad(w.abs(), (0, cols * FP8_BLOCK - n, 0, rows * FP8_BLOCK - out))
         scale = _scale_of(padded.reshape(rows, FP8_BLOCK, cols, FP8_BLOCK).amax(dim=(1, 3)), dtype)
-    q = round_to_e4m3(w / _expand(scale, (out, n), str(scheme.strategy))).to(torch.float8_e4m3fn)
+    q = round_to_e4m3(w / expand_scale(scale, (out, n), str(scheme.strategy))).to(torch.float8_e4m3fn)
     return FloatQuantizedTensor(q, scale, None, scheme)
 
 

@@ -1,4 +1,4 @@
-"""GPTQ on a GGUF grid: the column sweep of `workers/quant/gptq.py` against ggml's own blocks.
+"""GPTQ on a GGUF grid: the fixed-grid column sweep (workers/quant/fixed_grid_gptq.py) against ggml's own blocks.
 
 The grid is fixed before the sweep ("static groups"): the file's fields of every sub-block — d (and m) of
 a Q4_0/Q4_1/Q8_0 block, or for K-quants the super-block's d/dmin with the 6-bit (Q4_K) or 8-bit (Q6_K)
@@ -10,12 +10,12 @@ Act-order (columns by descending diag H) needs no layout change because the grid
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 
 import torch
 from torch import Tensor
 
+from workers.quant.fixed_grid_gptq import fixed_grid_sweep
 from workers.quant.gguf_grid import BlockType, GGUFTensor, choose_params, nearest_codes, quantize
 from workers.quant.inverse_hessian import PreparedHessian, prepare_hessian
 
@@ -59,33 +59,17 @@ def gguf_gptq_solve(
 def _sweep(
     w: Tensor, kind: BlockType, prepared: PreparedHessian, scale: Tensor, bias: Tensor | None, block_size: int
 ) -> Tensor:
-    out, n = w.shape
-    assert prepared.hinv is not None
-    hinv = prepared.hinv.to(w.device)
-    perm = prepared.perm.to(w.device) if prepared.perm is not None else None
-    order = perm if perm is not None else torch.arange(n, device=w.device)
-    w = w[:, order]
-    sub_of_col = (order // kind.sub).tolist()
-    block_size = max(1, math.ceil(block_size / kind.sub) * kind.sub)
-    codes = torch.zeros(out, n, dtype=torch.int16, device=w.device)
-    for b1 in range(0, n, block_size):
-        b2 = min(b1 + block_size, n)
-        w_block = w[:, b1:b2].clone()
-        err_block = torch.zeros_like(w_block)
-        hinv_block = hinv[b1:b2, b1:b2]
-        for i in range(b2 - b1):
-            g = sub_of_col[b1 + i]
-            column = w_block[:, i : i + 1]
-            s = scale[:, g : g + 1]
-            b = bias[:, g : g + 1] if bias is not None else None
-            c = nearest_codes(_single(kind), column, s, b)
-            dq = c.to(torch.float32) * s if b is None else c.to(torch.float32) * s + b
-            codes[:, b1 + i] = c[:, 0]
-            err = (column - dq)[:, 0] / hinv_block[i, i]
-            w_block[:, i:] -= err.unsqueeze(1) @ hinv_block[i : i + 1, i:]
-            err_block[:, i] = err
-        w[:, b2:] -= err_block @ hinv[b1:b2, b2:]
-    return codes[:, torch.argsort(order)]
+    single = _single(kind)
+
+    def round_column(column: Tensor, j: int) -> tuple[Tensor, Tensor]:
+        g = j // kind.sub
+        s = scale[:, g : g + 1]
+        b = bias[:, g : g + 1] if bias is not None else None
+        c = nearest_codes(single, column, s, b)
+        return c[:, 0], (c.to(torch.float32) * s if b is None else c.to(torch.float32) * s + b)
+
+    return fixed_grid_sweep(w, prepared, round_column, codes_dtype=torch.int16, block_size=block_size,
+                            align=kind.sub)[0]
 
 
 def _single(kind: BlockType) -> BlockType:

@@ -1,0 +1,39 @@
+"""GPTQ on the FP8 E4M3 grid: the min-max scales of `fp8_quantize` (per channel, per tensor or per 128×128 block)
+fixed from the original weight, and the fixed-grid column sweep (workers/quant/fixed_grid_gptq.py) choosing each
+weight's E4M3 value, so GPTQ's error compensation lands in what the checkpoint stores. E4M3 keeps 3 mantissa bits:
+a weight near its scale's top is rounded by up to 1/16 of itself, coarser there than int8's grid, which is what the
+compensation recovers."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from workers.quant.fixed_grid_gptq import fixed_grid_sweep
+from workers.quant.fp8 import FloatQuantizedTensor, expand_scale, fp8_quantize, round_to_e4m3
+from workers.quant.inverse_hessian import PreparedHessian
+from workers.spec import QuantScheme
+
+
+def fp8_gptq_solve(
+    weight: Tensor, prepared: PreparedHessian, scheme: QuantScheme, *, block_size: int = 128,
+    scale_dtype: torch.dtype | None = None,
+) -> tuple[FloatQuantizedTensor, float]:
+    """One weight `[out, in]` against an already factored Hessian: (the FP8 tensor, GPTQ's summed loss); with no
+    factor (Cholesky failed at every dampening) the RTN tensor and NaN."""
+    w = weight.detach().to(torch.float32).clone()
+    if prepared.dead.shape != (w.shape[1],):
+        raise ValueError(f"the prepared Hessian is for {prepared.dead.shape[0]} inputs, the weight has {w.shape[1]}")
+    w[:, prepared.dead.to(w.device)] = 0.0
+    rtn = fp8_quantize(w, scheme, scale_dtype=scale_dtype or weight.dtype)
+    if prepared.hinv is None:
+        return rtn, float("nan")
+    scales = expand_scale(rtn.scale, rtn.shape, str(scheme.strategy))
+
+    def round_column(column: Tensor, j: int) -> tuple[Tensor, Tensor]:
+        s = scales[:, j : j + 1]
+        values = round_to_e4m3(column / s)
+        return values[:, 0], values * s
+
+    codes, losses = fixed_grid_sweep(w, prepared, round_column, codes_dtype=torch.float32, block_size=block_size)
+    return FloatQuantizedTensor(codes.to(torch.float8_e4m3fn), rtn.scale, None, scheme), float(losses.sum())
