@@ -53,18 +53,11 @@ class Fp8GptqGroups:
     def quantize(self, weights: Sequence[Tensor], hessian: Tensor) -> list[Solved]:
         prepared = prepare_hessian(hessian, dampening=self.spec.dampening, act_order=self.spec.act_order,
                                    device=weights[0].device)
-        failed = prepared.hinv is None
-        if failed:
-            note: str | None = f"Cholesky of the Hessian failed up to dampening {prepared.dampening:g}; RTN instead"
-        elif prepared.dampening != prepared.requested_dampening:
-            note = f"dampening raised to {prepared.dampening:g} for a positive-definite Hessian"
-        else:
-            note = None
         solved: list[Solved] = []
         for weight in weights:
             qt, _ = fp8_gptq_solve(weight, prepared, self.spec.scheme, block_size=self.work.options.gptq_block_size,
                                    scale_dtype=self.work.dtype)
-            solved.append((qt, failed, note))
+            solved.append((qt, prepared.hinv is None, prepared.note()))
         return solved
 
 

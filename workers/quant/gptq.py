@@ -254,9 +254,8 @@ def gptq_solve(
     w[:, prepared.dead.to(w.device)] = 0.0
 
     if prepared.hinv is None:
-        note = f"Cholesky of the Hessian failed up to dampening {prepared.dampening:g}; quantized with RTN instead"
         fallback = rtn_quantize(w, scheme, scale_dtype=scale_dtype, observer=observer, importance=prepared.importance)
-        return GPTQResult(fallback, math.nan, prepared.dampening, fell_back_to_rtn=True, note=note)
+        return GPTQResult(fallback, math.nan, prepared.dampening, fell_back_to_rtn=True, note=prepared.note())
 
     if kernel not in ("auto", "reference", "triton"):
         raise ValueError(f"kernel={kernel!r}: choose 'auto', 'reference' or 'triton'")
@@ -288,9 +287,7 @@ def gptq_solve(
         q, scale, zero, losses = _better_rows(first, second)
 
     result = QuantizedTensor(q, scale, zero, scheme)
-    damp = prepared.dampening
-    raised = f"dampening raised to {damp:g} for a positive-definite Hessian" if damp != prepared.requested_dampening else None
-    return GPTQResult(result, float(losses.sum()), damp, fell_back_to_rtn=False, note=raised)
+    return GPTQResult(result, float(losses.sum()), prepared.dampening, fell_back_to_rtn=False, note=prepared.note())
 
 
 def _sweep(

@@ -42,6 +42,14 @@ class PreparedHessian:
     dampening: float  # the dampening that worked (or the last one tried)
     requested_dampening: float
 
+    def note(self) -> str | None:
+        """What a module's record says of this factorisation: an RTN fallback, a raised dampening, or nothing."""
+        if self.hinv is None:
+            return f"Cholesky of the Hessian failed up to dampening {self.dampening:g}; quantized with RTN instead"
+        if self.dampening != self.requested_dampening:
+            return f"dampening raised to {self.dampening:g} for a positive-definite Hessian"
+        return None
+
 
 @dataclass
 class FlippedCholesky:
