@@ -120,3 +120,16 @@ def test_gptq_with_the_range_search_keeps_each_rows_better_sweep(scheme: QuantSc
     assert bool((ours <= theirs * (1 + 1e-5)).all())
     assert float(ours.sum()) < float(theirs.sum())
     assert searched.loss == pytest.approx(float(ours.sum()) / 2, rel=1e-3)  # the sweep's loss is that error
+
+
+def test_both_candidate_sweeps_start_from_the_original_weight() -> None:
+    """observer="mse" without act-order sweeps its two candidates one after the other, and a sweep updates the
+    columns ahead of it in place: each must start from the original weight, so the rows taken from min-max are
+    exactly min-max's own solve (blocks of 32 of 128 columns, so columns ahead are updated between blocks)."""
+    w, h = _problem(2)
+    scheme = QuantScheme(3, 32, True)
+    searched = gptq_quantize(w, h, scheme, observer="mse", scale_dtype=torch.float32, block_size=32)
+    plain = gptq_quantize(w, h, scheme, scale_dtype=torch.float32, block_size=32)
+    rows = (searched.quantized.scale == plain.quantized.scale).all(dim=1)
+    assert 0 < int(rows.sum()) < w.shape[0]
+    assert torch.equal(searched.quantized.q[rows], plain.quantized.q[rows])

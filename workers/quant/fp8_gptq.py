@@ -1,5 +1,5 @@
 """GPTQ on the FP8 E4M3 grid: the min-max scales of `fp8_quantize` (per channel, per tensor or per 128×128 block)
-fixed from the original weight, and the fixed-grid column sweep (workers/quant/fixed_grid_gptq.py) choosing each
+fixed from the original weight, and GPTQ's column sweep (workers/quant/column_sweep.py) choosing each
 weight's E4M3 value, so GPTQ's error compensation lands in what the checkpoint stores. E4M3 keeps 3 mantissa bits:
 a weight near its scale's top is rounded by up to 1/16 of itself, coarser there than int8's grid, which is what the
 compensation recovers."""
@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from workers.quant.fixed_grid_gptq import fixed_grid_sweep
+from workers.quant.column_sweep import column_sweep
 from workers.quant.fp8 import FloatQuantizedTensor, expand_scale, fp8_quantize, round_to_e4m3
 from workers.quant.inverse_hessian import PreparedHessian
 from workers.spec import QuantScheme
@@ -30,10 +30,11 @@ def fp8_gptq_solve(
         return rtn, float("nan")
     scales = expand_scale(rtn.scale, rtn.shape, str(scheme.strategy))
 
-    def round_column(column: Tensor, j: int) -> tuple[Tensor, Tensor]:
+    def round_column(block: Tensor, i: int, j: int) -> tuple[Tensor, Tensor]:
         s = scales[:, j : j + 1]
-        values = round_to_e4m3(column / s)
+        values = round_to_e4m3(block[:, i : i + 1] / s)
         return values[:, 0], values * s
 
-    codes, losses = fixed_grid_sweep(w, prepared, round_column, codes_dtype=torch.float32, block_size=block_size)
+    codes, losses = column_sweep(w, prepared.hinv, prepared.perm, round_column, codes_dtype=torch.float32,
+                                 block_size=block_size)
     return FloatQuantizedTensor(codes.to(torch.float8_e4m3fn), rtn.scale, None, scheme), float(losses.sum())

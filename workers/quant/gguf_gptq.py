@@ -1,4 +1,4 @@
-"""GPTQ on a GGUF grid: the fixed-grid column sweep (workers/quant/fixed_grid_gptq.py) against ggml's own blocks.
+"""GPTQ on a GGUF grid: GPTQ's column sweep (workers/quant/column_sweep.py) against ggml's own blocks.
 
 The grid is fixed before the sweep ("static groups"): the file's fields of every sub-block — d (and m) of
 a Q4_0/Q4_1/Q8_0 block, or for K-quants the super-block's d/dmin with the 6-bit (Q4_K) or 8-bit (Q6_K)
@@ -15,7 +15,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-from workers.quant.fixed_grid_gptq import fixed_grid_sweep
+from workers.quant.column_sweep import column_sweep
 from workers.quant.gguf_grid import BlockType, GGUFTensor, choose_params, nearest_codes, quantize
 from workers.quant.inverse_hessian import PreparedHessian, prepare_hessian
 
@@ -61,15 +61,16 @@ def _sweep(
 ) -> Tensor:
     single = _single(kind)
 
-    def round_column(column: Tensor, j: int) -> tuple[Tensor, Tensor]:
+    def round_column(block: Tensor, i: int, j: int) -> tuple[Tensor, Tensor]:
         g = j // kind.sub
         s = scale[:, g : g + 1]
         b = bias[:, g : g + 1] if bias is not None else None
-        c = nearest_codes(single, column, s, b)
+        c = nearest_codes(single, block[:, i : i + 1], s, b)
         return c[:, 0], (c.to(torch.float32) * s if b is None else c.to(torch.float32) * s + b)
 
-    return fixed_grid_sweep(w, prepared, round_column, codes_dtype=torch.int16, block_size=block_size,
-                            align=kind.sub)[0]
+    assert prepared.hinv is not None
+    return column_sweep(w, prepared.hinv, prepared.perm, round_column, codes_dtype=torch.int16, block_size=block_size,
+                        align=kind.sub)[0]
 
 
 def _single(kind: BlockType) -> BlockType:

@@ -6,8 +6,8 @@ of H⁻¹ as the update matrix) but keeps no state: the Hessian is accumulated b
 and `gptq_quantize` is a pure function of (weight, Hessian, scheme).
 
 Two implementations of the column sweep give bit-identical results:
-* `reference`: the plain PyTorch loop below (about 17 tiny kernels per column; the CPU path and the
-  definition of the result);
+* `reference`: the plain PyTorch loop every grid shares (workers/quant/column_sweep.py; about 17 tiny kernels
+  per column; the CPU path and the definition of the result);
 * `triton`: `workers.quant.gptq_triton`, one fused kernel per block of columns (CUDA; with or without
   act_order), launch-bound no more.
 `kernel="auto"` picks the fused one wherever it runs. Modules that share one input (q/k/v, gate/up) share
@@ -28,6 +28,7 @@ import torch
 from torch import Tensor
 
 from workers.errors import InputError
+from workers.quant.column_sweep import column_sweep
 from workers.quant.grid import QuantizedTensor, compute_qparams, quantize_values
 from workers.quant.inverse_hessian import PreparedHessian, prepare_hessian
 from workers.quant.rtn import check_weight, group_qparams, rtn_quantize
@@ -280,7 +281,10 @@ def gptq_solve(
             first: Swept = (both_q[:rows], found, found_zero, both_losses[:rows])
             second: Swept = (both_q[rows:], scale, zero, both_losses[rows:])
         else:
-            q, losses = _sweep(w, prepared, scheme, block_size, scale_dtype, kernel, found, found_zero, True)
+            # (a sweep updates the columns ahead of it in place: the second starts from the original weights too)
+            # a sweep may update the columns ahead of it in place (the Triton kernel does): the second candidate
+            # must start from the original weight too
+            q, losses = _sweep(w.clone(), prepared, scheme, block_size, scale_dtype, kernel, found, found_zero, True)
             first = (q, found, found_zero, losses)
             q, losses = _sweep(w, prepared, scheme, block_size, scale_dtype, kernel, scale, zero, False)
             second = (q, scale, zero, losses)
@@ -351,47 +355,26 @@ def _reference_sweep(
     scale_dtype: torch.dtype,
     static: bool,
 ) -> tuple[Tensor, Tensor]:
-    """The column loop in plain PyTorch; with `static` False fills `scale`/`zero` in place at each group
-    start, returns (codes, per-row losses)."""
-    out, n = w.shape
+    """The column loop in plain PyTorch (workers/quant/column_sweep.py); with `static` False fills `scale`/`zero`
+    in place at each group start, returns (codes, per-row losses)."""
+    n = w.shape[1]
     group = n if scheme.group_size == -1 else scheme.group_size
-    w = w[:, perm] if perm is not None else w
-    order = perm if perm is not None else torch.arange(n, device=w.device)
-    group_of_col = (order // group).tolist()  # group (in the original layout) of each column in sweep order
 
-    q = torch.zeros(out, n, dtype=torch.int8, device=w.device)
-    losses = torch.zeros(out, dtype=torch.float32, device=w.device)
-    for b1 in range(0, n, block_size):
-        b2 = min(b1 + block_size, n)
-        w_block = w[:, b1:b2].clone()
-        err_block = torch.zeros_like(w_block)
-        hinv_block = hinv[b1:b2, b1:b2]
-        for i in range(b2 - b1):
-            col = b1 + i
-            g = group_of_col[col]
-            if not static and group < n and col % group == 0:
-                # the whole group lies in this block (block_size is a multiple of group): up to date
-                g_scale, g_zero = compute_qparams(w_block[:, i : i + group], scheme, scale_dtype=scale_dtype)
-                scale[:, g : g + 1] = g_scale
-                if zero is not None and g_zero is not None:
-                    zero[:, g : g + 1] = g_zero
-            g_scale = scale[:, g : g + 1]
-            g_zero = zero[:, g : g + 1] if zero is not None else None
-            column = w_block[:, i : i + 1]
-            q_col = quantize_values(column, g_scale, g_zero, scheme)
-            shift = g_zero.to(torch.float32) if g_zero is not None else 0.0
-            dq_col = (q_col.to(torch.float32) - shift) * g_scale
-            q[:, col] = q_col[:, 0]
-            d = hinv_block[i, i]
-            err = (column - dq_col)[:, 0] / d
-            losses += err.square() / 2
-            w_block[:, i:] -= err.unsqueeze(1) @ hinv_block[i : i + 1, i:]
-            err_block[:, i] = err
-        w[:, b2:] -= err_block @ hinv[b1:b2, b2:]
+    def round_column(block: Tensor, i: int, j: int) -> tuple[Tensor, Tensor]:
+        g = j // group
+        if not static and group < n and j % group == 0:
+            # (no act-order: j is the sweep position) the whole group lies in this block, up to date
+            g_scale, g_zero = compute_qparams(block[:, i : i + group], scheme, scale_dtype=scale_dtype)
+            scale[:, g : g + 1] = g_scale
+            if zero is not None and g_zero is not None:
+                zero[:, g : g + 1] = g_zero
+        g_scale = scale[:, g : g + 1]
+        g_zero = zero[:, g : g + 1] if zero is not None else None
+        q_col = quantize_values(block[:, i : i + 1], g_scale, g_zero, scheme)
+        shift = g_zero.to(torch.float32) if g_zero is not None else 0.0
+        return q_col[:, 0], (q_col.to(torch.float32) - shift) * g_scale
 
-    if perm is not None:
-        q = q[:, torch.argsort(perm)]
-    return q, losses
+    return column_sweep(w, hinv, perm, round_column, codes_dtype=torch.int8, block_size=block_size)
 
 
 def warm_up(device: torch.device, scheme: QuantScheme, dtype: torch.dtype) -> float:
