@@ -139,7 +139,7 @@ def triton_sweep(
     rows_per_program: int = ROWS_PER_PROGRAM,
     column_groups: Tensor | None = None,
 ) -> tuple[Tensor, Tensor]:
-    """Same contract as `gptq._reference_sweep`: updates `w` (float32 `[out, in]`, in sweep order), fills
+    """Same contract as `gptq._reference_sweep`, but updates `w` (float32 `[out, in]`, in sweep order) in place; fills
     `scale`/`zero` in place and returns (int8 codes `[out, in]` in sweep order, per-row losses). With
     `column_groups` (act_order: the original group of each column in sweep order) the group parameters are
     the static ones given in `scale`/`zero` and stay unchanged. CUDA tensors run the compiled kernel; CPU
