@@ -181,13 +181,13 @@ def _replay_layer(sinks: Sequence[CheckpointSink[Any]], prefix: str, checkpoints
 
 
 def _check_grids(spec: JobSpec, outputs: Sequence[Output]) -> None:
-    """Several grids are solved from one layer's statistics on its original weights: only by methods that
-    leave the layer as it is (gptq, rtn; no smoothing, no per-group grids). One GGUF grid alone may smooth (awq)."""
+    """Several grids are solved from one layer's statistics: on its original weights by gptq or rtn, or on the
+    layer AWQ smoothed once, with the first grid's scale search (workers/methods/awq.py `smooth`); no other
+    smoothing, no per-group grids."""
     several = len(outputs) > 1 or outputs[0].grid is not None
-    alone = len(outputs) == 1 and spec.method is Method.AWQ  # one GGUF grid smooths its own layer
-    if several and (spec.method not in (Method.GPTQ, Method.RTN) and not alone or spec.smoothquant is not None
+    if several and (spec.method not in (Method.GPTQ, Method.RTN, Method.AWQ) or spec.smoothquant is not None
                     or spec.mixed_precision is not None or spec.kv_cache_fp8):
-        raise ValueError("several grids (GGUF types beside the scheme) are solved by plain gptq or rtn only")
+        raise ValueError("several grids (GGUF types beside the scheme) are solved by plain gptq, rtn or awq only")
 
 
 def _solve_outputs(method: QuantMethod, work: LayerWork, outputs: Sequence[Output]) -> list[dict[str, Any]]:

@@ -353,17 +353,12 @@ class JobSpec:
             self._validate_mixed_precision(self.mixed_precision)
 
     def _validate_gguf(self) -> None:
-        """GGUF types are grids of their own, solved beside the scheme's from one calibration pass by plain rtn or
-        gptq, or alone by awq (workers/methods/gguf.py): what changes a layer before its solve for several grids, or
-        has no GGUF form, is refused."""
+        """GGUF types are grids of their own, solved beside the scheme's from one calibration pass by rtn, gptq or
+        awq (workers/methods/gguf.py; AWQ smooths the layer once, searching on the first format's grid): what
+        changes a layer otherwise before its solve for several grids, or has no GGUF form, is refused."""
         if self.method not in (Method.RTN, Method.GPTQ, Method.AWQ):
             raise InvalidSpecError(
                 f"GGUF export solves with rtn, gptq or awq on the GGUF grid, not {self.method.value}; set one of them"
-            )
-        if self.method is Method.AWQ and len(self.formats) != 1:
-            raise InvalidSpecError(
-                "AWQ folds its scales into the model for one grid: ask for one GGUF type alone with method awq, or"
-                " use gptq/rtn for several formats from one job"
             )
         if self.scheme.type != "int" or self.scheme.activations != "none" or self.mixed_precision is not None \
                 or self.smoothquant is not None:

@@ -49,7 +49,6 @@ def test_what_gguf_cannot_do_is_a_422_naming_the_fix(
         (_body(job_body, word_level, ["gguf:Q4_K_M"]), "byte-level BPE or a Llama/SentencePiece tokenizer"),
         ({**_body(job_body, word_level, ["compressed-tensors", "gguf:Q4_K_M"]), "scheme": "fp8-dynamic", "method": "rtn"},
          "only with a weight-only integer scheme"),
-        ({**_body(job_body, word_level, ["gguf:Q4_0", "gguf:Q8_0"]), "method": "awq"}, "ask for one GGUF type alone"),
         ({**_body(job_body, word_level, ["gguf:Q4_0"]), "method": "awq-gptq"}, "rtn, gptq or awq"),
         (_body(job_body, word_level, ["gguf:Q3_Z"]), "gguf:Q4_K_M"),
     ]

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import gguf
 import pytest
@@ -15,6 +16,7 @@ from pydantic import ValidationError
 from api.schemas import OutputIn
 from tests.families import make_tiny_family
 from tests.workers.test_gguf_export import TEXT, tiny_model, tiny_moe_model
+from workers import statistics
 from workers.engine import run_local
 from workers.errors import InvalidSpecError
 from workers.job import file_kind
@@ -84,6 +86,46 @@ def test_an_awq_job_of_one_gguf_type_runs_and_is_evaluated(tmp_path: Path, model
     assert saved["formats"] == ["gguf:Q4_0"] and saved["method"] == "awq"
 
 
+def test_awq_smooths_once_for_every_format_of_a_job(tmp_path: Path, model_and_text: tuple[Path, Path]) -> None:
+    """method awq with compressed-tensors and a GGUF type: the layer is smoothed once, with the first format's scale
+    search, and every format rounds that layer. So the first format's file is its job alone's, byte for byte (in
+    either order), both files carry the same folded norms, and each layer has one statistics capture."""
+    model_dir, text = model_and_text
+    ct = OutputFormat.COMPRESSED_TENSORS
+    jobs = {"ct": (ct,), "q4": (Q4_0,), "ct-q4": (ct, Q4_0), "q4-ct": (Q4_0, ct)}
+    captures: dict[str, int] = dict.fromkeys(jobs, 0)
+    running = [""]
+    capture = statistics.capture_inputs
+
+    def counted(*args: Any, **kwargs: Any) -> Any:
+        captures[running[0]] += 1
+        return capture(*args, **kwargs)
+
+    reports = {}
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(statistics, "capture_inputs", counted)
+        for name, f in jobs.items():
+            running[0] = name
+            reports[name] = run_local(_spec(model_dir, text, method=Method.AWQ, formats=f), tmp_path / name)
+    assert set(captures.values()) == {2}, captures  # 2 layers, one capture each, however many formats
+    files = {"ct": "model.safetensors", "q4": "model-Q4_0.gguf"}
+    assert (tmp_path / "ct-q4" / files["ct"]).read_bytes() == (tmp_path / "ct" / files["ct"]).read_bytes()
+    assert (tmp_path / "q4-ct" / files["q4"]).read_bytes() == (tmp_path / "q4" / files["q4"]).read_bytes()
+    from safetensors.torch import load_file
+
+    ct_tensors = load_file(str(tmp_path / "ct-q4" / files["ct"]))
+    gguf_tensors = {t.name: t for t in gguf.GGUFReader(str(tmp_path / "ct-q4" / "gguf-Q4_0" / files["q4"])).tensors}
+    norm = ct_tensors["model.layers.0.post_attention_layernorm.weight"].float().numpy()
+    assert (gguf_tensors["blk.0.ffn_norm.weight"].data == norm).all()  # the fold AWQ made, in both files
+    original = load_file(str(model_dir / "model.safetensors"))["model.layers.0.post_attention_layernorm.weight"]
+    assert not (original.float().numpy() == norm).all()
+    both = reports["ct-q4"]
+    assert both.eval is not None and reports["ct"].eval is not None and both.eval == reports["ct"].eval
+    saved = json.loads((tmp_path / "ct-q4" / "eval.json").read_text())
+    assert [o["format"] for o in saved["outputs"]] == ["compressed-tensors", "gguf:Q4_0"]
+    assert 0 < saved["outputs"][1]["eval"]["kl_mean"] < 1
+
+
 def test_a_moe_gguf_job_quantizes_every_expert_and_is_evaluated(tmp_path: Path) -> None:
     """Qwen3-MoE to Q4_K_M through run_local: every expert of both layers solved by GPTQ on the GGUF grid, written
     stacked, read back per expert for the evaluation."""
@@ -111,7 +153,6 @@ def test_a_moe_gguf_job_quantizes_every_expert_and_is_evaluated(tmp_path: Path) 
         ({"formats": (OutputFormat.COMPRESSED_TENSORS, Q4_K_M), "scheme": QuantScheme.from_preset("w8a8-int8")},
          "only with a weight-only integer scheme"),
         ({"formats": (OutputFormat.COMPRESSED_TENSORS, Q4_K_M), "kv_cache_fp8": True}, "no FP8 KV-cache scales"),
-        ({"method": Method.AWQ}, "ask for one GGUF type alone"),  # the default _spec asks for two formats
         ({"method": Method.AWQ_GPTQ, "formats": (Q4_K_M,)}, "rtn, gptq or awq"),
     ],
 )

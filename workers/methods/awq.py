@@ -98,7 +98,10 @@ def smooth(work: LayerWork, search_on: ScaleSearch | None = None) -> tuple[dict[
     """Search and fold every mapping's scales into the primary layer. Returns the statistics of the scaled
     inputs and, per Linear whose output rows were divided by a mapping's scales (in this solve pass of the
     layer or an earlier one), that row scale. `search_on` replaces the search on the job's grid (`search`: the
-    scheme's, MoE mappings on the block's routed output), e.g. by one on a GGUF grid."""
+    scheme's, MoE mappings on the block's routed output), e.g. by one on a GGUF grid. Once per layer (or MoE solve
+    pass): a job of several grids smooths with the first grid's search and every grid rounds that smoothed layer."""
+    if work.smoothed is not None:
+        return work.smoothed
     devices, plan, stats = work.devices, work.plan, merged_statistics(work)
     mappings = usable_mappings(work)
     if search_on is None:
@@ -136,7 +139,8 @@ def smooth(work: LayerWork, search_on: ScaleSearch | None = None) -> tuple[dict[
         fold(work.layer, m, scales, stats[first], row_scale)
         for group in others:
             stats[group].divide(scales)
-    return stats, row_scale
+    work.smoothed = stats, row_scale
+    return work.smoothed
 
 
 def fold(layer: nn.Module, mapping: AwqMapping, scales: Tensor, stats: AwqStatistics, row_scale: dict[str, Tensor]) -> None:

@@ -22,7 +22,7 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from functools import cached_property
-from typing import ClassVar, Literal, TypeVar
+from typing import TYPE_CHECKING, ClassVar, Literal, TypeVar
 
 import torch
 from torch import Tensor, nn
@@ -39,6 +39,9 @@ from workers.quant.grid import QuantizedTensor
 from workers.report import ModuleError
 from workers.spec import JobSpec
 from workers.statistics import InputStatistics, collect_statistics
+
+if TYPE_CHECKING:
+    from workers.methods.awq import AwqStatistics
 
 Statistic = Literal["second_moment", "mean_abs", "abs_max"]
 ALL_STATISTICS: frozenset[Statistic] = frozenset({"second_moment", "mean_abs", "abs_max"})
@@ -67,6 +70,8 @@ class LayerWork:
     # per Linear whose output rows a smoothing fold divided (AWQ's prev Linear), that row scale; shared by the
     # solve passes of one layer (workers/moe.py), so a later pass measures errors in the original coordinates
     row_scale: dict[str, Tensor] = field(default_factory=dict)
+    # AWQ's smoothing of this layer (or solve pass), once for every grid of the job (workers/methods/awq.py smooth)
+    smoothed: tuple[dict[Group, AwqStatistics], dict[str, Tensor]] | None = field(default=None, repr=False)
 
     @property
     def layer(self) -> nn.Module:

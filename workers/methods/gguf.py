@@ -5,9 +5,9 @@ Not a method of its own (nothing is registered): `GGUFGrid` is one extra grid of
 capture forward per layer, shared by every grid). Each Linear gets the block type the file type's recipe gives
 it (`workers.formats.gguf.Recipe`, through the sink's `target`); GPTQ sweeps its columns against the fixed GGUF
 grid (`workers/quant/gguf_gptq.py`), one factored Hessian per Linear group, and RTN rounds to it with llama.cpp's
-own rules (no importance, so our RTN Q8_0/Q4_0 equal `llama-quantize`'s). AWQ (a job of one GGUF type alone: its
-folds change the layer every grid would share) searches each mapping's scales by the output error of the GGUF
-block types the recipe gives its Linears, folds them (workers/methods/awq.py `fold`: the norms the file stores
+own rules (no importance, so our RTN Q8_0/Q4_0 equal `llama-quantize`'s). AWQ (when this grid is the job's first
+format; otherwise the layer was smoothed once already with the first format's search, and this grid rounds it)
+searches each mapping's scales by the output error of the GGUF block types the recipe gives its Linears, folds them (workers/methods/awq.py `fold`: the norms the file stores
 change too), then rounds every Linear on its block type with the scaled inputs' E[x²] as llama.cpp's importance
 matrix (the K-quants' scale/min searches weigh columns by it; the search scores that same rounding). A file type that keeps 2-D weights as float (F16)
 solves nothing. Module errors and fallbacks go to the grid's own `result`. With several devices, the
