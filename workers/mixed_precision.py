@@ -113,6 +113,19 @@ def hull(group: GroupChoice) -> list[QuantScheme]:
     return chain
 
 
+def _start_cheapest(groups: Sequence[GroupChoice]) -> list[tuple[float, int, QuantScheme, QuantScheme]]:
+    """Set every group at the cheapest grid of its hull; return every hull step (error removed per extra bit,
+    group index, from, to), the most error per bit first."""
+    steps = []
+    for i, g in enumerate(groups):
+        if not g.errors:
+            raise InvalidSpecError(f"no mixed-precision candidate grid fits {g.modules[0]} ({g.in_features} inputs)")
+        chain = hull(g)
+        g.chosen = chain[0]
+        steps += [((g.errors[a] - g.errors[b]) / (g.cost(b) - g.cost(a)), i, a, b) for a, b in itertools.pairwise(chain)]
+    return sorted(steps, key=lambda step: -step[0])
+
+
 def allocate(groups: Sequence[GroupChoice], target_bits_per_weight: float) -> float:
     """Greedy allocation (module docstring), on each group's convex hull: every group starts at its cheapest
     grid; the step (over all groups) that removes the most error per extra bit is bought while it fits, so
@@ -121,25 +134,15 @@ def allocate(groups: Sequence[GroupChoice], target_bits_per_weight: float) -> fl
     that still fit. Sets each group's `chosen`; returns the bits per weight reached."""
     total_weights = sum(g.weights for g in groups)
     budget = target_bits_per_weight * total_weights * (1 + 1e-9)
-    chains = []
-    for g in groups:
-        if not g.errors:
-            raise InvalidSpecError(f"no mixed-precision candidate grid fits {g.modules[0]} ({g.in_features} inputs)")
-        chains.append(hull(g))
-        g.chosen = chains[-1][0]
-    spent = sum(g.cost(chain[0]) for g, chain in zip(groups, chains, strict=True))
+    steps = _start_cheapest(groups)
+    spent = sum(g.cost(g.chosen) for g in groups if g.chosen is not None)
     if spent > budget:
         raise InvalidSpecError(
             f"target_bits_per_weight={target_bits_per_weight} is below the cheapest candidates' "
             f"{spent / total_weights:.3f} bits per weight; raise it or add cheaper candidates"
         )
-    steps = [  # (error removed per bit, group, from, to) along each hull
-        ((g.errors[a] - g.errors[b]) / (g.cost(b) - g.cost(a)), i, a, b)
-        for i, (g, chain) in enumerate(zip(groups, chains, strict=True))
-        for a, b in itertools.pairwise(chain)
-    ]
     blocked: set[int] = set()  # a group whose next hull step did not fit takes no later step of its hull
-    for _, i, a, b in sorted(steps, key=lambda step: -step[0]):
+    for _, i, a, b in steps:
         g = groups[i]
         if i in blocked or g.chosen != a:
             continue
@@ -177,20 +180,9 @@ def allocate(groups: Sequence[GroupChoice], target_bits_per_weight: float) -> fl
 def allocate_to_kl(groups: Sequence[GroupChoice], target_kl: float) -> float:
     """The fewest bits whose estimated KL per token (`estimated_kl`) is at most `target_kl`: every group starts at
     its cheapest grid and the hull steps are bought in order of error removed per extra bit (module docstring)
-    until the estimate meets the target; if even every group's least-error grid misses it, those are kept (the
-    eval.json report says the target was not reached). Sets each group's `chosen`; returns the bits per weight."""
-    chains = []
-    for g in groups:
-        if not g.errors:
-            raise InvalidSpecError(f"no mixed-precision candidate grid fits {g.modules[0]} ({g.in_features} inputs)")
-        chains.append(hull(g))
-        g.chosen = chains[-1][0]
-    steps = sorted(
-        (((g.errors[a] - g.errors[b]) / (g.cost(b) - g.cost(a)), i, b)
-         for i, (g, chain) in enumerate(zip(groups, chains, strict=True)) for a, b in itertools.pairwise(chain)),
-        key=lambda step: -step[0],
-    )  # along a hull the ratios fall, so each group's steps come in its own order
-    for _, i, b in steps:
+    until the estimate meets the target; if even every group's least-error grid misses it, those are kept (eval.json's
+    `target_kl_met` is then false). Sets each group's `chosen`; returns the bits per weight."""
+    for _, i, _, b in _start_cheapest(groups):  # along a hull the ratios fall: each group's steps in its order
         if estimated_kl(groups) <= target_kl:
             break
         groups[i].chosen = b
@@ -332,6 +324,7 @@ def report(
         "target_bits_per_weight": mixed.target_bits_per_weight,
         "target_kl": mixed.target_kl,
         "estimated_kl": estimated_kl(measured) if measured else None,
+        "target_kl_met": estimated_kl(measured) <= mixed.target_kl if measured and mixed.target_kl else None,
         "bits_per_weight": round(reached, 4),
         "linears_per_grid": {grid: len(names) for grid, names in per_grid.items()},
         "grids": {grid: sorted(names) for grid, names in per_grid.items()},
