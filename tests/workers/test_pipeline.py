@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import dataclasses
 import threading
 from collections import defaultdict
 from collections.abc import Callable
@@ -11,7 +12,6 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-import workers.quant.gptq as gptq_module
 from workers.calibration import calibration_windows
 from workers.errors import JobCancelled
 from workers.formats.writer import CheckpointWriter
@@ -19,6 +19,7 @@ from workers.loading import CheckpointWeights, LayerwiseModel, load_tokenizer, r
 from workers.methods.awq import _fold_scales
 from workers.pipeline import PipelineOptions, PipelineResult, quantize_model
 from workers.progress import Progress
+from workers.quant import inverse_hessian
 from workers.quant.grid import QuantizedTensor
 from workers.quant.rtn import rtn_quantize
 from workers.spec import JobSpec, OutputFormat
@@ -235,7 +236,12 @@ def test_progress_names_layers_and_modules(make_spec: Callable[..., JobSpec]) ->
 def test_gptq_cholesky_failure_falls_back_to_rtn_and_is_reported(
     make_spec: Callable[..., JobSpec], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(gptq_module, "_upper_cholesky_of_inverse", lambda h, damp: (None, damp * 1000))
+    factor = inverse_hessian.flipped_cholesky
+
+    def failing(hessian: Tensor, **kwargs: Any) -> inverse_hessian.FlippedCholesky:  # every dampening fails
+        return dataclasses.replace(factor(hessian, **kwargs), lower=None, dampening=kwargs["dampening"] * 1000)
+
+    monkeypatch.setattr(inverse_hessian, "flipped_cholesky", failing)
     result, sink, _ = run(make_spec("gptq", observer="minmax"))  # the fallback is then plain RTN
     assert len(result.fallback_modules) == 14
     assert result.fallback_modules[0].startswith("layers.0.self_attn.q_proj: Cholesky of the Hessian failed")
