@@ -27,7 +27,14 @@ from workers.engine import run_local
 from workers.errors import InvalidSpecError
 from workers.formats import float_quantized
 from workers.formats.reader import QuantizedCheckpoint
-from workers.quant.fp8 import E4M3_MAX, FloatQuantizedTensor, fp8_quantize, round_to_e4m3
+from workers.quant.fp8 import (
+    CHANNEL_SCALE_FACTORS,
+    E4M3_MAX,
+    FloatQuantizedTensor,
+    fp8_quantize,
+    min_max_scale,
+    round_to_e4m3,
+)
 from workers.quant.fp8_gptq import fp8_gptq_solve
 from workers.quant.inverse_hessian import prepare_hessian
 from workers.spec import FP8_PRESETS, JobSpec, OutputFormat, QuantScheme
@@ -120,6 +127,26 @@ def test_gptq_on_the_e4m3_grid(preset: str) -> None:
     assert loss == pytest.approx(error(solved) / 2, rel=0.05)  # Σ err²/2: ½ of the damped Hessian-weighted error
 
 
+def test_the_mse_observer_picks_each_rows_scale_among_the_candidates() -> None:
+    """observer "mse" (per-channel scales): each row's scale is min-max's times one of CHANNEL_SCALE_FACTORS, the one
+    with the lowest importance-weighted rounding error, never worse than min-max on any row."""
+    scheme = FP8_PRESETS["fp8-dynamic"]
+    g = torch.Generator().manual_seed(4)
+    w = (torch.randn(96, 256, generator=g) * 0.05).to(torch.bfloat16)
+    importance = torch.rand(256, generator=g) + 0.1
+    plain = fp8_quantize(w, scheme, scale_dtype=torch.bfloat16)
+    searched = fp8_quantize(w, scheme, scale_dtype=torch.bfloat16, observer="mse", importance=importance)
+    candidates = torch.cat([min_max_scale(w.float(), scheme, torch.bfloat16, f) for f in CHANNEL_SCALE_FACTORS], dim=1)
+    assert bool((searched.scale == candidates).any(dim=1).all())  # every row: one candidate, exactly
+    assert 0 < int((searched.scale != plain.scale).sum()) < 96  # the choice is made per row
+
+    def row_error(qt: FloatQuantizedTensor) -> torch.Tensor:
+        return ((qt.dequantize() - w.float()).square() * importance).sum(dim=1)
+
+    assert bool((row_error(searched) <= row_error(plain)).all()) and float(row_error(searched).sum()) < float(
+        row_error(plain).sum())
+
+
 # --- the config ------------------------------------------------------------------------------------------
 
 
@@ -175,7 +202,7 @@ def test_fp8_checkpoint_loads_in_transformers_with_our_logits(
     model_dir = block_model_dir if scheme.strategy == "block" else tiny_model_dir
     spec = dataclasses.replace(
         make_spec("rtn", model_dir=model_dir, calibration=scheme.activations == "static", num_samples=8, seq_len=32),
-        scheme=scheme,
+        scheme=scheme, observer="minmax",  # min-max scales, as llm-compressor's presets (the "mse" choice: below)
     )
     out = tmp_path / "out"
     report = run_local(spec, out)
@@ -226,9 +253,9 @@ def test_fp8_checkpoint_loads_in_transformers_with_our_logits(
 def test_fp8_gptq_checkpoint_beats_rtn_and_loads_in_transformers(
     make_spec: Callable[..., JobSpec], tiny_model_dir: Path, block_model_dir: Path, tmp_path: Path, preset: str
 ) -> None:
-    """Method gptq with an FP8 scheme: the same scales (and static input scales) as RTN, other E4M3 codes, a lower
-    Hessian-weighted output error for the layer as a whole, and a checkpoint transformers + compressed-tensors
-    dequantizes to exactly our reader's weights."""
+    """Method gptq with an FP8 scheme: min-max scales (RTN's per-channel ones are the "mse" observer's choice), the
+    same layer-0 input scales, other E4M3 codes, a lower Hessian-weighted output error for the layer as a whole, and
+    a checkpoint transformers + compressed-tensors dequantizes to exactly our reader's weights."""
     scheme = FP8_PRESETS[preset]
     model_dir = block_model_dir if scheme.strategy == "block" else tiny_model_dir
     reports = {m: run_local(dataclasses.replace(make_spec(m, model_dir=model_dir, num_samples=8, seq_len=32),
@@ -239,9 +266,16 @@ def test_fp8_gptq_checkpoint_beats_rtn_and_loads_in_transformers(
     assert not reports["gptq"].fallback_modules
     rtn, gptq = (load_file(str(tmp_path / m / "model.safetensors")) for m in ("rtn", "gptq"))
     assert rtn.keys() == gptq.keys()
+    original = load_file(str(model_dir / "model.safetensors"))
     for name in rtn:  # input scales: layer 0's only, later layers' inputs come from each job's quantized layers
-        if name.endswith("weight_scale") or name.endswith("input_scale") and name.startswith("model.layers.0."):
+        if name.endswith("input_scale") and name.startswith("model.layers.0."):
             assert torch.equal(rtn[name], gptq[name]), name
+        if name.endswith("weight_scale"):  # GPTQ: min-max; RTN: per channel one of the "mse" observer's candidates
+            w = original[name.removesuffix("_scale")].float()
+            assert torch.equal(gptq[name].float(), min_max_scale(w, scheme, gptq[name].dtype).reshape(gptq[name].shape))
+            factors = CHANNEL_SCALE_FACTORS if scheme.strategy == "channel" else (1.0,)
+            candidates = [min_max_scale(w, scheme, rtn[name].dtype, f).reshape(rtn[name].shape) for f in factors]
+            assert bool(torch.stack([rtn[name].float() == c for c in candidates]).any(dim=0).all()), name
     codes = [n for n in rtn if rtn[n].dtype == torch.float8_e4m3fn]
     assert any(not torch.equal(rtn[n].view(torch.uint8), gptq[n].view(torch.uint8)) for n in codes)
     loaded = AutoModelForCausalLM.from_pretrained(

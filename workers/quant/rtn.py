@@ -46,10 +46,10 @@ def rtn_quantize(
     Scales are rounded to `scale_dtype` (default: the weight's own dtype, which is what the checkpoint
     stores), so the written checkpoint dequantizes to exactly `result.dequantize()`. `importance` `[in]`
     weights the "mse" observer's error per input column (E[x²]; None: uniform). FP8 schemes (type "float")
-    return a `workers.quant.fp8.FloatQuantizedTensor` with min-max scales whatever the observer.
+    return a `workers.quant.fp8.FloatQuantizedTensor` (min-max scales; "mse": per-channel scales chosen per row).
     """
-    if scheme.is_float:  # FP8: max|w|/448 per channel, tensor or block; no observer search (workers/quant/fp8.py)
-        return fp8_quantize(weight, scheme, scale_dtype=scale_dtype)
+    if scheme.is_float:  # FP8: max|w|/448 per channel, tensor or block (workers/quant/fp8.py)
+        return fp8_quantize(weight, scheme, scale_dtype=scale_dtype, observer=observer, importance=importance)
     check_weight(weight, scheme)
     w = weight.detach().to(torch.float32)
     scale, zero_point = group_qparams(w, scheme, observer, importance, scale_dtype or weight.dtype)
