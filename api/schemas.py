@@ -218,7 +218,8 @@ class JobCreate(Strict):
         "activations quantized per token at run time; no calibration), 'fp8-static' (per-tensor weight scale, "
         "per-tensor activation scale observed on the calibration data, which it needs) or 'fp8-block' (a scale "
         "per 128×128 weight block, DeepSeek-V3 style; every Linear's dimensions must divide by 128). Needs "
-        "method rtn and the compressed-tensors format only; bits, if given, must be 8 (stored as 8, group_size -1). "
+        "method rtn or gptq (GPTQ on the E4M3 grid, with calibration) and the compressed-tensors format only; bits, "
+        "if given, must be 8 (stored as 8, group_size -1). "
         "Or INT8 W8A8 for vLLM (compressed-tensors int-quantized): 'w8a8-int8' (per-channel int8 weights, per-token "
         "dynamic int8 activations; method gptq or rtn) and 'w8a8-int8-smoothquant' (SmoothQuant first, migration "
         "strength `smoothquant_alpha`, default 0.8; needs calibration).",
