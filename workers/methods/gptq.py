@@ -2,8 +2,9 @@
 
 Dampening, a blocked column sweep, act-order with static groups, and an RTN fallback for the module when
 Cholesky fails (recorded, never a crash). Several devices: groups spread by cost, and the costliest group's
-triangular inverse and rows split over all of them (workers/methods/groups.py); the integers are those of one
-device up to codes on a rounding boundary (its factor is reached by another rounding path).
+triangular inverse and rows split over all of them (workers/methods/groups.py); the factor has one device's bits
+(the same column chunks, workers/quant/inverse_hessian.py), so the integers are one device's up to codes on a
+rounding boundary of the merged Hessians' summation order.
 """
 
 from __future__ import annotations
