@@ -14,16 +14,17 @@ from tests.api.test_jobs_api import job_rows
 from workers.spec import FP8_PRESETS
 
 
-@pytest.mark.parametrize("scheme", ["fp8-dynamic", "fp8-static"])
+@pytest.mark.parametrize(("scheme", "method"), [("fp8-dynamic", "rtn"), ("fp8-static", "rtn"), ("fp8-dynamic", "gptq")])
 def test_fp8_scheme_is_accepted_and_stored_as_an_8_bit_grid(
-    client: TestClient, keys: dict, job_body: dict, scheme: str
+    client: TestClient, keys: dict, job_body: dict, scheme: str, method: str
 ) -> None:
     body = {k: v for k, v in job_body.items() if k not in ("bits", "group_size")}
-    r = client.post("/v1/jobs", json={**body, "method": "rtn", "scheme": scheme}, headers=keys["alice"])
+    r = client.post("/v1/jobs", json={**body, "method": method, "scheme": scheme}, headers=keys["alice"])
     assert r.status_code == 202, r.text
     spec = client.get(f"/v1/jobs/{r.json()['id']}", headers=keys["alice"]).json()["spec"]
     assert (spec["scheme"], spec["bits"], spec["group_size"]) == (scheme, 8, -1)
-    assert engine_spec(spec, lambda uri, kind, what: uri).scheme == FP8_PRESETS[scheme]
+    engine = engine_spec(spec, lambda uri, kind, what: uri)
+    assert engine.scheme == FP8_PRESETS[scheme] and engine.method.value == method
 
 
 def test_bad_fp8_combinations_are_a_422_naming_the_fix(
