@@ -52,6 +52,8 @@ ROWS: dict[str, dict[str, object]] = {
                       "mixed_precision": MixedPrecisionSpec(target_bits_per_weight=4.5)},
     "mixed4.25-gptq": {"method": Method.GPTQ, "scheme": W4G32,
                        "mixed_precision": MixedPrecisionSpec(target_bits_per_weight=4.25)},
+    "mixed-kl0.05-gptq": {"method": Method.GPTQ, "scheme": W4G32,
+                          "mixed_precision": MixedPrecisionSpec(target_kl=0.05)},
     "mixed-rule-gptq": {"method": Method.GPTQ, "scheme": W4G32,
                         "mixed_precision": MixedPrecisionSpec(edge_layers=2, patterns=("down_proj",))},
 }
@@ -88,7 +90,7 @@ def main(argv: list[str] | None = None) -> int:
                "dppl": round(report.eval.delta_ppl_pct, 3), "kl": round(report.eval.kl_mean, 5),
                "top1": round(report.eval.top1_agreement, 4), "bpw": round(report.bits_per_weight or 0, 4),
                "ppl_original": round(report.eval.ppl_original, 4), "seconds": round(time.perf_counter() - started, 1),
-               "grids": mixed.get("linears_per_grid")}
+               "grids": mixed.get("linears_per_grid"), "estimated_kl": mixed.get("estimated_kl")}
         print(json.dumps(row), flush=True)
         if args.results:
             with args.results.open("a") as f:
