@@ -12,8 +12,8 @@ Two checks:
   inverse-Hessian factor from one Cholesky and a triangular inverse (workers/quant/inverse_hessian.py) moved
   the two GGUF GPTQ cases on the AVX-512 machine, re-recorded there; the AVX2 record's cases that run GPTQ are
   marked "stale" with the reason and skipped until someone records them on an AVX2 machine:
-  `python -m tests.workers.engine_bytes record`. FP8 scales chosen per region by the mse observer moved
-  fp8-dynamic, fp8-static and fp8-block the same way.)
+  `python -m tests.workers.engine_bytes record`. FP8 per-channel scales chosen per row by the mse observer moved
+  fp8-dynamic the same way.)
 * everywhere: the layer loop's GPTQ and RTN equal a plain reference loop written here from the kernels
   (capture each group's input, solve, install the dequantized weights, forward the quantized layer).
 """

@@ -28,8 +28,8 @@ from workers.errors import InvalidSpecError
 from workers.formats import float_quantized
 from workers.formats.reader import QuantizedCheckpoint
 from workers.quant.fp8 import (
+    CHANNEL_SCALE_FACTORS,
     E4M3_MAX,
-    SCALE_FACTORS,
     FloatQuantizedTensor,
     fp8_quantize,
     min_max_scale,
@@ -128,7 +128,7 @@ def test_gptq_on_the_e4m3_grid(preset: str) -> None:
 
 
 def test_the_mse_observer_picks_each_rows_scale_among_the_candidates() -> None:
-    """observer "mse" (per-channel scales): each row's scale is min-max's times one of SCALE_FACTORS, the one
+    """observer "mse" (per-channel scales): each row's scale is min-max's times one of CHANNEL_SCALE_FACTORS, the one
     with the lowest importance-weighted rounding error, never worse than min-max on any row."""
     scheme = FP8_PRESETS["fp8-dynamic"]
     g = torch.Generator().manual_seed(4)
@@ -136,7 +136,7 @@ def test_the_mse_observer_picks_each_rows_scale_among_the_candidates() -> None:
     importance = torch.rand(256, generator=g) + 0.1
     plain = fp8_quantize(w, scheme, scale_dtype=torch.bfloat16)
     searched = fp8_quantize(w, scheme, scale_dtype=torch.bfloat16, observer="mse", importance=importance)
-    candidates = torch.cat([min_max_scale(w.float(), scheme, torch.bfloat16, f) for f in SCALE_FACTORS], dim=1)
+    candidates = torch.cat([min_max_scale(w.float(), scheme, torch.bfloat16, f) for f in CHANNEL_SCALE_FACTORS], dim=1)
     assert bool((searched.scale == candidates).any(dim=1).all())  # every row: one candidate, exactly
     assert 0 < int((searched.scale != plain.scale).sum()) < 96  # the choice is made per row
 
@@ -145,29 +145,6 @@ def test_the_mse_observer_picks_each_rows_scale_among_the_candidates() -> None:
 
     assert bool((row_error(searched) <= row_error(plain)).all()) and float(row_error(searched).sum()) < float(
         row_error(plain).sum())
-
-
-@pytest.mark.parametrize("preset", ["fp8-static", "fp8-block"])
-def test_the_mse_observer_picks_each_regions_scale(preset: str) -> None:
-    """Per-tensor and block scales: the region's scale is min-max's times one of SCALE_FACTORS, every weight of the
-    region rounded on it, and no region's weighted error above min-max's."""
-    scheme = FP8_PRESETS[preset]
-    g = torch.Generator().manual_seed(5)
-    w = (torch.randn(200, 300, generator=g) * 0.05).to(torch.bfloat16)
-    importance = torch.rand(300, generator=g) + 0.1
-    plain = fp8_quantize(w, scheme, scale_dtype=torch.bfloat16)
-    searched = fp8_quantize(w, scheme, scale_dtype=torch.bfloat16, observer="mse", importance=importance)
-    candidates = torch.stack([min_max_scale(w.float(), scheme, torch.bfloat16, f) for f in SCALE_FACTORS])
-    assert bool((searched.scale.unsqueeze(0) == candidates).any(dim=0).all())
-    # the codes are the weights rounded on the chosen scales (torch's own cast)
-    expanded = searched.scale.repeat_interleave(128, 0)[:200].repeat_interleave(128, 1)[:, :300] \
-        if preset == "fp8-block" else searched.scale.reshape(1, 1).expand(200, 300)
-    cast = (w.float() / expanded).clamp(-448, 448).to(torch.float8_e4m3fn)
-    assert torch.equal(searched.q.view(torch.uint8), cast.view(torch.uint8))
-    def weighted(qt: FloatQuantizedTensor) -> float:
-        return float(((qt.dequantize() - w.float()).square() * importance).sum())
-
-    assert weighted(searched) <= weighted(plain)
 
 
 # --- the config ------------------------------------------------------------------------------------------
@@ -293,10 +270,11 @@ def test_fp8_gptq_checkpoint_beats_rtn_and_loads_in_transformers(
     for name in rtn:  # input scales: layer 0's only, later layers' inputs come from each job's quantized layers
         if name.endswith("input_scale") and name.startswith("model.layers.0."):
             assert torch.equal(rtn[name], gptq[name]), name
-        if name.endswith("weight_scale"):  # GPTQ: min-max; RTN: per region one of the "mse" observer's candidates
+        if name.endswith("weight_scale"):  # GPTQ: min-max; RTN: per channel one of the "mse" observer's candidates
             w = original[name.removesuffix("_scale")].float()
             assert torch.equal(gptq[name].float(), min_max_scale(w, scheme, gptq[name].dtype).reshape(gptq[name].shape))
-            candidates = [min_max_scale(w, scheme, rtn[name].dtype, f).reshape(rtn[name].shape) for f in SCALE_FACTORS]
+            factors = CHANNEL_SCALE_FACTORS if scheme.strategy == "channel" else (1.0,)
+            candidates = [min_max_scale(w, scheme, rtn[name].dtype, f).reshape(rtn[name].shape) for f in factors]
             assert bool(torch.stack([rtn[name].float() == c for c in candidates]).any(dim=0).all()), name
     codes = [n for n in rtn if rtn[n].dtype == torch.float8_e4m3fn]
     assert any(not torch.equal(rtn[n].view(torch.uint8), gptq[n].view(torch.uint8)) for n in codes)
@@ -314,8 +292,7 @@ def test_fp8_gptq_checkpoint_beats_rtn_and_loads_in_transformers(
 def test_static_input_scale_is_max_abs_input_over_calibration_over_448(
     make_spec: Callable[..., JobSpec], tiny_model_dir: Path, tmp_path: Path
 ) -> None:
-    # min-max weight scales (the "mse" choice is tested above), which the reconstruction below reproduces
-    spec = fp8_spec(make_spec, "fp8-static", with_eval=False, num_samples=8, seq_len=32, observer="minmax")
+    spec = fp8_spec(make_spec, "fp8-static", with_eval=False, num_samples=8, seq_len=32)
     out = tmp_path / "out"
     run_local(spec, out)
     tensors = load_file(str(out / "model.safetensors"))

@@ -12,9 +12,9 @@ Scales are stored in the model dtype (rounded to nearest; a rounded-down scale o
 weight by less than a step of the 448 level, which is what compressed-tensors does too) and are never 0 (an
 all-zero region gets the dtype's smallest normal number). The rounding is computed here in float32 by the
 rule above (`round_to_e4m3`); the cast to float8_e4m3fn is then exact, and the tests check the rule against
-torch's own cast. With the "mse" observer (the job default) each scale's region (row, tensor, block) takes the one
-of four candidate scales (min-max's times 2^(t/4), `SCALE_FACTORS`) with the lowest rounding error, weighted by the
-inputs' E[x²] when the job calibrates; GPTQ keeps min-max scales (workers/quant/fp8_gptq.py says why).
+torch's own cast. Per-channel scales with the "mse" observer (the job default): each row takes the one of four
+candidate scales (min-max's times 2^(t/4)) with the lowest rounding error, weighted by the inputs' E[x²] when the
+job calibrates (`CHANNEL_SCALE_FACTORS`); GPTQ keeps min-max scales (workers/quant/fp8_gptq.py says why).
 
 Static activations: `input_scale` = max|x| / 448 over the calibration tokens of the Linear's input.
 """
@@ -73,10 +73,10 @@ class FloatQuantizedTensor(QuantizedTensor):
         return values.to(dtype)
 
 
-# The "mse" observer's candidates: the min-max scale times 2^(t/4), t = 0..3, over one octave (a factor of 2 maps
-# the E4M3 grid onto itself but for saturation and subnormals), so a region's weights fall at other points of the
-# grid; each scale's region keeps the candidate with the lowest error. Factors ≥ 1: nothing saturates.
-SCALE_FACTORS = (1.0, 2**0.25, 2**0.5, 2**0.75)
+# The "mse" observer's per-channel candidates: the min-max scale times 2^(t/4), t = 0..3, over one octave (a factor
+# of 2 maps the E4M3 grid onto itself but for saturation and subnormals), so the row's weights fall at other points
+# of the grid; each row keeps the candidate with the lowest error. Factors ≥ 1: nothing saturates.
+CHANNEL_SCALE_FACTORS = (1.0, 2**0.25, 2**0.5, 2**0.75)
 
 
 def fp8_quantize(
@@ -84,8 +84,8 @@ def fp8_quantize(
     importance: Tensor | None = None,
 ) -> FloatQuantizedTensor:
     """FP8 E4M3 codes of `weight` `[out, in]` with min-max scales of the scheme's strategy (module docstring); with
-    `observer="mse"` each scale's region (a row, the tensor, a 128×128 block) takes the factor of `SCALE_FACTORS`
-    whose rounding error, each input column weighted by `importance` (E[x²]; None: uniform), is lowest."""
+    `observer="mse"` and per-channel scales, each row takes the scale of `CHANNEL_SCALE_FACTORS` whose rounding
+    error, each input column weighted by `importance` (E[x²]; None: uniform), is lowest."""
     scheme.validate()
     if not scheme.is_float:
         raise InvalidSpecError(f"fp8_quantize takes an FP8 scheme (type 'float'), not {scheme}")
@@ -95,24 +95,12 @@ def fp8_quantize(
         )
     w = weight.detach().to(torch.float32)
     dtype = scale_dtype or weight.dtype
-    if observer != "mse":
+    if observer != "mse" or scheme.strategy != "channel":
         return rounded(w, min_max_scale(w, scheme, dtype), scheme)
-    candidates = [rounded(w, min_max_scale(w, scheme, dtype, factor), scheme) for factor in SCALE_FACTORS]
+    candidates = [rounded(w, min_max_scale(w, scheme, dtype, factor), scheme) for factor in CHANNEL_SCALE_FACTORS]
     columns = importance.to(w.device, torch.float32) if importance is not None else torch.ones_like(w[0])
-    errors = torch.stack([_region_sums((c.dequantize() - w).square() * columns, scheme) for c in candidates])
-    return best_regions(candidates, errors)
-
-
-def _region_sums(x: Tensor, scheme: QuantScheme) -> Tensor:
-    """`x` `[out, in]` summed over each scale's region, in the scale's shape."""
-    out, n = x.shape
-    if scheme.strategy == "channel":
-        return x.sum(dim=1, keepdim=True)
-    if scheme.strategy == "tensor":
-        return x.sum().reshape(1)
-    rows, cols = math.ceil(out / FP8_BLOCK), math.ceil(n / FP8_BLOCK)
-    padded = torch.nn.functional.pad(x, (0, cols * FP8_BLOCK - n, 0, rows * FP8_BLOCK - out))
-    return padded.reshape(rows, FP8_BLOCK, cols, FP8_BLOCK).sum(dim=(1, 3))
+    errors = torch.stack([((c.dequantize() - w).square() * columns).sum(dim=1) for c in candidates])
+    return best_rows(candidates, errors)
 
 
 def min_max_scale(w: Tensor, scheme: QuantScheme, dtype: torch.dtype, factor: float = 1.0) -> Tensor:
@@ -134,14 +122,13 @@ def rounded(w: Tensor, scale: Tensor, scheme: QuantScheme) -> FloatQuantizedTens
     return FloatQuantizedTensor(q, scale, None, scheme)
 
 
-def best_regions(candidates: list[FloatQuantizedTensor], errors: Tensor) -> FloatQuantizedTensor:
-    """Per scale region, the candidate with the lowest of `errors` `[candidates, *scale shape]`."""
+def best_rows(candidates: list[FloatQuantizedTensor], errors: Tensor) -> FloatQuantizedTensor:
+    """Per output row, the per-channel candidate with the lowest of `errors` `[candidates, out]`."""
     pick = errors.argmin(dim=0)
-    first = candidates[0]
-    scale = torch.stack([c.scale for c in candidates]).gather(0, pick.unsqueeze(0))[0]
-    per_weight = expand_scale(pick.to(torch.float32), first.shape, str(first.scheme.strategy)).long()
-    codes = torch.stack([c.q.view(torch.uint8) for c in candidates]).gather(0, per_weight.unsqueeze(0))[0]
-    return FloatQuantizedTensor(codes.view(torch.float8_e4m3fn), scale, None, first.scheme)
+    rows = torch.arange(pick.numel(), device=pick.device)
+    q = torch.stack([c.q.view(torch.uint8) for c in candidates])[pick, rows].view(torch.float8_e4m3fn)
+    scale = torch.stack([c.scale for c in candidates])[pick, rows]
+    return FloatQuantizedTensor(q, scale, None, candidates[0].scheme)
 
 
 def input_scale(abs_max: Tensor | float, dtype: torch.dtype) -> Tensor:
