@@ -182,9 +182,12 @@ def allocate_to_kl(groups: Sequence[GroupChoice], target_kl: float) -> float:
     its cheapest grid and the hull steps are bought in order of error removed per extra bit (module docstring)
     until the estimate meets the target; if even every group's least-error grid misses it, those are kept (eval.json's
     `target_kl_met` is then false). Sets each group's `chosen`; returns the bits per weight."""
-    for _, i, _, b in _start_cheapest(groups):  # along a hull the ratios fall: each group's steps in its order
-        if estimated_kl(groups) <= target_kl:
+    steps = _start_cheapest(groups)
+    error = total_error(groups)
+    for _, i, a, b in steps:  # along a hull the ratios fall: each group's steps in its order
+        if error / 4 <= target_kl:  # estimated_kl, kept up to date step by step
             break
+        error += groups[i].errors[b] - groups[i].errors[a]
         groups[i].chosen = b
     return sum(g.cost(g.chosen) for g in groups if g.chosen is not None) / sum(g.weights for g in groups)
 

@@ -53,7 +53,7 @@ from workers.loading import LayerCall, LayerwiseModel, WeightSource
 from workers.memory import release_host_memory
 from workers.methods import method_for
 from workers.methods.base import LayerWork, PipelineResult, QuantMethod
-from workers.moe import solve_layer
+from workers.moe import Solver, solve_layer
 from workers.options import PipelineOptions
 from workers.output_error import report_precision
 from workers.prefetch import LayerPrefetcher
@@ -77,12 +77,11 @@ class CheckpointSink(Protocol[Q]):
     def add_quantized(self, module_name: str, qt: Q) -> None: ...
 
 
-class Grid(Protocol):
+class Grid(Solver, Protocol):
     """A grid other than the job scheme's, solved from the same layer statistics (workers/methods/gguf.py)."""
 
     result: PipelineResult  # its module errors and fallbacks
 
-    def solve(self, work: LayerWork) -> Mapping[str, Any]: ...
     def deployed(self, qt: Any, work: LayerWork, device: torch.device) -> Tensor: ...
 
 
